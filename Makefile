@@ -1,0 +1,57 @@
+# Two commands set everything up on a fresh machine: `make serve` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+BUNDLE ?= artifacts/small
+HOST ?= 127.0.0.1
+PORT ?= 8000
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: help install serve model tiny test lint format bench clean
+
+help:
+	@echo "make serve   install, build the default model if missing, serve it on http://$(HOST):$(PORT)"
+	@echo "make test    install and run the whole test suite"
+	@echo "make model   build the default (small) bundle into $(BUNDLE)"
+	@echo "make lint    ruff check + format check"
+	@echo "make bench   engine and serving benchmarks (writes docs/BENCHMARKS.md)"
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned to the CPU wheel; install it first so nothing pulls the CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[train,dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+$(BUNDLE)/config.json: | $(STAMP)
+	@echo "No model bundle in $(BUNDLE): building the default 'small' model (about 8 minutes on 2 CPU cores)."
+	$(PY) -m model build --preset small --out $(BUNDLE)
+
+model: $(BUNDLE)/config.json
+
+serve: $(STAMP) $(BUNDLE)/config.json
+	$(PY) -m service --model $(BUNDLE) --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) artifacts/tests .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmarks: serving load harness, reports and comparisons."""

@@ -1,0 +1,836 @@
+"""Serving load harness: drive an OpenAI-compatible endpoint, measure TTFT, ITL, TPOT and e2e.
+
+    python -m bench.serve --url http://127.0.0.1:8000 --concurrency 8 --num-requests 200 \\
+        --prompt-len 64:256 --output-len 128 --out results.json --plot-dir plots --slo ttft=0.5,tpot=0.05
+
+Two load shapes: closed loop (``--concurrency N``: N clients, each sends its next request when
+the previous one completes) and open loop (``--request-rate R``: Poisson arrivals, optionally
+capped by ``--max-concurrency``). Requests stream over SSE and are timed with an httpx async
+client; the first non-empty content chunk is the first token. Python API: ``run_benchmark``.
+See docs/BENCHMARKS.md, section "Serving load harness".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import numpy as np
+
+from bench.workload import (
+    PromptPlan,
+    RequestSpec,
+    TokenCounter,
+    build_prompt,
+    parse_range,
+    plan_prompts,
+    poisson_arrivals,
+    sample_requests,
+)
+
+Endpoint = Literal["completions", "chat"]
+SLO_KEYS = ("ttft", "tpot", "e2e")
+PERCENTILES = (50, 90, 99)
+
+
+# ----------------------------------------------------------------------------- config and records
+
+
+@dataclass
+class BenchmarkConfig:
+    """Everything a run depends on. Lengths are inclusive (min, max) token ranges."""
+
+    url: str  # server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is accepted)
+    endpoint: Endpoint = "completions"
+    model: str | None = None  # None: the first id from GET /v1/models
+    concurrency: int | None = None  # closed loop; 1 when request_rate is None too
+    request_rate: float | None = None  # open loop, requests/s (math.inf: all at t=0)
+    max_concurrency: int | None = None  # open loop only: cap on requests in flight
+    num_requests: int = 100
+    duration: float | None = None  # seconds: no request is sent after this
+    prompt_len: tuple[int, int] = (128, 128)
+    output_len: tuple[int, int] = (128, 128)
+    seed: int = 0
+    temperature: float = 0.0
+    ignore_eos: bool = True
+    use_tokenize: bool = True  # size prompts with POST /tokenize when the server has it
+    timeout: float = 600.0  # per request, seconds, from sending to the end of the stream
+    slo: dict[str, float] = field(default_factory=dict)  # subset of ttft, tpot, e2e (seconds)
+    api_key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    @property
+    def mode(self) -> Literal["closed", "open"]:
+        return "open" if self.request_rate is not None else "closed"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and quoting its value."""
+        if self.endpoint not in ("completions", "chat"):
+            raise ValueError(f"endpoint must be 'completions' or 'chat', got {self.endpoint!r}")
+        if self.request_rate is not None:
+            if self.concurrency is not None:
+                raise ValueError("concurrency is the closed loop; with request_rate use max_concurrency")
+            if not self.request_rate > 0:
+                raise ValueError(f"request_rate must be > 0, got {self.request_rate}")
+        elif self.max_concurrency is not None:
+            raise ValueError("max_concurrency applies to the open loop only (set request_rate)")
+        for name in ("concurrency", "max_concurrency"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.num_requests < 1:
+            raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
+        if self.duration is not None and not self.duration > 0:
+            raise ValueError(f"duration must be > 0 seconds, got {self.duration}")
+        for name in ("prompt_len", "output_len"):
+            lo, hi = getattr(self, name)
+            if not 1 <= lo <= hi:
+                raise ValueError(f"{name} must satisfy 1 <= min <= max, got {(lo, hi)}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        for k, v in self.slo.items():
+            if k not in SLO_KEYS:
+                raise ValueError(f"slo key must be one of {', '.join(SLO_KEYS)}, got {k!r}")
+            if not v > 0:
+                raise ValueError(f"slo bound {k} must be > 0 seconds, got {v}")
+
+
+@dataclass
+class RequestRecord:
+    """One request as the client saw it. Times in seconds; ``start`` is relative to the run start."""
+
+    start: float
+    ttft: float | None  # None when no token arrived
+    itl: list[float]  # one gap per output token after the first (see spread_itl)
+    e2e: float
+    output_tokens: int
+    prompt_tokens: int | None
+    ok: bool
+    status: int | None  # HTTP status; None when no response arrived (connection error, timeout)
+    error: str | None
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first: (e2e - ttft) / (output_tokens - 1)."""
+        if self.ttft is None or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+@dataclass
+class BenchmarkResult:
+    """What ``run_benchmark`` returns and ``--out`` writes: config, summary and every request."""
+
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    requests: list[RequestRecord]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "summary": self.summary,
+            "requests": [asdict(r) for r in self.requests],
+        }
+
+    def write_json(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchmarkResult:
+        names = {f.name for f in fields(RequestRecord)}
+        reqs = [RequestRecord(**{k: v for k, v in r.items() if k in names}) for r in data["requests"]]
+        return cls(config=data["config"], summary=data["summary"], requests=reqs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BenchmarkResult:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# ----------------------------------------------------------------------------- pure measurements
+
+
+def spread_itl(chunk_times: list[float], n_tokens: int) -> list[float]:
+    """Inter-token latencies from the arrival times of the content chunks of one stream.
+
+    One token per chunk: the gaps between chunks. When the usage says there were more tokens
+    than chunks (``n_tokens > len(chunk_times)``), the tokens are spread evenly over the chunks
+    (``n // m`` each, the remainder going one apiece to the last chunks); a chunk's gap is split
+    equally among its tokens, and the extra tokens of the first chunk, which arrived with the
+    first token, get gaps of 0. The result has ``n_tokens - 1`` entries and sums to the time
+    from the first chunk to the last.
+    """
+    m = len(chunk_times)
+    gaps = [b - a for a, b in itertools.pairwise(chunk_times)]
+    if m == 0 or n_tokens <= m:
+        return gaps
+    base, extra = divmod(n_tokens, m)
+    counts = [base + (1 if j >= m - extra else 0) for j in range(m)]
+    itl = [0.0] * (counts[0] - 1)
+    for gap, k in zip(gaps, counts[1:], strict=True):
+        itl.extend([gap / k] * k)
+    return itl
+
+
+def meets_slo(record: RequestRecord, slo: dict[str, float]) -> bool:
+    """True when the request succeeded and meets every given bound (a missing TPOT meets it)."""
+    if not record.ok:
+        return False
+    values = {"ttft": record.ttft, "tpot": record.tpot, "e2e": record.e2e}
+    for key, bound in slo.items():
+        v = values[key]
+        if key == "tpot" and v is None:
+            continue
+        if v is None or v > bound:
+            return False
+    return True
+
+
+def goodput(records: list[RequestRecord], slo: dict[str, float], duration: float) -> float:
+    """Requests per second that succeeded and met every bound of ``slo``."""
+    if duration <= 0:
+        return 0.0
+    return sum(meets_slo(r, slo) for r in records) / duration
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    arr = np.asarray(values, dtype=float)
+    out: dict[str, float | None] = {"mean": float(arr.mean())}
+    for p in PERCENTILES:
+        out[f"p{p}"] = float(np.percentile(arr, p))
+    return out
+
+
+def summarize(
+    records: list[RequestRecord], duration: float, slo: dict[str, float], max_in_flight: int = 0
+) -> dict[str, Any]:
+    """Aggregate figures over a run. Latency statistics use successful requests only."""
+    ok = [r for r in records if r.ok]
+    failed_by_status: dict[str, int] = {}
+    for r in records:
+        if not r.ok:
+            key = "none" if r.status is None else str(r.status)
+            failed_by_status[key] = failed_by_status.get(key, 0) + 1
+    prompt_tokens = sum(r.prompt_tokens or 0 for r in ok)
+    output_tokens = sum(r.output_tokens for r in ok)
+    per_s = (lambda x: x / duration) if duration > 0 else (lambda x: 0.0)
+    return {
+        "duration_s": duration,
+        "num_requests": len(records),
+        "completed": len(ok),
+        "failed": len(records) - len(ok),
+        "failed_by_status": dict(sorted(failed_by_status.items())),
+        "total_prompt_tokens": prompt_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": per_s(len(ok)),
+        "output_throughput": per_s(output_tokens),
+        "total_token_throughput": per_s(prompt_tokens + output_tokens),
+        "max_in_flight": max_in_flight,
+        "ttft_s": _stats([r.ttft for r in ok if r.ttft is not None]),
+        "itl_s": _stats([g for r in ok for g in r.itl]),
+        "tpot_s": _stats([t for r in ok if (t := r.tpot) is not None]),
+        "e2e_s": _stats([r.e2e for r in ok]),
+        "slo": dict(slo) or None,
+        "goodput": goodput(records, slo, duration) if slo else None,
+        "slo_attainment": (sum(meets_slo(r, slo) for r in records) / len(records))
+        if slo and records
+        else None,
+    }
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def base_url(url: str) -> str:
+    """The server root: ``http://host:port/v1/`` and ``http://host:port`` both give the latter."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def _error_text(raw: bytes) -> str:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")[:500]
+    if isinstance(data, dict):
+        err = data.get("error", data.get("detail", data))
+        if isinstance(err, dict):
+            err = err.get("message", err)
+        return str(err)[:500]
+    return str(data)[:500]
+
+
+async def fetch_model(client: httpx.AsyncClient) -> str:
+    """The first model id from ``GET /v1/models``."""
+    resp = await client.get("/v1/models")
+    if resp.status_code != 200:
+        raise RuntimeError(
+            f"GET /v1/models returned {resp.status_code}: {_error_text(resp.content)}; pass --model"
+        )
+    data = resp.json().get("data") or []
+    if not data:
+        raise RuntimeError("GET /v1/models listed no models; pass --model")
+    return str(data[0]["id"])
+
+
+async def tokenize_counter(client: httpx.AsyncClient) -> TokenCounter | None:
+    """A coroutine counting tokens with ``POST /tokenize``, or None when the server has none."""
+
+    async def count(text: str) -> int:
+        resp = await client.post("/tokenize", json={"text": text})
+        if resp.status_code != 200:
+            raise RuntimeError(f"POST /tokenize returned {resp.status_code}: {_error_text(resp.content)}")
+        data = resp.json()
+        return int(data["count"]) if "count" in data else len(data["tokens"])
+
+    try:
+        await count("the")
+    except (httpx.HTTPError, RuntimeError, ValueError, KeyError, TypeError):
+        return None
+    return count
+
+
+def request_body(config: BenchmarkConfig, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": config.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": config.ignore_eos,
+    }
+    if config.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    body.update(config.extra_body)
+    return body
+
+
+async def send_request(
+    client: httpx.AsyncClient,
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    prompt_tokens_hint: int | None,
+    run_start: float,
+    timeout: float = math.inf,
+) -> RequestRecord:
+    """Send one streaming request and time it. Never raises for a failed request."""
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    chunk_times: list[float] = []
+    usage: dict[str, Any] | None = None
+    status: int | None = None
+    error: str | None = None
+    finished = False
+    t0 = time.perf_counter()
+    try:
+        async with (
+            asyncio.timeout(None if math.isinf(timeout) else timeout),
+            client.stream("POST", path, json=body) as resp,
+        ):
+            status = resp.status_code
+            if status != 200:
+                error = _error_text(await resp.aread())
+            else:
+                async for line in resp.aiter_lines():
+                    now = time.perf_counter()
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        finished = True
+                        break
+                    chunk = json.loads(data)
+                    if chunk.get("error"):
+                        error = f"error in stream: {_error_text(json.dumps(chunk).encode())}"
+                        break
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    got_text = False
+                    for choice in chunk.get("choices") or []:
+                        piece = (
+                            (choice.get("delta") or {}).get("content")
+                            if endpoint == "chat"
+                            else choice.get("text")
+                        )
+                        got_text = got_text or bool(piece)
+                        reason = choice.get("finish_reason")
+                        if reason in ("error", "abort"):
+                            error = f"finish_reason {reason!r}"
+                        elif reason is not None:
+                            finished = True
+                    if got_text:
+                        chunk_times.append(now)
+                    if error:
+                        break
+                if error is None and not finished:
+                    error = "stream ended before [DONE] or a finish_reason"
+    except TimeoutError:
+        error = f"timed out after {timeout:g} s"
+    except (httpx.HTTPError, httpx.StreamError) as e:
+        error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    except (ValueError, AttributeError) as e:  # malformed JSON or chunk shape
+        error = f"malformed stream: {e}"
+    end = time.perf_counter()
+    # Usage counts are trusted when plausible: some servers (LitServe's OpenAISpec) send zeros.
+    usage = usage or {}
+    n_out = max(int(usage.get("completion_tokens") or 0), len(chunk_times))
+    n_prompt = int(usage.get("prompt_tokens") or 0) or prompt_tokens_hint
+    return RequestRecord(
+        start=t0 - run_start,
+        ttft=chunk_times[0] - t0 if chunk_times else None,
+        itl=spread_itl(chunk_times, n_out),
+        e2e=end - t0,
+        output_tokens=n_out,
+        prompt_tokens=n_prompt,
+        ok=error is None,
+        status=status,
+        error=error,
+    )
+
+
+# ----------------------------------------------------------------------------- running
+
+
+class _Progress:
+    """tqdm when installed, else a one-line bar on stderr."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.n, self.enabled, self._bar = total, 0, enabled, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self) -> None:
+        self.n += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        elif self.enabled:
+            done = int(30 * self.n / self.total)
+            print(f"\r[{'#' * done}{'.' * (30 - done)}] {self.n}/{self.total}", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
+async def _prepare(
+    client: httpx.AsyncClient, config: BenchmarkConfig, specs: list[RequestSpec]
+) -> tuple[list[tuple[str, int | None]], PromptPlan]:
+    count = await tokenize_counter(client) if config.use_tokenize else None
+    plan = await plan_prompts(count)
+    sem = asyncio.Semaphore(16)
+
+    async def one(spec: RequestSpec) -> tuple[str, int | None]:
+        async with sem:
+            return await build_prompt(spec, plan, count)
+
+    return list(await asyncio.gather(*(one(s) for s in specs))), plan
+
+
+async def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
+    """Run one benchmark against ``config.url`` and return every request and the summary."""
+    config.validate()
+    headers = dict(config.headers)
+    if config.api_key:
+        headers["Authorization"] = f"Bearer {config.api_key}"
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(
+        base_url=base_url(config.url), headers=headers, timeout=config.timeout, limits=limits
+    ) as client:
+        model = config.model or await fetch_model(client)
+        specs = sample_requests(config.num_requests, config.prompt_len, config.output_len, config.seed)
+        if config.progress:
+            print(f"preparing {len(specs)} prompts", file=sys.stderr)
+        prompts, plan = await _prepare(client, config, specs)
+        bodies = [
+            request_body(config, model, text, s.output_len)
+            for s, (text, _) in zip(specs, prompts, strict=True)
+        ]
+
+        records: dict[int, RequestRecord] = {}
+        in_flight = max_in_flight = 0
+        progress = _Progress(config.num_requests, config.progress)
+        run_start, cpu_start = time.perf_counter(), time.process_time()
+        deadline = run_start + config.duration if config.duration is not None else math.inf
+
+        async def one(i: int) -> None:
+            nonlocal in_flight, max_in_flight
+            in_flight += 1
+            max_in_flight = max(max_in_flight, in_flight)
+            try:
+                records[i] = await send_request(
+                    client, config.endpoint, bodies[i], prompts[i][1], run_start, config.timeout
+                )
+            finally:
+                in_flight -= 1
+                progress.update()
+
+        try:
+            if config.mode == "closed":
+                pending = iter(range(config.num_requests))
+
+                async def user() -> None:
+                    while time.perf_counter() < deadline and (i := next(pending, None)) is not None:
+                        await one(i)
+
+                await asyncio.gather(*(user() for _ in range(config.concurrency or 1)))
+            else:
+                assert config.request_rate is not None
+                arrivals = poisson_arrivals(config.num_requests, config.request_rate, config.seed)
+                cap = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
+
+                async def capped(i: int) -> None:
+                    if cap is None:
+                        return await one(i)
+                    async with cap:
+                        return await one(i)
+
+                tasks = []
+                for i, at in enumerate(arrivals):
+                    if run_start + at >= deadline:
+                        break
+                    if (delay := run_start + at - time.perf_counter()) > 0:
+                        await asyncio.sleep(delay)
+                    tasks.append(asyncio.create_task(capped(i)))
+                await asyncio.gather(*tasks)
+        finally:
+            progress.close()
+        duration = time.perf_counter() - run_start
+        client_cpu = time.process_time() - cpu_start
+
+    ordered = [records[i] for i in sorted(records)]
+    cfg = asdict(config)
+    cfg.update(
+        model=model,
+        mode=config.mode,
+        prompt_mode=plan.mode,
+        started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        api_key=None if config.api_key is None else "***",
+    )
+    summary = summarize(ordered, duration, config.slo, max_in_flight)
+    # One Python process parses about 15k chunks/s; near one core of CPU, the client is the limit.
+    summary["client_cpu_s"] = client_cpu
+    if duration > 1 and client_cpu > 0.8 * duration:
+        print(
+            f"warning: the client used {client_cpu:.1f} s of CPU in {duration:.1f} s: "
+            "it may be the bottleneck (run several harness processes, or fewer clients)",
+            file=sys.stderr,
+        )
+    return BenchmarkResult(config=cfg, summary=summary, requests=ordered)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{1000 * v:.1f}"
+
+
+def markdown_table(result: BenchmarkResult) -> str:
+    """The summary as a markdown table (latencies in milliseconds)."""
+    s, c = result.summary, result.config
+    load = f"closed loop, {c.get('concurrency') or 1} clients"
+    if c.get("mode") == "open":
+        cap = c.get("max_concurrency")
+        load = f"Poisson, {c.get('request_rate')} req/s" + (f", at most {cap} in flight" if cap else "")
+    failed = ", ".join(f"{k}: {v}" for k, v in s["failed_by_status"].items())
+    rows = [
+        ("Load", load),
+        ("Endpoint / model", f"{c.get('endpoint')} / {c.get('model')}"),
+        ("Duration (s)", f"{s['duration_s']:.2f}"),
+        ("Successful requests", str(s["completed"])),
+        ("Failed requests", f"{s['failed']}" + (f" ({failed})" if failed else "")),
+        ("Max in flight", str(s["max_in_flight"])),
+        ("Prompt / output tokens", f"{s['total_prompt_tokens']} / {s['total_output_tokens']}"),
+        ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
+        ("Output token throughput (tok/s)", f"{s['output_throughput']:.1f}"),
+        ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.1f}"),
+    ]
+    if s.get("goodput") is not None:
+        bounds = ", ".join(f"{k} ≤ {v:g} s" for k, v in s["slo"].items())
+        rows.append(
+            (
+                f"Goodput (req/s; {bounds})",
+                f"{s['goodput']:.2f} ({100 * s['slo_attainment']:.0f}% of requests)",
+            )
+        )
+    lines = ["| Metric | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+    lines += ["| Latency (ms) | mean | p50 | p90 | p99 |", "|---|---|---|---|---|"]
+    for name, key in (("TTFT", "ttft_s"), ("ITL", "itl_s"), ("TPOT", "tpot_s"), ("E2E", "e2e_s")):
+        st = s[key]
+        lines.append(
+            f"| {name} | {_ms(st['mean'])} | {_ms(st['p50'])} | {_ms(st['p90'])} | {_ms(st['p99'])} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_results(result: BenchmarkResult, plot_dir: str | Path) -> list[Path]:
+    """Write PNG plots of a result; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(plot_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    s, reqs = result.summary, result.requests
+    ok = [r for r in reqs if r.ok]
+    title = f"{result.config.get('model')} · {result.config.get('mode')} loop · {s['num_requests']} requests"
+    paths: list[Path] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        paths.append(out / name)
+
+    # Successful and failed requests, failures by status.
+    labels = ["ok"] + [f"failed ({k})" for k in s["failed_by_status"]]
+    counts = [s["completed"], *s["failed_by_status"].values()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(labels, counts, color=["tab:green"] + ["tab:red"] * (len(labels) - 1))
+    ax.bar_label(bars)
+    ax.set_ylabel("requests")
+    save(fig, "requests.png")
+
+    # Request and output token throughput over time (token times rebuilt from ttft + itl).
+    duration = max(s["duration_s"], 1e-9)
+    width = 1.0 if duration >= 20 else duration / 20
+    edges = np.arange(0.0, duration + width, width)
+    done_t = [r.start + r.e2e for r in ok]
+    tok_t = [
+        r.start + r.ttft + x
+        for r in ok
+        if r.ttft is not None
+        for x in np.concatenate([[0.0], np.cumsum(r.itl)])
+    ]
+    fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    for ax, times, mean, unit in (
+        (axes[0], done_t, s["request_throughput"], "requests/s"),
+        (axes[1], tok_t, s["output_throughput"], "output tokens/s"),
+    ):
+        hist, _ = np.histogram(times, bins=edges)
+        ax.stairs(hist / width, edges)
+        ax.axhline(mean, color="tab:gray", ls="--", label=f"mean {mean:.1f}")
+        ax.set_ylabel(unit)
+        ax.legend(loc="lower right", fontsize=8)
+    axes[1].set_xlabel("time since start (s)")
+    save(fig, "throughput.png")
+
+    # TTFT, ITL, TPOT, e2e: mean, p50, p90, p99, with the SLO bound where one was given.
+    fig, axes = plt.subplots(2, 2, figsize=(8, 6))
+    slo = s.get("slo") or {}
+    for ax, (name, key, slo_key) in zip(
+        axes.flat,
+        (
+            ("TTFT", "ttft_s", "ttft"),
+            ("ITL", "itl_s", None),
+            ("TPOT", "tpot_s", "tpot"),
+            ("E2E", "e2e_s", "e2e"),
+        ),
+        strict=True,
+    ):
+        st = s[key]
+        vals = [1000 * (st[k] or 0.0) for k in ("mean", "p50", "p90", "p99")]
+        bars = ax.bar(["mean", "p50", "p90", "p99"], vals, color="tab:blue")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        if slo_key in slo:
+            ax.axhline(1000 * slo[slo_key], color="tab:red", ls="--", label="SLO")
+            ax.legend(fontsize=8)
+        ax.set_title(name)
+        ax.set_ylabel("ms")
+    save(fig, "latency.png")
+
+    # Per-request timeline: TTFT and e2e against send time; failures marked.
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter([r.start for r in ok], [1000 * r.e2e for r in ok], s=8, label="e2e")
+    ax.scatter(
+        [r.start for r in ok if r.ttft is not None],
+        [1000 * r.ttft for r in ok if r.ttft is not None],
+        s=8,
+        label="TTFT",
+    )
+    bad = [r for r in reqs if not r.ok]
+    if bad:
+        ax.scatter(
+            [r.start for r in bad],
+            [1000 * r.e2e for r in bad],
+            s=14,
+            marker="x",
+            color="tab:red",
+            label="failed",
+        )
+    ax.set_xlabel("send time since start (s)")
+    ax.set_ylabel("ms")
+    ax.legend(fontsize=8)
+    save(fig, "timeline.png")
+
+    # Goodput against throughput, and how many requests met each bound.
+    if slo:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.5))
+        bars = ax1.bar(
+            ["throughput", "goodput"],
+            [s["request_throughput"], s["goodput"]],
+            color=["tab:blue", "tab:green"],
+        )
+        ax1.bar_label(bars, fmt="%.2f")
+        ax1.set_ylabel("requests/s")
+        n = max(len(reqs), 1)
+        names = [*slo, "all"]
+        frac = [100 * sum(meets_slo(r, {k: slo[k]}) for r in reqs) / n for k in slo] + [
+            100 * s["slo_attainment"]
+        ]
+        bars = ax2.bar(names, frac, color="tab:green")
+        ax2.bar_label(bars, fmt="%.0f%%")
+        ax2.set_ylim(0, 115)
+        ax2.set_ylabel("% of requests meeting the bound")
+        save(fig, "goodput.png")
+    return paths
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_slo(text: str) -> dict[str, float]:
+    """``"ttft=0.5,tpot=0.05,e2e=10"`` → ``{"ttft": 0.5, "tpot": 0.05, "e2e": 10.0}`` (seconds)."""
+    slo: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in SLO_KEYS:
+            raise ValueError(f"--slo takes KEY=SECONDS with KEY in {', '.join(SLO_KEYS)}, got {part!r}")
+        try:
+            slo[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"--slo bound for {key.strip()} must be a number of seconds, got {value!r}"
+            ) from None
+    return slo
+
+
+def _parse_header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise ValueError(f"--header takes 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.serve",
+        description="Load-test an OpenAI-compatible text-generation server over streaming HTTP.",
+    )
+    p.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    p.add_argument(
+        "--endpoint", choices=["completions", "chat"], default="completions", help="default: completions"
+    )
+    p.add_argument("--model", default=None, help="model name (default: first id from GET /v1/models)")
+    load = p.add_argument_group("load")
+    load.add_argument("--concurrency", type=int, default=None, help="closed loop: N clients (default 1)")
+    load.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        help="open loop: Poisson arrivals, requests/s ('inf': all at once)",
+    )
+    load.add_argument(
+        "--max-concurrency", type=int, default=None, help="open loop: cap on requests in flight"
+    )
+    load.add_argument("--num-requests", type=int, default=100, help="requests to send at most (default: 100)")
+    load.add_argument("--duration", type=float, default=None, help="send no request after this many seconds")
+    wl = p.add_argument_group("workload")
+    wl.add_argument(
+        "--prompt-len", default="128:128", help="prompt tokens, MIN:MAX (uniform) or N (default: 128:128)"
+    )
+    wl.add_argument(
+        "--output-len", default="128:128", help="output tokens (max_tokens), MIN:MAX or N (default: 128:128)"
+    )
+    wl.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default: 0)")
+    wl.add_argument("--temperature", type=float, default=0.0, help="default: 0 (greedy)")
+    wl.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos: true")
+    wl.add_argument(
+        "--no-tokenize", action="store_true", help="size prompts by words even if POST /tokenize exists"
+    )
+    wl.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
+    p.add_argument("--slo", default=None, help="goodput bounds in seconds, e.g. ttft=0.5,tpot=0.05,e2e=10")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds (default: 600)")
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--header", action="append", default=[], help="extra header 'Name: value' (repeatable)")
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument("--plot-dir", default=None, help="write PNG plots here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
+    extra = json.loads(args.extra_body) if args.extra_body else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"--extra-body must be a JSON object, got {args.extra_body!r}")
+    return BenchmarkConfig(
+        url=args.url,
+        endpoint=args.endpoint,
+        model=args.model,
+        concurrency=args.concurrency,
+        request_rate=args.request_rate,
+        max_concurrency=args.max_concurrency,
+        num_requests=args.num_requests,
+        duration=args.duration,
+        prompt_len=parse_range(args.prompt_len, "--prompt-len"),
+        output_len=parse_range(args.output_len, "--output-len"),
+        seed=args.seed,
+        temperature=args.temperature,
+        ignore_eos=not args.no_ignore_eos,
+        use_tokenize=not args.no_tokenize,
+        timeout=args.timeout,
+        slo=parse_slo(args.slo) if args.slo else {},
+        api_key=args.api_key,
+        headers=dict(_parse_header(h) for h in args.header),
+        extra_body=extra,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns 0, or 1 when no request succeeded."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        config.validate()
+    except ValueError as e:
+        parser.error(str(e))
+    result = asyncio.run(run_benchmark(config))
+    print(markdown_table(result))
+    if args.out:
+        result.write_json(args.out)
+        print(f"\nwrote {args.out}", file=sys.stderr)
+    if args.plot_dir:
+        for path in plot_results(result, args.plot_dir):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0 if result.summary["completed"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

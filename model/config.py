@@ -1,0 +1,97 @@
+"""Model and training configuration, and the named presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 2048
+    context_length: int = 512  # maximum positions (prompt + generated tokens)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 192
+    ffn_mult: int = 4  # feed-forward hidden size = ffn_mult * n_embd
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear layers (LayerNorm always has them)
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_embd % 2:
+            raise ValueError(f"n_embd ({self.n_embd}) must be even for the sinusoidal encoding")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 32  # sequences per step
+    block_size: int = 256  # tokens per training sequence (<= context_length)
+    lr: float = 5e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_batches: int = 0  # 0: the whole validation set at the end; periodic evals use 8 batches
+    seed: int = 1337
+    bf16: bool = True  # bf16 autocast on CUDA; weights stay fp32
+    time_limit_s: float = 0.0  # 0: none; otherwise stop (and decay to min lr) at this wall time
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+
+
+@dataclass
+class Preset:
+    name: str
+    model: GPTConfig
+    train: TrainConfig
+    vocab_size: int
+    tokenizer_sentences: int = 0  # 0 = train the tokenizer on the whole training text
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _preset(name: str, vocab: int, ctx: int, layers: int, heads: int, d: int, train: TrainConfig, **kw: Any) -> Preset:
+    return Preset(name, GPTConfig(vocab, ctx, layers, heads, d), train, vocab, **kw)
+
+
+PRESETS: dict[str, Preset] = {
+    # Used by the tests: builds in well under 90 s on 2 CPU cores.
+    "tiny": _preset(
+        "tiny", 512, 256, 2, 2, 64,
+        TrainConfig(max_steps=150, batch_size=16, block_size=128, lr=5e-3, warmup_steps=20, eval_interval=75),
+        tokenizer_sentences=20000,
+        notes="test model; quality is not a goal",
+    ),
+    # The default served model: about 8 minutes on 2 CPU cores.
+    "small": _preset(
+        "small", 2048, 512, 4, 4, 192,
+        TrainConfig(max_steps=1600, batch_size=24, block_size=256, lr=5e-3, warmup_steps=100, eval_interval=400,
+                    time_limit_s=390.0),
+        notes="default served model, CPU build budget 8 minutes",
+    ),
+    # For a GPU: tens of millions of parameters.
+    "base": _preset(
+        "base", 4096, 512, 8, 8, 512,
+        TrainConfig(max_steps=6000, batch_size=64, block_size=512, lr=1.5e-3, warmup_steps=300, eval_interval=500,
+                    weight_decay=0.1, bf16=True),
+        notes="GPU preset",
+    ),
+}

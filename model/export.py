@@ -1,0 +1,127 @@
+"""Export a checkpoint to ONNX with the GenAI/Optimum decoder convention and write the bundle.
+
+Inputs: input_ids [batch, seq], attention_mask [batch, past+seq], position_ids [batch, seq],
+past_key_values.{i}.key / .value [batch, heads, past, head_dim]. Outputs: logits [batch, seq, vocab],
+present.{i}.key / .value [batch, heads, past+seq, head_dim]. Batch, sequence and past are dynamic;
+a zero-length past is a prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.gpt import GPT
+from service.bundle import CONFIG_FILE, DEFAULT_IO_NAMES, FORMAT_VERSION, sha256_file
+
+OPSET = 18
+
+
+class _OnnxDecoder(torch.nn.Module):
+    """Flat-argument wrapper: ONNX graphs take tensors, not lists of tuples."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
+        logits, presents = self.model(input_ids, attention_mask, position_ids, past)
+        return (logits, *[t for kv in presents for t in kv])
+
+
+def io_names(n_layer: int) -> tuple[list[str], list[str]]:
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(n_layer):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
+
+
+def export_onnx(model: GPT, out_path: Path, fp16: bool = False) -> Path:
+    """Export with torch's dynamo exporter (dynamic batch, sequence and past)."""
+    cfg = model.cfg
+    model = model.eval().to("cpu")
+    dtype = torch.float16 if fp16 else torch.float32
+    if fp16:
+        model = model.half()
+    wrapper = _OnnxDecoder(model).eval()
+    B, T, P = 2, 3, 4  # sample shapes; all three are declared dynamic
+    ids = torch.randint(0, cfg.vocab_size, (B, T))
+    mask = torch.ones(B, P + T, dtype=torch.long)
+    pos = torch.arange(P, P + T).expand(B, T).contiguous()
+    past = [torch.zeros(B, cfg.n_head, P, cfg.head_dim, dtype=dtype) for _ in range(2 * cfg.n_layer)]
+    in_names, out_names = io_names(cfg.n_layer)
+    batch, seq, past_len, total = (torch.export.Dim("batch", max=4096), torch.export.Dim("seq", max=cfg.context_length),
+                                   torch.export.Dim("past", max=cfg.context_length), torch.export.Dim.AUTO)
+    dynamic_shapes: list[Any] = [{0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}]
+    dynamic_shapes += [{0: batch, 2: past_len} for _ in range(2 * cfg.n_layer)]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, (ids, mask, pos, *past), dynamo=True, opset_version=OPSET, input_names=in_names,
+            output_names=out_names,
+            dynamic_shapes=(*dynamic_shapes[:3], tuple(dynamic_shapes[3:])),  # *past_flat is one tuple argument
+            optimize=True, verbose=False, report=False,
+        )
+    program.save(str(out_path), external_data=False)
+    return out_path
+
+
+def quantize_int8(src: Path, dst: Path) -> Path:
+    """ONNX Runtime dynamic quantization: int8 weights of MatMul/Gemm, activations quantized on the fly."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    return dst
+
+
+def write_bundle(
+    out_dir: Path,
+    name: str,
+    model: GPT,
+    onnx_file: Path,
+    tokenizer_file: Path,
+    training: dict[str, Any],
+    dtype: str,
+    tokenizer_ids: dict[str, int],
+) -> Path:
+    """Put model.onnx, tokenizer.model and config.json in out_dir; return it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if onnx_file.resolve() != (out_dir / "model.onnx").resolve():
+        shutil.copyfile(onnx_file, out_dir / "model.onnx")
+    if tokenizer_file.resolve() != (out_dir / "tokenizer.model").resolve():
+        shutil.copyfile(tokenizer_file, out_dir / "tokenizer.model")
+    cfg = model.cfg
+    config = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "model_type": "gpt",
+        "architecture": {
+            **cfg.to_dict(),
+            "head_dim": cfg.head_dim,
+            "n_kv_head": cfg.n_head,
+            "positional_encoding": "sinusoidal",
+            "norm": "pre-layernorm",
+            "tied_output_head": True,
+        },
+        "num_parameters": model.num_parameters(),
+        "dtype": dtype,
+        "tokenizer": {"type": "sentencepiece", "file": "tokenizer.model", "vocab_size": cfg.vocab_size,
+                      "add_bos": True, **tokenizer_ids},
+        "onnx": {"file": "model.onnx", "opset": OPSET, "io_names": DEFAULT_IO_NAMES, "kv_dtype": dtype},
+        "training": training,
+        "files": {f: {"sha256": sha256_file(out_dir / f), "bytes": (out_dir / f).stat().st_size}
+                  for f in ("model.onnx", "tokenizer.model")},
+    }
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote bundle {out_dir} ({(out_dir / 'model.onnx').stat().st_size / 1e6:.1f} MB model.onnx)", file=sys.stderr)
+    return out_dir

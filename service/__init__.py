@@ -1,0 +1,1 @@
+"""Serving: ONNX Runtime engine with continuous batching behind an OpenAI-compatible HTTP API."""

@@ -1,0 +1,215 @@
+"""The HTTP API on LitServe: routes, checks before anything reaches the worker, and the wiring.
+
+LitServe provides the processes (uvicorn HTTP processes, one spawned inference worker) and the
+queues between them. Its own request handlers are not used: our routes (plain FastAPI routes on
+LitServe's app, running in every HTTP process) check the API key, the body size, the JSON and
+the request's fields, tokenize, and only then submit a job to the worker (service.frontend).
+LitServe's "/", "/health" and "/info" routes are replaced (its /health is not a liveness probe
+and LIT_SERVER_API_KEY would protect it).
+
+    GET  /health               liveness: 200 while this HTTP process answers
+    GET  /ready                200 when the engine is loaded and stepping; 503 otherwise
+    GET  /metrics              Prometheus exposition, merged over processes
+    GET  /v1/models            the served model                                       (key)
+    POST /tokenize, /detokenize                                                       (key)
+    POST /v1/completions, /v1/chat/completions, /generate                             (key)
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import chat_template, handlers, metrics, serving
+from service import protocol as p
+from service.engine_loop import ENGINE_PATH
+from service.errors import REJECT_REASON, ApiError, error_from_status
+from service.frontend import Frontend
+from service.settings import Settings
+from service.shared_state import SharedState
+
+logger = logging.getLogger(__name__)
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+LITSERVE_ROUTES = {"/", "/health", "/info", ENGINE_PATH}
+
+
+class HttpApi:
+    def __init__(self, settings: Settings, state: SharedState, model: serving.ModelInfo, frontend: Frontend):
+        self.settings, self.state, self.model, self.fe = settings, state, model, frontend
+        key = settings.api_key
+        self._key = key.get_secret_value().encode() if key is not None else None
+
+    def install(self, app: FastAPI) -> None:
+        """Replace LitServe's routes with ours, and start the frontend with each HTTP process."""
+        app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in LITSERVE_ROUTES]
+        open_routes = {"/health": self.health, "/ready": self.ready, "/metrics": self.metrics}
+        for path, fn in open_routes.items():
+            app.add_api_route(path, self._wrap(path, fn, auth=False), methods=["GET"], include_in_schema=True)
+        app.add_api_route("/v1/models", self._wrap("/v1/models", self.models), methods=["GET"])
+        posts = {
+            "/tokenize": self.tokenize,
+            "/detokenize": self.detokenize,
+            "/v1/completions": self.completions,
+            "/v1/chat/completions": self.chat_completions,
+            "/generate": self.generate,
+        }
+        for path, fn in posts.items():
+            generation = path in ("/v1/completions", "/v1/chat/completions", "/generate")
+            app.add_api_route(path, self._wrap(path, fn, record_success=not generation), methods=["POST"])
+        app.add_exception_handler(StarletteHTTPException, _http_exception)
+        original = app.router.lifespan_context
+
+        @asynccontextmanager
+        async def lifespan(a: Any):
+            async with original(a) as maybe_state:
+                await self.fe.start(a)
+                try:
+                    yield maybe_state
+                finally:
+                    await self.fe.stop()
+
+        app.router.lifespan_context = lifespan
+
+    # -- common checks ------------------------------------------------------------------------
+    def _wrap(self, route: str, fn: Endpoint, *, auth: bool = True, record_success: bool = True) -> Endpoint:
+        async def endpoint(request: Request) -> Response:
+            try:
+                if auth:
+                    self._check_key(request)
+                response = await fn(request)
+                if record_success:
+                    self._record(route, response.status_code)
+                return response
+            except ApiError as e:
+                self._record(route, e.status, e.kind)
+                return e.response()
+            except Exception:
+                logger.exception("%s failed", route)
+                self._record(route, 500)
+                return ApiError("internal", "internal server error").response()
+
+        endpoint.__name__ = route.strip("/").replace("/", "_") or "root"
+        return endpoint
+
+    def _record(self, route: str, status: int, kind: str | None = None) -> None:
+        m = self.fe.metrics
+        if m is None:
+            return
+        m.observe_http(route, status)
+        if kind in REJECT_REASON:
+            m.observe_rejected(REJECT_REASON[kind])
+
+    def _check_key(self, request: Request) -> None:
+        """Bearer key check; constant-time, and before the body is even read."""
+        if self._key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
+            raise ApiError("unauthorized", "missing or invalid API key: send 'Authorization: Bearer <key>'")
+
+    async def _read(self, request: Request, model: type[BaseModel]) -> Any:
+        """Body → validated request: 413 over the size limit, 400 bad JSON, 422 bad fields."""
+        limit = self.settings.max_body_bytes
+        too_large = ApiError(
+            "payload_too_large",
+            f"the request body exceeds the limit of {limit} bytes (TEXTGEN_MAX_BODY_BYTES)",
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        try:
+            data = json.loads(b"".join(chunks))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError("invalid_json", f"the request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ApiError("invalid_json", "the request body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            message, param = p.describe_validation_error(e)
+            raise ApiError("validation", message, param) from None
+
+    # -- open routes --------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        status = self.state.status()
+        body = {"status": status, **self.state.engine_gauges(), "inflight": self.state.inflight()}
+        return JSONResponse(body, status_code=200 if status == "ready" else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    # -- model routes -------------------------------------------------------------------------
+    async def models(self, request: Request) -> Response:
+        m = self.model
+        card = p.ModelCard(id=m.name, created=m.created, max_model_len=m.context_length)
+        return handlers.json_response(p.ModelList(data=[card]))
+
+    async def tokenize(self, request: Request) -> Response:
+        req: p.TokenizeRequest = await self._read(request, p.TokenizeRequest)
+        if (req.text is None) == (req.messages is None):
+            raise ApiError("validation", "exactly one of text and messages must be given", "text")
+        text = req.text if req.text is not None else chat_template.render(req.messages or [])
+        ids = self.model.encode_prompt(text, req.add_special_tokens)
+        out = p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.model.context_length)
+        return handlers.json_response(out)
+
+    async def detokenize(self, request: Request) -> Response:
+        req: p.DetokenizeRequest = await self._read(request, p.DetokenizeRequest)
+        vocab = self.model.vocab_size
+        for t in req.tokens:
+            if not 0 <= t < vocab:
+                raise ApiError(
+                    "validation", f"tokens: token id {t} is outside the vocabulary [0, {vocab})", "tokens"
+                )
+        return handlers.json_response(p.DetokenizeResponse(text=self.model.tokenizer.decode(req.tokens)))
+
+    # -- generation routes --------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        req = await self._read(request, p.CompletionRequest)
+        job = serving.build_completion(req, self.model)
+        return await handlers.generate(self.fe, request, "/v1/completions", job, "completion")
+
+    async def chat_completions(self, request: Request) -> Response:
+        req = await self._read(request, p.ChatCompletionRequest)
+        job = serving.build_chat(req, self.model)
+        return await handlers.generate(self.fe, request, "/v1/chat/completions", job, "chat")
+
+    async def generate(self, request: Request) -> Response:
+        req = await self._read(request, p.GenerateRequest)
+        job = serving.build_generate(req, self.model)
+        return await handlers.generate(self.fe, request, "/generate", job, "generate")
+
+
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> Response:
+    return error_from_status(exc.status_code, str(exc.detail)).response()
+
+
+def model_info(settings: Settings, bundle: Any, tokenizer: Any) -> serving.ModelInfo:
+    return serving.ModelInfo(
+        name=settings.model_name or bundle.name,
+        context_length=bundle.context_length,
+        tokenizer=tokenizer,
+        add_bos=bool(bundle.config.get("tokenizer", {}).get("add_bos", False)),
+        created=int(time.time()),
+    )

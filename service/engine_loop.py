@@ -1,0 +1,282 @@
+"""The inference worker: LitServe's worker process runs the engine's continuous batching here.
+
+``TextGenAPI.setup`` builds the engine in LitServe's spawned inference worker, and LitServe then
+hands control to ``EngineLoop.run``, a loop of our own that replaces LitServe's
+ContinuousBatchingLoop and fixes its faults:
+
+- one thread owns the engine: requests, aborts and steps are serialized on it;
+- idle, it blocks on the request queue (with a timeout), it never spins;
+- every request is handed to the engine as soon as it arrives, so nothing waits outside the
+  engine's own bounded FIFO queue (no admission delay, no overtaking); a full queue is the
+  engine's ``QueueFullError``, answered as HTTP 429;
+- an ``Abort`` (client gone) is applied before the next step;
+- a request past its deadline (TEXTGEN_REQUEST_TIMEOUT_S) is aborted and finished with
+  ``finish_reason="length"``.
+
+Messages in (LitServe request queue, FIFO): ``(response_queue_id, uid, t, Submit | Abort)``.
+Messages out: per engine iteration, one list of events per HTTP process, sent to the mailbox
+of that process (``MAILBOX``) through LitServe's transport:
+``("ack", uid)`` | ``("out", uid, index, RequestOutput)`` | ``("err", uid, kind, message, param)``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import importlib
+import logging
+import os
+import queue
+import signal
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import litserve as ls
+from litserve.loops.base import LitLoop
+from litserve.utils import LitAPIStatus, LoopResponseType
+
+from service.settings import Settings
+from service.shared_state import SharedState
+from service.types import (
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    RequestOutput,
+    SamplingParams,
+    StepStats,
+)
+
+logger = logging.getLogger(__name__)
+
+ENGINE_PATH = "/_textgen/engine"  # LitServe's request-queue key; it has no HTTP route
+MAILBOX = "__textgen_mailbox__"  # response-buffer key of each HTTP process's event dispatcher
+IDLE_WAIT_S = 0.5  # idle: how long one blocking get on the request queue waits
+MAX_INTAKE = 1024  # messages taken from the request queue per iteration
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """One HTTP request: ``len(params)`` engine requests (the choices) on one prompt."""
+
+    prompt_ids: list[int]
+    params: tuple[SamplingParams, ...]
+    arrival: float  # time.monotonic() at the HTTP edge (CLOCK_MONOTONIC is system-wide)
+    deadline: float  # time.monotonic() after which the request is finished as "length"
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    uid: str
+
+
+def sub_id(uid: str, index: int) -> str:
+    return f"{uid}#{index}"
+
+
+def import_string(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class TextGenAPI(ls.LitAPI):
+    """Owns the engine inside LitServe's inference worker."""
+
+    def __init__(self, settings: Settings, state: SharedState, model_name: str):
+        super().__init__(max_batch_size=1, stream=True, api_path=ENGINE_PATH, loop=EngineLoop())
+        self.settings, self.state, self.model_name = settings, state, model_name
+
+    def setup(self, device: str) -> None:
+        # Ctrl+C reaches the whole process group: the main process orchestrates the drain.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logging.getLogger().setLevel(self.settings.log_level.upper())
+        from service.bundle import load_bundle
+        from service.metrics import Metrics
+
+        s = self.settings
+        bundle = load_bundle(s.model_dir, verify_hashes=False)  # the main process verified it
+        self.engine = import_string(s.engine_class)(
+            bundle,
+            provider=s.provider,
+            intra_op_threads=s.intra_op_threads,
+            graph_opt_level=s.graph_opt_level,
+            max_running=s.max_running,
+            max_waiting=s.max_waiting,
+            kv_budget_tokens=s.kv_budget_tokens,
+            max_prefill_tokens=s.max_prefill_tokens,
+        )
+        self.metrics = Metrics(self.model_name)
+        self.metrics.set_model_info(
+            parameters=self.engine.num_parameters,
+            provider=self.engine.provider,
+            waiting_capacity=s.max_waiting,
+        )
+        logger.info("engine ready on %s (pid %d)", self.engine.provider, os.getpid())
+
+    def predict(self, x: Any) -> Any:  # LitAPI's abstract hook; EngineLoop never calls it
+        raise NotImplementedError
+
+    def has_active_requests(self) -> bool:
+        return self.engine.has_unfinished()
+
+
+class EngineLoop(LitLoop):
+    """LitServe loop hook: ``run`` serves until the main process goes away."""
+
+    def run(self, lit_api: TextGenAPI, device, worker_id, request_queue, transport, *args, **kwargs) -> None:
+        EngineWorker(lit_api, transport).serve(request_queue)
+        sys.exit(0)
+
+
+@dataclass
+class _Active:
+    """A submitted HTTP request while any of its choices is unfinished."""
+
+    rqid: int
+    num_prompt: int
+    unfinished: set[int]
+    counts: list[int] = field(default_factory=list)  # output tokens so far, per choice
+
+
+class EngineWorker:
+    def __init__(self, api: TextGenAPI, transport: Any):
+        self.engine, self.metrics, self.state = api.engine, api.metrics, api.state
+        self.transport = transport
+        self.active: dict[str, _Active] = {}
+        self.deadlines: list[tuple[float, str]] = []  # heap
+        self.outbox: dict[int, list[tuple]] = defaultdict(list)
+        self._published: tuple | None = None  # engine gauges last sent to metrics
+
+    # -- main loop ----------------------------------------------------------------------------
+    def serve(self, request_queue: Any) -> None:
+        parent = os.getppid()
+        while os.getppid() == parent:  # the main process died: exit rather than linger
+            try:
+                items = self._receive(request_queue, block=not self.engine.has_unfinished())
+            except (EOFError, OSError):
+                logger.info("request queue closed; the engine loop stops")
+                return
+            for item in items:
+                self._handle(item)
+            self._expire(time.monotonic())
+            self._flush()
+            stepped = self.engine.has_unfinished() and self._step()
+            self._beat(stepped)
+
+    def _receive(self, request_queue: Any, block: bool) -> list[tuple]:
+        items: list[tuple] = []
+        try:
+            if block:
+                items.append(request_queue.get(timeout=IDLE_WAIT_S))
+            while len(items) < MAX_INTAKE:
+                items.append(request_queue.get_nowait())
+        except queue.Empty:
+            pass
+        return items
+
+    def _handle(self, item: tuple) -> None:
+        rqid, uid, _, msg = item
+        if isinstance(msg, Submit):
+            self._submit(rqid, uid, msg)
+        elif isinstance(msg, Abort):
+            self._abort(msg.uid)
+        else:
+            logger.warning("ignoring unexpected message %r", type(msg).__name__)
+
+    def _submit(self, rqid: int, uid: str, msg: Submit) -> None:
+        for i, params in enumerate(msg.params):
+            try:
+                self.engine.add_request(sub_id(uid, i), msg.prompt_ids, params, arrival_time=msg.arrival)
+            except Exception as e:
+                for j in range(i):
+                    self.engine.abort(sub_id(uid, j))
+                self.outbox[rqid].append(("err", uid, *_classify(e)))
+                return
+        n = len(msg.params)
+        self.active[uid] = _Active(rqid, len(msg.prompt_ids), set(range(n)), [0] * n)
+        heapq.heappush(self.deadlines, (msg.deadline, uid))
+        self.outbox[rqid].append(("ack", uid))
+
+    def _abort(self, uid: str) -> None:
+        act = self.active.pop(uid, None)
+        if act is not None:
+            for i in act.unfinished:
+                self.engine.abort(sub_id(uid, i))
+
+    def _expire(self, now: float) -> None:
+        """Finish requests past their deadline: abort them, report finish_reason "length"."""
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, uid = heapq.heappop(self.deadlines)
+            act = self.active.pop(uid, None)
+            if act is None:
+                continue
+            for i in sorted(act.unfinished):
+                self.engine.abort(sub_id(uid, i))
+                out = RequestOutput(
+                    request_id=sub_id(uid, i),
+                    new_token_ids=[],
+                    text_delta="",
+                    finished=True,
+                    finish_reason="length",
+                    stop_reason="timeout",
+                    num_prompt_tokens=act.num_prompt,
+                    num_output_tokens=act.counts[i],
+                )
+                self.outbox[act.rqid].append(("out", uid, i, out))
+
+    def _step(self) -> bool:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            logger.exception("engine step failed; failing every request and exiting")
+            for uid, act in self.active.items():
+                self.outbox[act.rqid].append(("err", uid, "generation_error", "the engine failed", None))
+            self._flush()
+            os._exit(1)  # the supervisor sees the worker die: /ready 503, exit non-zero
+        for out in outputs:
+            uid, _, index = out.request_id.rpartition("#")
+            act = self.active.get(uid)
+            if act is None:  # aborted meanwhile
+                continue
+            i = int(index)
+            act.counts[i] = out.num_output_tokens
+            self.outbox[act.rqid].append(("out", uid, i, out))
+            if out.finished:
+                act.unfinished.discard(i)
+                if not act.unfinished:
+                    del self.active[uid]
+        self._flush()
+        stats = self.engine.last_step_stats
+        if stats is not None:
+            self.metrics.observe_step(stats)
+            self._published = (stats.num_running, stats.num_waiting, stats.kv_cache_usage)
+        return True
+
+    def _beat(self, stepped: bool) -> None:
+        e = self.engine
+        gauges = (e.num_running, e.num_waiting, e.kv_cache_usage)
+        self.state.beat(os.getpid(), *gauges)
+        if not stepped and gauges != self._published:  # e.g. aborts emptied the batch
+            self.metrics.observe_step(StepStats(0, 0, gauges[0], gauges[1], gauges[2], 0.0))
+            self._published = gauges
+
+    def _flush(self) -> None:
+        for rqid, events in self.outbox.items():
+            if events:
+                self.transport.send(
+                    (MAILBOX, (events, LitAPIStatus.OK, LoopResponseType.STREAMING, 0)), consumer_id=rqid
+                )
+        self.outbox.clear()
+
+
+def _classify(e: Exception) -> tuple[str, str, str | None]:
+    """(error kind, message, param) of an engine refusal; see service.errors.STATUS."""
+    if isinstance(e, QueueFullError):
+        return "queue_full", str(e), None
+    if isinstance(e, PromptTooLongError):
+        return "context_length_exceeded", str(e), "prompt"
+    if isinstance(e, InvalidRequestError):
+        return "validation", str(e), None
+    logger.error("engine.add_request failed", exc_info=e)
+    return "internal", "the engine could not accept the request", None

@@ -1,0 +1,160 @@
+"""Response bodies and stream chunks, in the shapes of service.protocol (OpenAI and native)."""
+
+from __future__ import annotations
+
+import json
+
+from service import protocol as p
+from service.serving import Choice, Job, ModelInfo, chat_logprobs, completion_logprobs, usage
+from service.types import RequestOutput
+
+DONE = "data: [DONE]\n\n"
+
+
+def sse(model) -> str:
+    return f"data: {model.model_dump_json()}\n\n"
+
+
+def _usage(job: Job, choices: list[Choice]) -> p.Usage:
+    return p.Usage(**usage(len(job.prompt_ids), choices))
+
+
+def completion_body(job: Job, m: ModelInfo, choices: list[Choice]) -> p.CompletionResponse:
+    return p.CompletionResponse(
+        id=job.id,
+        created=m.created,
+        model=m.name,
+        choices=[
+            p.CompletionChoice(
+                index=c.index,
+                text="".join(c.text),
+                logprobs=_completion_lp(job, m, c.token_ids, c.logprobs, c.top_logprobs, 0),
+                finish_reason=c.finish_reason,
+            )
+            for c in choices
+        ],
+        usage=_usage(job, choices),
+    )
+
+
+def chat_body(job: Job, m: ModelInfo, choices: list[Choice]) -> p.ChatCompletionResponse:
+    return p.ChatCompletionResponse(
+        id=job.id,
+        created=m.created,
+        model=m.name,
+        choices=[
+            p.ChatChoice(
+                index=c.index,
+                message=p.ChatMessageOut(content="".join(c.text)),
+                logprobs=_chat_lp(job, m, c.token_ids, c.logprobs, c.top_logprobs),
+                finish_reason=c.finish_reason,
+            )
+            for c in choices
+        ],
+        usage=_usage(job, choices),
+    )
+
+
+def generate_details(
+    job: Job, m: ModelInfo, c: Choice, ttft_s: float | None, e2e_s: float
+) -> p.GenerateDetails:
+    t = c.output.timings if c.output is not None else None
+    tops = c.top_logprobs if job.params[0].logprobs else None
+    return p.GenerateDetails(
+        token_ids=c.token_ids,
+        logprobs=c.logprobs,
+        top_logprobs=[{str(tid): lp for tid, lp in alts} for alts in tops] if tops else None,
+        timings=p.GenerateTimings(
+            queue_s=t.queue_time if t else None,
+            prefill_s=t.prefill_time if t else None,
+            decode_s=t.decode_time if t else None,
+            ttft_s=ttft_s,
+            e2e_s=e2e_s,
+        ),
+    )
+
+
+def generate_body(job: Job, m: ModelInfo, c: Choice, details: p.GenerateDetails | None) -> p.GenerateResponse:
+    return p.GenerateResponse(
+        id=job.id,
+        text="".join(c.text),
+        finish_reason=c.finish_reason,
+        usage=_usage(job, [c]),
+        details=details,
+    )
+
+
+# -- streaming --------------------------------------------------------------------------------
+
+
+def completion_chunk(job: Job, m: ModelInfo, c: Choice, out: RequestOutput, offset: int) -> str | None:
+    lp = _completion_lp(job, m, out.new_token_ids, out.new_logprobs, _tops(out), offset)
+    if not out.text_delta and not out.finished and lp is None:
+        return None
+    choice = p.CompletionChoice(
+        index=c.index,
+        text=out.text_delta,
+        logprobs=lp,
+        finish_reason=c.finish_reason if out.finished else None,
+    )
+    return sse(p.CompletionResponse(id=job.id, created=m.created, model=m.name, choices=[choice]))
+
+
+def chat_role_chunk(job: Job, m: ModelInfo, index: int) -> str:
+    choice = p.ChatChunkChoice(index=index, delta=p.ChatDelta(role="assistant", content=""))
+    return sse(p.ChatCompletionChunk(id=job.id, created=m.created, model=m.name, choices=[choice]))
+
+
+def chat_chunk(job: Job, m: ModelInfo, c: Choice, out: RequestOutput) -> str | None:
+    lp = _chat_lp(job, m, out.new_token_ids, out.new_logprobs, _tops(out))
+    if not out.text_delta and not out.finished and lp is None:
+        return None
+    choice = p.ChatChunkChoice(
+        index=c.index,
+        delta=p.ChatDelta(content=out.text_delta) if out.text_delta else p.ChatDelta(),
+        logprobs=lp,
+        finish_reason=c.finish_reason if out.finished else None,
+    )
+    return sse(p.ChatCompletionChunk(id=job.id, created=m.created, model=m.name, choices=[choice]))
+
+
+def usage_chunk(job: Job, m: ModelInfo, choices: list[Choice], chat: bool) -> str:
+    cls = p.ChatCompletionChunk if chat else p.CompletionResponse
+    return sse(cls(id=job.id, created=m.created, model=m.name, choices=[], usage=_usage(job, choices)))
+
+
+def generate_chunk(job: Job, c: Choice, out: RequestOutput, details: p.GenerateDetails | None) -> str:
+    final = out.finished
+    chunk = p.GenerateChunk(
+        id=job.id,
+        text=out.text_delta,
+        token_ids=out.new_token_ids,
+        finish_reason=c.finish_reason if final else None,
+        usage=_usage(job, [c]) if final else None,
+        details=details if final else None,
+    )
+    return sse(chunk)
+
+
+def _tops(out: RequestOutput):
+    if out.new_top_logprobs is None:
+        return None
+    return [[(t.token_id, t.logprob) for t in alts] for alts in out.new_top_logprobs]
+
+
+def _completion_lp(job: Job, m: ModelInfo, ids, lps, tops, offset: int) -> p.CompletionLogprobs | None:
+    if job.logprobs != "completion" or lps is None:
+        return None
+    return p.CompletionLogprobs(**completion_logprobs(m.tokenizer, list(ids), list(lps), tops, offset))
+
+
+def _chat_lp(job: Job, m: ModelInfo, ids, lps, tops) -> p.ChatLogprobs | None:
+    if job.logprobs != "chat" or lps is None:
+        return None
+    return p.ChatLogprobs(**chat_logprobs(m.tokenizer, list(ids), list(lps), tops))
+
+
+def dumps(model) -> bytes:
+    return (
+        model.model_dump_json().encode() if hasattr(model, "model_dump_json") else json.dumps(model).encode()
+    )

@@ -1,0 +1,179 @@
+"""Answering one generation request: a JSON body, or an SSE stream, and what gets observed.
+
+Non-streaming: wait until every choice finished while watching the connection; a client that
+goes away aborts the request at once. Streaming: the HTTP status is chosen only after the
+engine accepted the request (its "ack"), so a refusal (queue full, prompt too long) is a proper
+4xx; once the stream started, an error becomes one SSE ``event: error`` and the stream closes.
+A streaming client that goes away cancels the response task (Starlette watches the
+connection), and the response's close hook aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from service import formatting as fmt
+from service.errors import REJECT_REASON, ApiError
+from service.frontend import ClientGone, Frontend, Pending
+from service.serving import Job
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["completion", "chat", "generate"]
+CLIENT_CLOSED = 499  # nginx's "client closed request", for metrics and logs only
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that runs ``on_close`` however it ends (done, error, client gone)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def generate(fe: Frontend, request: Request, route: str, job: Job, kind: Kind) -> Response:
+    p = fe.submit(job)
+    if not job.stream:
+        return await _unary(fe, request, route, p, kind)
+    try:
+        await p.next_event()  # the ack, or the engine's refusal
+    except ApiError as e:
+        p.error = e
+        _end(fe, route, p, e.status)
+        return e.response()
+    return EventStream(_events(fe, p, kind), on_close=lambda: _end(fe, route, p, 200))
+
+
+async def _unary(fe: Frontend, request: Request, route: str, p: Pending, kind: Kind) -> Response:
+    watcher = asyncio.create_task(_watch_disconnect(request, p))
+    status = 500
+    try:
+        async for _ in p.outputs():
+            pass
+        m, job = fe.model, p.job
+        if kind == "completion":
+            body = fmt.completion_body(job, m, p.choices)
+        elif kind == "chat":
+            body = fmt.chat_body(job, m, p.choices)
+        else:
+            c = p.choices[0]
+            details = (
+                fmt.generate_details(job, m, c, _ttft(p, c), time.monotonic() - p.arrival)
+                if job.details
+                else None
+            )
+            body = fmt.generate_body(job, m, c, details)
+        status = 200
+        return Response(body.model_dump_json(), media_type="application/json")
+    except ClientGone:
+        status = CLIENT_CLOSED
+        return Response(status_code=CLIENT_CLOSED)
+    except ApiError as e:
+        p.error, status = e, e.status
+        return e.response()
+    finally:
+        watcher.cancel()
+        _end(fe, route, p, status)
+
+
+async def _events(fe: Frontend, p: Pending, kind: Kind) -> AsyncIterator[str]:
+    m, job = fe.model, p.job
+    try:
+        if kind == "chat":
+            for i in range(len(p.choices)):
+                yield fmt.chat_role_chunk(job, m, i)
+        async for c, out in p.outputs():
+            if kind == "completion":
+                chunk = fmt.completion_chunk(job, m, c, out, c.prev_text_len)
+            elif kind == "chat":
+                chunk = fmt.chat_chunk(job, m, c, out)
+            else:
+                details = None
+                if out.finished and job.details:
+                    details = fmt.generate_details(job, m, c, _ttft(p, c), time.monotonic() - p.arrival)
+                chunk = fmt.generate_chunk(job, c, out, details)
+            if chunk:
+                yield chunk
+        if job.include_usage:
+            yield fmt.usage_chunk(job, m, p.choices, chat=kind == "chat")
+        yield fmt.DONE
+    except ApiError as e:
+        p.error = e
+        yield e.sse()
+
+
+async def _watch_disconnect(request: Request, p: Pending) -> None:
+    """After the body was read, the next ASGI message is the disconnect (if it happens)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            p.put(("gone",))
+            return
+
+
+def _ttft(p: Pending, c) -> float | None:
+    return None if c.first_token_t is None else c.first_token_t - p.arrival
+
+
+def _end(fe: Frontend, route: str, p: Pending, status: int) -> None:
+    """Finish the request once, and record it: metrics, then one log line."""
+    if p.ended:
+        return
+    fe.finish(p)
+    m = fe.metrics
+    m.observe_http(route, status)
+    now = time.monotonic()
+    if p.error is not None and not p.acked and p.error.kind in REJECT_REASON:
+        m.observe_rejected(REJECT_REASON[p.error.kind])
+    if p.acked:
+        for c in p.choices:
+            reason = c.finish_reason or ("error" if p.error is not None else "abort")
+            t = c.output.timings if c.output is not None else None
+            m.observe_request(
+                prompt_tokens=len(p.job.prompt_ids),
+                generation_tokens=c.num_output_tokens,
+                finish_reason=reason,
+                ttft_s=_ttft(p, c),
+                itl_s=c.itl,
+                e2e_s=now - p.arrival,
+                queue_s=t.queue_time if t else None,
+                prefill_s=t.prefill_time if t else None,
+                decode_s=t.decode_time if t else None,
+            )
+    finish = ",".join(c.finish_reason or "-" for c in p.choices)
+    tokens = sum(c.num_output_tokens for c in p.choices)
+    extra = ""
+    if fe.settings.log_prompts:
+        extra = f" prompt={p.job.prompt_text!r} output={[''.join(c.text) for c in p.choices]!r}"
+    logger.info(
+        "%s %s status=%d prompt_tokens=%d completion_tokens=%d finish=%s e2e=%.3fs%s",
+        p.job.id,
+        route,
+        status,
+        len(p.job.prompt_ids),
+        tokens,
+        finish,
+        now - p.arrival,
+        extra,
+    )
+
+
+def json_response(model) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"))

@@ -1,0 +1,331 @@
+"""Request and response bodies of the HTTP API (OpenAI-compatible and native), as pydantic models.
+
+Requests are validated strictly: a wrong type (``"max_tokens": "5"``), an unknown field, or a
+value out of range is refused with a message naming the field and the limit. Limits that depend
+on the model (``max_tokens`` against the context, token ids against the vocabulary) are checked
+by ``service.serving`` once the model is known. docs/api.md documents every field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Limits on what one request may ask for (documented in docs/api.md).
+MAX_N = 16  # choices per request
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 64  # characters per stop string
+MAX_STOP_TOKEN_IDS = 16
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs (and the engine's)
+MAX_MESSAGES = 256
+MAX_SEED = 2**63 - 1
+MAX_REPETITION_PENALTY = 10.0
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+def _normalize_stop(v: Any) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise ValueError("must be a string or a list of strings")
+    if len(v) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings are allowed, got {len(v)}")
+    for s in v:
+        if not s:
+            raise ValueError("stop strings must not be empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise ValueError(f"each stop string must have at most {MAX_STOP_CHARS} characters, got {len(s)}")
+    return list(dict.fromkeys(v))
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class SamplingFields(_Strict):
+    """Decoding parameters shared by every generation endpoint (OpenAI names + extensions)."""
+
+    max_tokens: int | None = Field(None, ge=1, description="New tokens; at most the context length.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, description=f"Up to {MAX_STOP} strings.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
+    # Extensions (vLLM names); with the openai client, pass them in extra_body.
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+
+    _stop = field_validator("stop", mode="before")(_normalize_stop)
+
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return [] if v is None else v
+
+
+class OpenAIFields(SamplingFields):
+    model: str | None = Field(None, description="Must name the served model when given.")
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(OpenAIFields):
+    """POST /v1/completions."""
+
+    prompt: str | list[int] = Field(
+        description="Text, a list of token ids, or a list holding exactly one of those."
+    )
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and all(isinstance(x, (str, list)) for x in v):
+            if len(v) != 1:
+                raise ValueError(f"only one prompt per request is supported, got {len(v)}")
+            v = v[0]
+        if isinstance(v, list) and not v:
+            raise ValueError("a token-id prompt must not be empty")
+        if not isinstance(v, (str, list)) or (isinstance(v, list) and not all(_is_int(x) for x in v)):
+            raise ValueError("must be a string, a list of token ids, or a list holding one of those")
+        return v
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = Field(None, max_length=64)
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(OpenAIFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class GenerateRequest(SamplingFields):
+    """POST /generate (native)."""
+
+    text: str | None = None
+    input_ids: list[int] | None = Field(None, min_length=1)
+    stream: bool = False
+    details: bool = Field(False, description="Return token ids, their logprobs and timings.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Top alternatives per token.")
+
+
+class TokenizeRequest(_Strict):
+    text: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_special_tokens: bool = Field(True, description="Prepend bos when the bundle asks for it.")
+
+
+class DetokenizeRequest(_Strict):
+    tokens: list[int]
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses (OpenAI shapes; ``None`` fields are serialized as null, like OpenAI does).
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprobEntry(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatLogprobEntry(TopLogprobEntry):
+    top_logprobs: list[TopLogprobEntry] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatLogprobEntry] = Field(default_factory=list)
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class GenerateTimings(BaseModel):
+    """Seconds. queue/prefill/decode come from the engine; ttft and e2e from the HTTP edge."""
+
+    queue_s: float | None = None
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    ttft_s: float | None = None
+    e2e_s: float
+
+
+class GenerateDetails(BaseModel):
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None = None
+    timings: GenerateTimings
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    details: GenerateDetails | None = None
+
+
+class GenerateChunk(BaseModel):
+    id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"] | None = None
+    usage: Usage | None = None
+    details: GenerateDetails | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "textgen"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    text: str
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def describe_validation_error(error: ValidationError) -> tuple[str, str | None]:
+    """One message naming every bad field (``max_tokens: Input should be ...``), and the first
+    field's name (OpenAI's ``param``)."""
+    parts, first = [], None
+    seen: set[str] = set()
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or "body"
+        if loc in seen:
+            continue
+        seen.add(loc)
+        first = first or loc
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown or unsupported field"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts), first
+
+
+def _is_union_tag(p: Any) -> bool:
+    return isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "bool", "list", "dict"))

@@ -1,0 +1,302 @@
+"""From validated request to engine job, and from engine outputs to response bodies.
+
+Pure functions and plain state (no sockets, no processes), used by the HTTP process:
+
+- ``build_*`` renders the prompt (chat template), tokenizes it, checks the limits that depend on
+  the model (context length, vocabulary) and builds one ``SamplingParams`` per choice;
+- ``Choice`` accumulates one choice's engine outputs;
+- ``*_body`` / ``*_chunk`` write the OpenAI and native response shapes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from service import chat_template
+from service.errors import ApiError
+from service.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    OpenAIFields,
+    SamplingFields,
+)
+from service.tokenizer import Tokenizer
+from service.types import InvalidRequestError, PromptTooLongError, RequestOutput, SamplingParams
+
+LogprobsStyle = Literal["completion", "chat", "native"]
+DEFAULT_MAX_TOKENS = 16  # /v1/completions and /generate (OpenAI's default); chat: the rest of the context
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    context_length: int
+    tokenizer: Tokenizer
+    add_bos: bool  # the bundle's tokenizer.add_bos: text prompts start with bos
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        if add_special_tokens and self.add_bos and self.tokenizer.bos_id >= 0:
+            return [self.tokenizer.bos_id, *ids]
+        return ids
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one HTTP request asks of the engine, and how to answer it."""
+
+    id: str
+    prompt_ids: list[int]
+    params: tuple[SamplingParams, ...]  # one per choice
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: LogprobsStyle | None = None
+    details: bool = False
+    prompt_text: str | None = None  # for logging only (TEXTGEN_LOG_PROMPTS)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def build_completion(req: CompletionRequest, m: ModelInfo) -> Job:
+    _check_model(req, m)
+    if isinstance(req.prompt, str):
+        ids, text = m.encode_prompt(req.prompt), req.prompt
+    else:
+        ids, text = _check_ids(req.prompt, m, "prompt"), None
+    logprobs = req.logprobs
+    params = _params(req, m, len(ids), req.max_tokens or DEFAULT_MAX_TOKENS, req.n, logprobs, ())
+    return Job(
+        new_id("cmpl"),
+        ids,
+        params,
+        stream=req.stream,
+        include_usage=_include_usage(req),
+        logprobs="completion" if logprobs is not None else None,
+        prompt_text=text,
+    )
+
+
+def build_chat(req: ChatCompletionRequest, m: ModelInfo) -> Job:
+    _check_model(req, m)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError("validation", "top_logprobs: requires logprobs to be true", "top_logprobs")
+    text = chat_template.render(req.messages)
+    ids = m.encode_prompt(text)
+    max_tokens = req.max_completion_tokens or req.max_tokens or max(1, m.context_length - len(ids))
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = _params(req, m, len(ids), max_tokens, req.n, logprobs, chat_template.STOP)
+    return Job(
+        new_id("chatcmpl"),
+        ids,
+        params,
+        stream=req.stream,
+        include_usage=_include_usage(req),
+        logprobs="chat" if req.logprobs else None,
+        prompt_text=text,
+    )
+
+
+def build_generate(req: GenerateRequest, m: ModelInfo) -> Job:
+    if (req.text is None) == (req.input_ids is None):
+        raise ApiError("validation", "exactly one of text and input_ids must be given", "text")
+    if req.text is not None:
+        ids, text = m.encode_prompt(req.text), req.text
+    else:
+        ids, text = _check_ids(req.input_ids or [], m, "input_ids"), None
+    logprobs = req.logprobs if req.logprobs is not None else (0 if req.details else None)
+    params = _params(req, m, len(ids), req.max_tokens or DEFAULT_MAX_TOKENS, 1, logprobs, ())
+    return Job(
+        new_id("gen"),
+        ids,
+        params,
+        stream=req.stream,
+        logprobs="native" if logprobs is not None else None,
+        details=req.details,
+        prompt_text=text,
+    )
+
+
+def _check_model(req: OpenAIFields, m: ModelInfo) -> None:
+    if req.model is not None and req.model != m.name:
+        raise ApiError("validation", f"model: this server serves {m.name!r}, got {req.model!r}", "model")
+
+
+def _include_usage(req: OpenAIFields) -> bool:
+    return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+
+def _check_ids(ids: list[int], m: ModelInfo, param: str) -> list[int]:
+    for t in ids:
+        if not 0 <= t < m.vocab_size:
+            raise ApiError(
+                "validation", f"{param}: token id {t} is outside the vocabulary [0, {m.vocab_size})", param
+            )
+    return list(ids)
+
+
+def _params(
+    req: SamplingFields,
+    m: ModelInfo,
+    prompt_len: int,
+    max_tokens: int,
+    n: int,
+    logprobs: int | None,
+    extra_stop: tuple[str, ...],
+) -> tuple[SamplingParams, ...]:
+    ctx = m.context_length
+    if max_tokens > ctx:
+        raise ApiError(
+            "validation", f"max_tokens: must be <= {ctx} (the context length), got {max_tokens}", "max_tokens"
+        )
+    if prompt_len + max_tokens > ctx:
+        raise ApiError(
+            "context_length_exceeded", str(PromptTooLongError(prompt_len, max_tokens, ctx)), "prompt"
+        )
+    for t in req.stop_token_ids:
+        if not 0 <= t < m.vocab_size:
+            raise ApiError(
+                "validation",
+                f"stop_token_ids: {t} is outside the vocabulary [0, {m.vocab_size})",
+                "stop_token_ids",
+            )
+    base = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        seed=req.seed,
+        stop_token_ids=tuple(req.stop_token_ids),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        stop=tuple(dict.fromkeys([*req.stop, *extra_stop])),
+    )
+    try:
+        base.validate(m.vocab_size)
+    except InvalidRequestError as e:
+        raise ApiError("validation", str(e), str(e).split(" ", 1)[0]) from None
+    # Choice i of a seeded request uses seed + i: reproducible, and the choices differ.
+    return tuple(
+        base if req.seed is None else _replace_seed(base, (req.seed + i) % (2**63)) for i in range(n)
+    )
+
+
+def _replace_seed(p: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(p, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Accumulating outputs
+
+
+@dataclass
+class Choice:
+    """One choice's outputs so far, and the times they reached the HTTP process."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    output: RequestOutput | None = None  # the final one
+    first_token_t: float | None = None
+    last_token_t: float | None = None
+    itl: list[float] = field(default_factory=list)
+    text_len: int = 0  # characters of text so far
+    prev_text_len: int = 0  # characters before the last delta (text_offset of its tokens)
+
+    def add(self, out: RequestOutput, now: float) -> None:
+        self.prev_text_len = self.text_len
+        self.text_len += len(out.text_delta)
+        if out.new_token_ids:
+            if self.first_token_t is None:
+                self.first_token_t = now
+            elif self.last_token_t is not None:
+                self.itl.append(now - self.last_token_t)
+            self.last_token_t = now
+        self.text.append(out.text_delta)
+        self.token_ids.extend(out.new_token_ids)
+        if out.new_logprobs is not None:
+            self.logprobs.extend(out.new_logprobs)
+        if out.new_top_logprobs is not None:
+            self.top_logprobs.extend([(t.token_id, t.logprob) for t in tops] for tops in out.new_top_logprobs)
+        self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
+        self.num_output_tokens = max(self.num_output_tokens, out.num_output_tokens)
+        if out.finished:
+            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
+            self.output = out
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+    completion = sum(c.num_output_tokens for c in choices)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    }
+
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def token_bytes(tok: Tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for (SentencePiece's ▁ is a space, <0xNN> a raw byte)."""
+    if token_id in tok.special_ids:
+        return b""
+    piece = tok.id_to_piece(token_id)
+    m = _BYTE_PIECE.match(piece)
+    return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode()
+
+
+def token_str(tok: Tokenizer, token_id: int) -> str:
+    return token_bytes(tok, token_id).decode("utf-8", errors="backslashreplace")
+
+
+def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list[float], tops, offset: int) -> dict:
+    tokens = [token_str(tok, t) for t in ids]
+    offsets, pos = [], offset
+    for s in tokens:
+        offsets.append(pos)
+        pos += len(s)
+    return {
+        "tokens": tokens,
+        "token_logprobs": lps,
+        "top_logprobs": [{token_str(tok, t): lp for t, lp in alts} for alts in tops] if tops else None,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tok: Tokenizer, ids: list[int], lps: list[float], tops) -> dict:
+    def entry(t: int, lp: float) -> dict:
+        b = token_bytes(tok, t)
+        return {"token": b.decode("utf-8", errors="backslashreplace"), "logprob": lp, "bytes": list(b)}
+
+    content = []
+    for k, (t, lp) in enumerate(zip(ids, lps, strict=False)):
+        alts = tops[k] if tops and k < len(tops) else []
+        content.append({**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]})
+    return {"content": content}

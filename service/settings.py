@@ -1,0 +1,99 @@
+"""Every setting of the service, in one validated object.
+
+Each field is read from an environment variable (``TEXTGEN_`` + the field name in upper case;
+``PROMETHEUS_MULTIPROC_DIR`` keeps its standard name), and ``python -m service`` flags override
+a few of them. Values are validated once, at start-up, with messages that name the variable.
+The port variable is ``TEXTGEN_HTTP_PORT``, never ``TEXTGEN_PORT``: Kubernetes injects
+``<SERVICE>_PORT=tcp://...`` for a Service named ``textgen``. docs/api.md lists every setting.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+ENV_PREFIX = "TEXTGEN_"
+# LitServe's own restriction on the bind address (litserve.server.LitServer.run).
+Host = Literal["127.0.0.1", "0.0.0.0", "::"]
+
+
+class SettingsError(ValueError):
+    """Invalid configuration; the message names the environment variable and the limit."""
+
+
+class Settings(BaseModel):
+    """The service's configuration. Build it with ``Settings.from_env()``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_dir: Path = Field(Path("artifacts/small"), description="Model bundle folder.")
+    host: Host = Field("127.0.0.1", description="Bind address: 127.0.0.1, 0.0.0.0 or ::.")
+    http_port: int = Field(8000, ge=1024, le=65535, description="HTTP port (LitServe refuses < 1024).")
+    api_key: SecretStr | None = Field(None, description="Bearer key for the generation endpoints.")
+    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime execution provider.")
+    intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime threads; 0 = its default.")
+    graph_opt_level: Literal["disable", "basic", "extended", "all"] = "all"
+    max_running: int = Field(64, ge=1, le=4096, description="Sequences in the running batch.")
+    max_waiting: int = Field(256, ge=1, le=1_000_000, description="Bounded waiting queue; beyond: 429.")
+    kv_budget_tokens: int = Field(0, ge=0, description="Cached-token budget; 0 = max_running x context.")
+    max_prefill_tokens: int = Field(512, ge=1, description="Prompt tokens prefilled per engine step.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Generation time limit per request.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body limit (413 beyond).")
+    drain_timeout_s: float = Field(30.0, ge=0, description="Grace period for running requests at shutdown.")
+    http_workers: int = Field(1, ge=1, le=64, description="uvicorn processes.")
+    log_prompts: bool = Field(False, description="Log prompt and output text (off: counts only).")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    model_name: str | None = Field(None, min_length=1, max_length=256, description="Default: the bundle's.")
+    prometheus_multiproc_dir: str | None = Field(
+        None, description="Shared metrics folder; default: a temp dir."
+    )
+    engine_class: str = Field(
+        "service.engine:Engine",
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="module:Class of the engine; tests substitute a fake engine.",
+    )
+
+    @staticmethod
+    def env_name(field: str) -> str:
+        return (
+            "PROMETHEUS_MULTIPROC_DIR" if field == "prometheus_multiproc_dir" else ENV_PREFIX + field.upper()
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every field from ``environ`` (default ``os.environ``); ``overrides`` (CLI flags,
+        ``None`` meaning "not given") win. Raises SettingsError naming the variable."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = environ.get(cls.env_name(name))
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            raise SettingsError(_describe(e, set(overrides))) from None
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as loggable data; the API key is never shown."""
+        data = self.model_dump(mode="json")
+        data["api_key"] = "set" if self.api_key is not None else None
+        return data
+
+
+_FLAGS = {"model_dir": "--model", "host": "--host", "http_port": "--port"}
+
+
+def _describe(error: ValidationError, from_flags: set[str]) -> str:
+    lines = []
+    for err in error.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        where = _FLAGS.get(field, field) if field in from_flags else Settings.env_name(field)
+        value = "<hidden>" if field == "api_key" else repr(err.get("input"))
+        lines.append(f"{where}: {err['msg']} (got {value})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,157 @@
+"""Plain data shared by the engine, the scheduler, the sampler and the HTTP layer.
+
+Nothing here does I/O. The engine sees token ids only; text appears at the edges
+(the detokenizer and the HTTP layer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class EngineError(Exception):
+    """Base class of errors the engine raises for a single request."""
+
+
+class PromptTooLongError(EngineError, ValueError):
+    """The prompt plus the requested new tokens do not fit the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int):
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+        super().__init__(
+            f"prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
+            f"{prompt_tokens} + {max_tokens} = {prompt_tokens + max_tokens} exceeds the context length "
+            f"of {context_length} tokens"
+        )
+
+
+class QueueFullError(EngineError):
+    """The bounded waiting queue is full; the caller should retry later (HTTP 429)."""
+
+    def __init__(self, max_waiting: int):
+        self.max_waiting = max_waiting
+        super().__init__(f"the waiting queue is full ({max_waiting} requests); retry later")
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request the engine cannot run (bad token ids, bad parameters)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request decoding parameters. Validated by ``validate``; the sampler assumes valid values."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy (argmax), whatever the other knobs say
+    top_p: float = 1.0  # 1 disables nucleus sampling
+    top_k: int = 0  # 0 disables top-k
+    min_p: float = 0.0  # 0 disables min-p
+    repetition_penalty: float = 1.0  # 1 disables; applies to prompt and generated tokens (HF/vLLM semantics)
+    presence_penalty: float = 0.0  # OpenAI semantics; applies to generated tokens
+    frequency_penalty: float = 0.0  # OpenAI semantics; applies to generated tokens
+    seed: int | None = None  # None: drawn from the engine's generator
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; n >= 0: chosen token logprob plus top-n alternatives
+    stop: tuple[str, ...] = ()  # stop strings, matched by the detokenizer
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise InvalidRequestError naming the field and the limit."""
+
+        def bad(msg: str) -> InvalidRequestError:
+            return InvalidRequestError(msg)
+
+        if self.max_tokens < 1:
+            raise bad(f"max_tokens must be >= 1, got {self.max_tokens}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not math.isfinite(v):
+                raise bad(f"{name} must be a finite number, got {v}")
+        if self.temperature < 0:
+            raise bad(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise bad(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise bad(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not -2 <= self.presence_penalty <= 2:
+            raise bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        for t in self.stop_token_ids:
+            if not 0 <= t < vocab_size:
+                raise bad(f"stop_token_ids contains {t}, outside the vocabulary [0, {vocab_size})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise bad(f"logprobs must be in [0, 20], got {self.logprobs}")
+
+
+@dataclass(slots=True)
+class RequestTimings:
+    """Monotonic timestamps (time.monotonic seconds) of one request's life in the engine."""
+
+    arrival: float
+    scheduled: float | None = None  # admitted to the running batch (prefill starts)
+    first_token: float | None = None
+    finished: float | None = None
+    token_times: list[float] = field(default_factory=list)  # one per generated token
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.scheduled is None else self.scheduled - self.arrival
+
+    @property
+    def prefill_time(self) -> float | None:
+        if self.scheduled is None or self.first_token is None:
+            return None
+        return self.first_token - self.scheduled
+
+    @property
+    def decode_time(self) -> float | None:
+        if self.first_token is None or self.finished is None:
+            return None
+        return self.finished - self.first_token
+
+
+@dataclass(slots=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str  # UTF-8 safe; the concatenation of deltas is the final text
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it, if any
+    new_logprobs: list[float] | None = None  # logprob of each new token (when params.logprobs is not None)
+    new_top_logprobs: list[list[TopLogprob]] | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # total so far
+    timings: RequestTimings | None = None  # set on the final output
+    error: str | None = None  # set when finish_reason == "error"
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """Plain data about one engine step, for the metrics layer."""
+
+    batch_size: int  # sequences that produced a token this step
+    num_prefill_tokens: int
+    num_running: int  # after the step
+    num_waiting: int  # after the step
+    kv_cache_usage: float  # 0..1 of the configured cached-token budget
+    step_time: float  # seconds

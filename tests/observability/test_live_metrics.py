@@ -1,0 +1,424 @@
+"""End to end: a burst of OpenAI-client requests against the real service, scraped by a real
+Prometheus; every count matches what the client saw, latencies agree within bucket resolution,
+and every expression of the Grafana dashboard and of the alert rules works on the result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from obs_harness import (
+    ROOT,
+    data_bearing_parts,
+    parse_exposition,
+    require_binary,
+    selectors,
+    total,
+    wait_until,
+)
+
+from service.metrics import E2E_BUCKETS, FINISH_REASONS, ITL_BUCKETS, TTFT_BUCKETS
+
+openai = pytest.importorskip("openai")
+
+N_REQUESTS = 24
+PROMPTS = [
+    "To be, or not to be, that is the question:",
+    "Shall I compare thee to a summer's day?",
+    "Now is the winter of our discontent",
+    "If music be the food of love, play on;",
+]
+ROUTES = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+@dataclass
+class ClientRecord:
+    """One request as the OpenAI client saw it."""
+
+    kind: str  # completion | chat
+    stream: bool
+    status: int  # 200, or the error's HTTP status
+    start: float  # time.monotonic()
+    end: float
+    ttft: float | None = None  # streaming: first chunk with text
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def route(self) -> str:
+        return ROUTES[self.kind]
+
+    @property
+    def e2e(self) -> float:
+        return self.end - self.start
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+def _one(client, model: str, i: int) -> ClientRecord:
+    kind = "chat" if i % 4 >= 2 else "completion"
+    stream = i % 2 == 1
+    invalid = i == N_REQUESTS - 1  # one request the service must refuse (validation)
+    max_tokens = 0 if invalid else 6 + (i * 5) % 27
+    prompt = PROMPTS[i % len(PROMPTS)]
+    rec = ClientRecord(kind, stream, 0, time.monotonic(), 0.0)
+    common = dict(model=model, max_tokens=max_tokens, temperature=0.8, seed=i, stream=stream)
+    if stream:
+        common["stream_options"] = {"include_usage": True}
+    try:
+        if kind == "completion":
+            resp = client.completions.create(prompt=prompt, **common)
+        else:
+            resp = client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
+        if stream:
+            for chunk in resp:
+                for c in chunk.choices:
+                    text = c.text if kind == "completion" else (c.delta.content or "")
+                    if text and rec.ttft is None:
+                        rec.ttft = time.monotonic() - rec.start
+                    if c.finish_reason:
+                        rec.finish_reason = c.finish_reason
+                if chunk.usage is not None:
+                    rec.prompt_tokens = chunk.usage.prompt_tokens
+                    rec.completion_tokens = chunk.usage.completion_tokens
+        else:
+            rec.finish_reason = resp.choices[0].finish_reason
+            rec.prompt_tokens = resp.usage.prompt_tokens
+            rec.completion_tokens = resp.usage.completion_tokens
+        rec.status = 200
+    except openai.APIStatusError as e:
+        rec.status = e.status_code
+    rec.end = time.monotonic()
+    return rec
+
+
+@dataclass
+class Burst:
+    model: str  # from /v1/models
+    records: list[ClientRecord]
+    t_start: float  # wall clock, for Prometheus
+    t_end: float
+    direct: dict  # /metrics as served right after the burst
+
+    @property
+    def ok(self) -> list[ClientRecord]:
+        return [r for r in self.records if r.ok]
+
+
+@pytest.fixture(scope="module")
+def burst(stack) -> Burst:
+    client = openai.OpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    before = parse_exposition(stack.metrics_text())
+    assert total(before, "textgen_requests_finished_total") == 0, "the service must start with zero counts"
+
+    t_start = time.time()
+    with ThreadPoolExecutor(N_REQUESTS) as pool:
+        records = list(pool.map(lambda i: _one(client, model, i), range(N_REQUESTS)))
+    t_end = time.time()
+    unexpected = [r for r in records if r.status not in (200, 400, 422, 429)]
+    assert not unexpected, f"unexpected HTTP statuses: {[(r.route, r.status) for r in unexpected]}"
+    assert sum(r.ok for r in records) >= 8, f"too few successes to compare: {[r.status for r in records]}"
+
+    # The engine publishes its gauges when it goes idle; /metrics must show the burst completely.
+    n_ok = sum(r.ok for r in records)
+    direct = wait_until(
+        lambda: (
+            s
+            if total(s := parse_exposition(stack.metrics_text()), "textgen_requests_finished_total") == n_ok
+            and total(s, "textgen_num_requests_running") == 0
+            else None
+        ),
+        30,
+        "/metrics to show every finished request and an idle engine",
+    )
+    # Prometheus has scraped after the burst when its latest sample of the counter is complete
+    # and was taken after the burst ended.
+    prom = stack.prometheus
+    wait_until(
+        lambda: (
+            prom.value("sum(textgen_requests_finished_total)") == n_ok
+            and prom.value("sum(textgen_num_requests_running)") == 0
+            and (prom.value('timestamp(up{job="textgen"})') or 0) > t_end
+        ),
+        30,
+        "Prometheus to scrape the service after the burst",
+        interval=0.25,
+    )
+    return Burst(model, records, t_start, t_end, direct)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counts: exact
+# ---------------------------------------------------------------------------------------------
+
+
+def _expected_counts(b: Burst) -> dict[tuple[str, tuple], float]:
+    ok = b.ok
+    exp: dict[tuple[str, tuple], float] = {
+        ("textgen_prompt_tokens_total", ()): sum(r.prompt_tokens for r in ok),
+        ("textgen_generation_tokens_total", ()): sum(r.completion_tokens for r in ok),
+        ("textgen_request_prompt_tokens_sum", ()): sum(r.prompt_tokens for r in ok),
+        ("textgen_request_generation_tokens_sum", ()): sum(r.completion_tokens for r in ok),
+        ("textgen_e2e_request_latency_seconds_count", ()): len(ok),
+        ("textgen_time_to_first_token_seconds_count", ()): sum(r.completion_tokens > 0 for r in ok),
+        ("textgen_inter_token_latency_seconds_count", ()): sum(max(r.completion_tokens - 1, 0) for r in ok),
+        ("textgen_request_prompt_tokens_count", ()): len(ok),
+        ("textgen_requests_rejected_total", (("reason", "queue_full"),)): sum(
+            r.status == 429 for r in b.records
+        ),
+        ("textgen_requests_rejected_total", (("reason", "validation"),)): sum(
+            r.status in (400, 422) for r in b.records
+        ),
+        ("textgen_requests_rejected_total", (("reason", "auth"),)): 0,
+    }
+    for reason in FINISH_REASONS:
+        exp["textgen_requests_finished_total", (("finish_reason", reason),)] = sum(
+            r.finish_reason == reason for r in ok
+        )
+    for kind, route in ROUTES.items():
+        for status in sorted({r.status for r in b.records}):
+            n = sum(r.kind == kind and r.status == status for r in b.records)
+            if n:
+                exp["textgen_http_requests_total", (("route", route), ("status", str(status)))] = n
+    return exp
+
+
+def test_counts_on_metrics_endpoint_match_the_client_exactly(burst):
+    for (name, labels), want in _expected_counts(burst).items():
+        got = total(burst.direct, name, **dict(labels))
+        assert got == want, f"/metrics {name}{dict(labels)}: {got}, the client saw {want}"
+
+
+def test_counts_in_prometheus_match_the_client_exactly(stack, burst):
+    prom = stack.prometheus
+    for (name, labels), want in _expected_counts(burst).items():
+        sel = ",".join(f'{k}="{v}"' for k, v in labels)
+        got = prom.value(f"sum({name}{{{sel}}})")
+        assert got == want, f"Prometheus sum({name}{{{sel}}}) = {got}, the client saw {want}"
+    assert prom.value("count(textgen_model_info == 1)") == 1
+    assert prom.value(f'count(textgen_model_info{{model="{burst.model}"}})') == 1
+
+
+def test_every_scrape_shows_the_same_merge(stack, burst):
+    """Two uvicorn processes answer /metrics in turn: each must render the same totals."""
+    keys = [k for k in burst.direct if k[0].endswith(("_total", "_count", "_sum", "_bucket"))]
+    assert keys
+    for _ in range(6):
+        again = parse_exposition(stack.metrics_text())
+        diff = {k: (burst.direct[k], again.get(k)) for k in keys if again.get(k) != burst.direct[k]}
+        assert not diff, f"a scrape disagrees with the first one: {diff}"
+    pids = {p.stem.rsplit("_", 1)[-1] for p in stack.metrics_dir.glob("*.db")}
+    assert len(pids) >= 2, f"values from one process only in {stack.metrics_dir}: {sorted(pids)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency: consistent with the client within the histogram's resolution
+# ---------------------------------------------------------------------------------------------
+
+
+def _bucket(edges, v: float) -> int:
+    """Index of the bucket holding v: the first edge >= v (len(edges) for +Inf)."""
+    return int(np.searchsorted(np.asarray(edges), v, side="left"))
+
+
+def _cumulative(prom, hist: str) -> dict[float, float]:
+    res = prom.query(f"sum by (le) ({hist}_bucket)")
+    return {float(r["metric"]["le"]): float(r["value"][1]) for r in res}
+
+
+def _client_quantile(values: list[float], q: float) -> float:
+    """The smallest value with at least a fraction q of the values at or below it (the rank
+    Prometheus's histogram_quantile estimates)."""
+    v = np.sort(values)
+    return float(v[max(int(np.ceil(q * len(v))) - 1, 0)])
+
+
+def test_server_latencies_never_exceed_what_the_client_measured(stack, burst):
+    """Per request, the server's TTFT and e2e are sub-intervals of the client's wall time
+    (non-streaming: the client's e2e bounds the TTFT), so every cumulative bucket of the server
+    histogram must count at least as many requests as the client's own values would."""
+    prom = stack.prometheus
+    ok = [r for r in burst.ok if r.completion_tokens > 0]
+    cases = {
+        "textgen_time_to_first_token_seconds": [r.ttft if r.ttft is not None else r.e2e for r in ok],
+        "textgen_e2e_request_latency_seconds": [r.e2e for r in burst.ok],
+    }
+    for hist, client in cases.items():
+        cum = _cumulative(prom, hist)
+        for le, n in cum.items():
+            need = sum(v <= le for v in client)
+            assert n >= need, f"{hist}: {n} requests at or below {le} s, but the client saw {need} that fast"
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.99])
+def test_latency_quantiles_agree_with_the_client_within_one_bucket(stack, burst, q):
+    prom = stack.prometheus
+
+    def server_q(hist: str) -> float:
+        return prom.value(f"histogram_quantile({q}, sum by (le) ({hist}_bucket))")
+
+    # e2e: the server's interval is inside the client's, shorter by the HTTP overhead only.
+    client_e2e = _client_quantile([r.e2e for r in burst.ok], q)
+    s = server_q("textgen_e2e_request_latency_seconds")
+    b = _bucket(E2E_BUCKETS, client_e2e)
+    assert _bucket(E2E_BUCKETS, s) in (b - 1, b), (
+        f"e2e p{q * 100:g}: server {s:.4f} s, client {client_e2e:.4f} s (bucket edges {E2E_BUCKETS})"
+    )
+    # TTFT: from streaming requests the client knows the TTFT, from the others an upper bound.
+    ok = [r for r in burst.ok if r.completion_tokens > 0]
+    client_ttft = _client_quantile([r.ttft if r.ttft is not None else r.e2e for r in ok], q)
+    s = server_q("textgen_time_to_first_token_seconds")
+    assert _bucket(TTFT_BUCKETS, s) <= _bucket(TTFT_BUCKETS, client_ttft), (
+        f"TTFT p{q * 100:g}: server {s:.4f} s is beyond the client's bound {client_ttft:.4f} s"
+    )
+    assert s > 0
+
+
+def test_inter_token_latency_agrees_with_the_client(stack, burst):
+    """The client sees the mean gap per streaming request, (e2e - ttft) / (tokens - 1); the
+    server's median gap must fall within one bucket of the client's median of those means, and
+    the server's mean gap can only be shorter than the client's overall mean decode gap plus
+    the HTTP delivery of the last token."""
+    prom = stack.prometheus
+    tpot = [
+        (r.e2e - r.ttft) / (r.completion_tokens - 1)
+        for r in burst.ok
+        if r.stream and r.ttft is not None and r.completion_tokens > 2
+    ]
+    assert len(tpot) >= 3
+    s = prom.value("histogram_quantile(0.5, sum(textgen_inter_token_latency_seconds_bucket) by (le))")
+    c = float(np.median(tpot))
+    assert abs(_bucket(ITL_BUCKETS, s) - _bucket(ITL_BUCKETS, c)) <= 1, (
+        f"ITL p50: server {s:.5f} s, client {c:.5f} s"
+    )
+    # Gaps add up to each request's decode time.
+    itl_sum = prom.value("sum(textgen_inter_token_latency_seconds_sum)")
+    decode_sum = prom.value("sum(textgen_request_decode_time_seconds_sum)")
+    assert itl_sum == pytest.approx(decode_sum, rel=0.02, abs=1e-3)
+
+
+def test_phases_add_up_to_the_request_latency(stack, burst):
+    """queue + prefill = TTFT and TTFT + decode = e2e per request, hence for the sums."""
+    v = {
+        k: stack.prometheus.value(f"sum(textgen_{k}_sum)")
+        for k in (
+            "request_queue_time_seconds",
+            "request_prefill_time_seconds",
+            "request_decode_time_seconds",
+            "time_to_first_token_seconds",
+            "e2e_request_latency_seconds",
+        )
+    }
+    ttft, e2e = v["time_to_first_token_seconds"], v["e2e_request_latency_seconds"]
+    n = len(burst.ok)
+    tol = 2e-3 * n  # clock reads taken a few microseconds apart, per request
+    assert v["request_queue_time_seconds"] + v["request_prefill_time_seconds"] == pytest.approx(ttft, abs=tol)
+    assert ttft + v["request_decode_time_seconds"] == pytest.approx(e2e, abs=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dashboard and the alert rules
+# ---------------------------------------------------------------------------------------------
+
+
+def _deploy_exprs() -> list[tuple[str, str]]:
+    path = ROOT / "tests" / "deploy" / "promql.py"
+    spec = importlib.util.spec_from_file_location("textgen_deploy_promql", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    exprs = mod.dashboard_and_alert_exprs()
+    assert exprs, "no expressions found in the dashboard and the alert rules"
+    return exprs
+
+
+def test_every_dashboard_and_alert_expression_has_data(stack, burst):
+    """Each expression must be valid PromQL; every metric it names must exist in Prometheus
+    with every label it matches on; and each part that carries the data (the operands of
+    or/and/unless, both sides of a threshold comparison, the argument of absent()) must return
+    series. The only accepted exception: a part whose emptiness is explained by a label matcher
+    that no series matches yet (e.g. status=~"5.." after a burst without server errors)."""
+    prom = stack.prometheus
+    t0, now = burst.t_start - 60, time.time()
+    problems, explained = [], []
+    for where, expr in _deploy_exprs():
+        try:
+            prom.query(expr)  # valid, and evaluable
+        except AssertionError as e:
+            problems.append(f"{where}: invalid: {e}")
+            continue
+        for sel in selectors(expr):
+            if not sel.name:
+                continue
+            series = prom.series(sel.name, t0, now)
+            if not series:
+                problems.append(f"{where}: metric {sel.name} does not exist")
+                continue
+            labels = set().union(*(s.keys() for s in series))
+            missing = {k for k, _, _ in sel.matchers} - labels
+            if missing:
+                problems.append(
+                    f"{where}: {sel.name} has no label {sorted(missing)} (it has {sorted(labels)})"
+                )
+        for part in data_bearing_parts(expr):
+            if prom.query(part):
+                continue
+            empty = [
+                s for s in selectors(part) if s.name and s.matchers and not prom.series(s.promql(), t0, now)
+            ]
+            if empty:
+                explained.append(f"{where}: {part!r} is empty: no series match {[s.promql() for s in empty]}")
+            else:
+                problems.append(f"{where}: {part!r} returned no data")
+    print("\n".join(explained))
+    assert not problems, "\n".join(problems)
+
+
+def test_alert_rules_load_and_evaluate_without_errors(stack, burst):
+    """Prometheus loaded deploy/prometheus/alerts.yml and evaluated every rule (every second)
+    without an error; none fires on a healthy service after a short burst."""
+
+    def evaluated():
+        groups = stack.prometheus.api("rules")["groups"]
+        rules = [r for g in groups for r in g["rules"]]
+        return groups if rules and all(r["health"] != "unknown" for r in rules) else None
+
+    groups = wait_until(evaluated, 30, "every rule to be evaluated")
+    rules = [r for g in groups for r in g["rules"]]
+    assert rules
+    bad = [(r["name"], r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+    assert not bad, bad
+    firing = [r["name"] for r in rules if r.get("state") == "firing"]
+    assert not firing, firing
+
+
+def test_promtool_accepts_the_live_metrics(stack, burst):
+    import subprocess
+
+    promtool = require_binary("promtool")
+    r = subprocess.run(
+        [promtool, "check", "metrics"], input=stack.metrics_text(), capture_output=True, timeout=60
+    )
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
+def test_report_plots_the_live_prometheus(stack, burst, tmp_path):
+    """bench.report's PromQL returns data on the live server and the figures are written."""
+    from bench import report
+
+    start, end = burst.t_start - 5, time.time()
+    rep = report.report_from_prometheus(stack.prometheus.url, start, end, 1.0, "10s")
+    for name in ("ttft", "itl", "e2e", "requests_per_s", "tokens_per_s"):
+        series = getattr(rep, name)
+        assert any(np.isfinite(s.y).any() for s in series), f"no data for {name}"
+    paths = report.plot(rep, tmp_path)
+    assert [p.name for p in paths] == ["ttft.png", "itl.png", "e2e.png", "throughput.png", "overview.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)

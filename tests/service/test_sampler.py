@@ -1,0 +1,295 @@
+"""Tests for service.sampler: greedy, seeds and batch invariance, truncation, penalties, logprobs, stops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.sampler import check_stop, sample
+from service.types import SamplingParams
+
+V = 50
+
+
+def make_logits(B: int = 1, V: int = V, seed: int = 0, scale: float = 3.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((B, V)) * scale).astype(np.float32)
+
+
+def run(
+    logits: np.ndarray,
+    params: list[SamplingParams],
+    seeds: list[int] | None = None,
+    prompts=None,
+    outputs=None,
+):
+    B = logits.shape[0]
+    seeds = seeds if seeds is not None else list(range(B))
+    return sample(
+        logits,
+        params,
+        [np.random.default_rng(s) for s in seeds],
+        prompts if prompts is not None else [[] for _ in range(B)],
+        outputs if outputs is not None else [[] for _ in range(B)],
+    )
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def test_greedy_is_argmax_whatever_the_other_knobs() -> None:
+    logits = make_logits(B=8)
+    params = [SamplingParams(temperature=0.0, top_k=5, top_p=0.3, min_p=0.5)] * 8
+    out = run(logits, params)
+    assert out.token_ids.dtype == np.int64
+    np.testing.assert_array_equal(out.token_ids, logits.argmax(axis=1))
+    assert out.logprobs is None and out.top_logprobs is None
+
+
+def test_greedy_consumes_no_randomness() -> None:
+    rng = np.random.default_rng(7)
+    sample(make_logits(), [SamplingParams(temperature=0.0)], [rng], [[]], [[]])
+    assert rng.random() == np.random.default_rng(7).random()
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_k=10),
+        SamplingParams(temperature=1.3, top_p=0.8),
+        SamplingParams(temperature=1.0, min_p=0.05),
+        SamplingParams(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.2),
+    ],
+)
+def test_seed_gives_same_tokens_alone_and_in_any_batch(p: SamplingParams) -> None:
+    row = make_logits(seed=1)
+    alone = [run(row, [p], seeds=[1234]).token_ids[0] for _ in range(3)]
+    assert len(set(alone)) == 1
+    # Same row in the middle of a batch of other rows with other knobs (including ones that sort).
+    others = make_logits(B=4, seed=2)
+    batch = np.concatenate([others[:2], row, others[2:]])
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.5, top_k=3),
+        p,
+        SamplingParams(temperature=0.5, top_p=0.5, presence_penalty=1.0),
+        SamplingParams(temperature=1.0, logprobs=3),
+    ]
+    prompts = [[1, 2], [3], [], [4, 5, 6], [7]]
+    outputs = [[8], [], [], [9, 9], []]
+    out = run(batch, params, seeds=[5, 6, 1234, 8, 9], prompts=prompts, outputs=outputs)
+    assert out.token_ids[2] == alone[0]
+
+
+def test_different_seeds_differ() -> None:
+    logits = np.zeros((1, 1000), dtype=np.float32)
+    tokens = {int(run(logits, [SamplingParams()], seeds=[s]).token_ids[0]) for s in range(20)}
+    assert len(tokens) > 10
+
+
+def test_top_k_1_equals_greedy() -> None:
+    logits = make_logits(B=16, seed=3)
+    out = run(logits, [SamplingParams(temperature=2.0, top_k=1)] * 16)
+    np.testing.assert_array_equal(out.token_ids, logits.argmax(axis=1))
+
+
+def test_tiny_top_p_keeps_only_the_top_token() -> None:
+    logits = make_logits(B=16, seed=4, scale=0.1)  # nearly flat: the top token has little mass
+    out = run(logits, [SamplingParams(temperature=1.0, top_p=1e-6)] * 16)
+    np.testing.assert_array_equal(out.token_ids, logits.argmax(axis=1))
+
+
+def test_top_k_and_top_p_draw_only_from_the_kept_set() -> None:
+    logits = np.log(np.array([[0.4, 0.3, 0.2, 0.1]], dtype=np.float32))
+    many = np.repeat(logits, 2000, axis=0)
+    rng = np.random.default_rng(0)
+    top_p = sample(many, [SamplingParams(top_p=0.65)] * 2000, [rng] * 2000, [[]] * 2000, [[]] * 2000)
+    assert set(top_p.token_ids.tolist()) == {0, 1}  # 0.4 < 0.65 <= 0.4 + 0.3
+    top_k = sample(many, [SamplingParams(top_k=3)] * 2000, [rng] * 2000, [[]] * 2000, [[]] * 2000)
+    assert set(top_k.token_ids.tolist()) == {0, 1, 2}
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_max() -> None:
+    probs = np.array([0.5, 0.3, 0.12, 0.08], dtype=np.float32)  # relative to max: 1, 0.6, 0.24, 0.16
+    many = np.repeat(np.log(probs)[None], 2000, axis=0)
+    rng = np.random.default_rng(0)
+    out = sample(many, [SamplingParams(min_p=0.2)] * 2000, [rng] * 2000, [[]] * 2000, [[]] * 2000)
+    assert set(out.token_ids.tolist()) == {0, 1, 2}
+    out = sample(many[:10], [SamplingParams(min_p=1.0)] * 10, [rng] * 10, [[]] * 10, [[]] * 10)
+    assert set(out.token_ids.tolist()) == {0}
+
+
+def test_empirical_distribution_matches_softmax_over_temperature() -> None:
+    logits = np.array([[2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0, 1.5]], dtype=np.float32)
+    T, N = 0.8, 40_000
+    rng = np.random.default_rng(2024)
+    out = sample(
+        np.repeat(logits, N, axis=0), [SamplingParams(temperature=T)] * N, [rng] * N, [[]] * N, [[]] * N
+    )
+    observed = np.bincount(out.token_ids, minlength=logits.shape[1])
+    expected = softmax(logits[0].astype(np.float64) / T) * N
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < 30.0, (chi2, observed, expected)  # 7 dof: P(chi2 > 30) ~ 1e-4; the seed is fixed
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
+    logits = np.array([[2.0, -2.0, 1.0, -1.0, 0.5]], dtype=np.float32)
+    p = SamplingParams(temperature=0.0, repetition_penalty=2.0, logprobs=0)
+    # token 0 (positive) is in the prompt, token 1 (negative) in the output; others untouched.
+    out = run(logits, [p], prompts=[[0]], outputs=[[1]])
+    penalized = np.array([1.0, -4.0, 1.0, -1.0, 0.5])
+    assert out.logprobs is not None
+    expected = penalized - np.log(np.exp(penalized).sum())
+    assert out.token_ids[0] == 0  # tie 1.0 vs 1.0 → lowest id
+    np.testing.assert_allclose(out.logprobs[0], expected[0], rtol=1e-6)
+    # A penalty < 1 encourages repetition instead.
+    out = run(logits, [SamplingParams(temperature=0.0, repetition_penalty=0.25)], prompts=[[3]])
+    assert out.token_ids[0] == 0  # 2.0 stays top; -1 * 0.25 = -0.25 moves but stays below
+    out = run(logits, [SamplingParams(temperature=0.0, repetition_penalty=0.1)], prompts=[[4]])
+    assert out.token_ids[0] == 4  # 0.5 / 0.1 = 5 > 2
+
+
+def test_presence_and_frequency_penalties_use_output_tokens_only() -> None:
+    logits = np.array([[3.0, 2.9, 2.8, 0.0]], dtype=np.float32)
+    greedy = dict(temperature=0.0)
+    # presence: token 0 appeared (any count) → 3.0 - 0.5 = 2.5 < 2.9
+    assert (
+        run(logits, [SamplingParams(presence_penalty=0.5, **greedy)], outputs=[[0, 0, 0]]).token_ids[0] == 1
+    )
+    # prompt tokens do not count for presence/frequency
+    assert run(logits, [SamplingParams(presence_penalty=2.0, **greedy)], prompts=[[0]]).token_ids[0] == 0
+    # frequency: token 0 three times, token 1 once → 3 - 0.6 = 2.4, 2.9 - 0.2 = 2.7, 2.8 wins
+    out = run(logits, [SamplingParams(frequency_penalty=0.2, **greedy)], outputs=[[0, 0, 0, 1]])
+    assert out.token_ids[0] == 2
+    # negative penalties encourage repetition
+    out = run(logits, [SamplingParams(presence_penalty=-2.0, **greedy)], outputs=[[3]])
+    assert out.token_ids[0] == 0  # 0 + 2 = 2 < 3
+    out = run(logits, [SamplingParams(frequency_penalty=-2.0, **greedy)], outputs=[[3, 3]])
+    assert out.token_ids[0] == 3  # 0 + 4 = 4 > 3
+
+
+def test_penalties_leave_other_rows_untouched() -> None:
+    logits = make_logits(B=3, seed=5)
+    params = [SamplingParams(temperature=0.0, logprobs=0)] * 3
+    plain = run(logits, params)
+    params[1] = SamplingParams(temperature=0.0, logprobs=0, repetition_penalty=1.5, frequency_penalty=1.0)
+    mixed = run(logits, params, outputs=[[], list(range(V)), []])
+    assert plain.logprobs is not None and mixed.logprobs is not None
+    np.testing.assert_array_equal(plain.logprobs[[0, 2]], mixed.logprobs[[0, 2]])
+
+
+def test_logprobs_equal_log_softmax_of_penalized_logits_before_temperature() -> None:
+    logits = make_logits(B=3, seed=6)
+    params = [
+        SamplingParams(temperature=0.5, top_k=3, logprobs=5),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, logprobs=0),
+    ]
+    out = run(logits, params)
+    assert out.logprobs is not None and out.top_logprobs is not None
+    assert out.logprobs.dtype == np.float32
+    for i in (0, 2):
+        x = logits[i].astype(np.float64)
+        ref = x - x.max() - np.log(np.exp(x - x.max()).sum())
+        np.testing.assert_allclose(out.logprobs[i], ref[out.token_ids[i]], rtol=1e-5)
+        n = params[i].logprobs
+        assert [t.token_id for t in out.top_logprobs[i]] == np.argsort(-ref)[:n].tolist()
+        np.testing.assert_allclose(
+            [t.logprob for t in out.top_logprobs[i]], np.sort(ref)[::-1][:n], rtol=1e-6
+        )
+    assert np.isnan(out.logprobs[1])
+    assert out.top_logprobs[1] == [] and out.top_logprobs[2] == []
+
+
+def test_length_mismatch_is_rejected() -> None:
+    with pytest.raises(ValueError, match="batch size mismatch"):
+        sample(make_logits(B=2), [SamplingParams()], [np.random.default_rng(0)], [[]], [[]])
+
+
+@pytest.mark.parametrize(
+    ("token", "n", "params", "expected"),
+    [
+        (2, 1, SamplingParams(max_tokens=5), ("stop", 2)),  # eos
+        (2, 1, SamplingParams(max_tokens=5, ignore_eos=True), (None, None)),
+        (2, 5, SamplingParams(max_tokens=5, ignore_eos=True), ("length", None)),
+        (7, 1, SamplingParams(max_tokens=5, stop_token_ids=(7,)), ("stop", 7)),
+        (7, 1, SamplingParams(max_tokens=5, stop_token_ids=(7,), ignore_eos=True), ("stop", 7)),
+        (7, 5, SamplingParams(max_tokens=5, stop_token_ids=(7,)), ("stop", 7)),  # stop wins over length
+        (9, 4, SamplingParams(max_tokens=5), (None, None)),
+        (9, 5, SamplingParams(max_tokens=5), ("length", None)),
+        (9, 1, SamplingParams(max_tokens=1), ("length", None)),
+    ],
+)
+def test_check_stop(token: int, n: int, params: SamplingParams, expected: tuple) -> None:
+    assert check_stop(token, n, params, eos_token_id=2) == expected
+
+
+def test_check_stop_without_eos() -> None:
+    assert check_stop(2, 1, SamplingParams(), eos_token_id=None) == (None, None)
+
+
+def reference_keep(z: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Straightforward top-k then top-p over a full stable sort (logit desc, token id asc)."""
+    order = np.argsort(-z, kind="stable")
+    p = np.exp(z[order].astype(np.float64) - z.max())
+    k = top_k if top_k > 0 else len(z)
+    p[k:] = 0.0
+    before = np.cumsum(p) - p
+    kept = order[:k] if top_p >= 1 else order[: max(1, int((before < top_p * p.sum())[:k].sum()))]
+    keep = np.zeros(len(z), dtype=bool)
+    keep[kept] = True
+    return keep
+
+
+@pytest.mark.parametrize("V", [7, 300, 3000])
+@pytest.mark.parametrize("ties", [False, True])
+def test_truncation_mask_matches_a_full_sort(V: int, ties: bool) -> None:
+    from service.sampler import _top_k_top_p_mask
+
+    rnd = np.random.default_rng(V)
+    settings = [(0, 0.9), (0, 0.5), (5, 1.0), (1, 1.0), (3, 0.7), (V + 10, 0.95), (0, 0.999), (50, 0.3)]
+    z = rnd.standard_normal((len(settings), V)).astype(np.float32) * (0.05 if V == 3000 else 2.0)
+    if ties:
+        z = np.round(z * 2) / 2  # many equal logits, including at the cut
+        z[:, -3:] = -np.inf
+    top_k = np.array([k for k, _ in settings])
+    top_p = np.array([p for _, p in settings], dtype=np.float32)
+    total = np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)
+    keep = _top_k_top_p_mask(z, total, top_k, top_p)
+    for r, (k, p) in enumerate(settings):
+        ref = reference_keep(z[r], k, p)
+        # float32 vs float64 mass may disagree only for a token sitting exactly on the top-p cut
+        assert (keep[r] != ref).sum() <= 1, (r, k, p, keep[r].sum(), ref.sum())
+        if p == 1.0:
+            np.testing.assert_array_equal(keep[r], ref)
+
+
+def test_wide_nucleus_is_batch_invariant() -> None:
+    row = (np.random.default_rng(9).standard_normal((1, 5000)) * 0.05).astype(np.float32)  # nucleus > 1024
+    p = SamplingParams(temperature=1.0, top_p=0.95)
+    alone = run(row, [p], seeds=[77]).token_ids[0]
+    batch = np.concatenate([make_logits(V=5000, seed=3), row])
+    out = run(batch, [SamplingParams(top_k=2), p], seeds=[1, 77])
+    assert out.token_ids[1] == alone
+
+
+@pytest.mark.parametrize("V", [1, 255, 256, 1000, 32000])
+def test_inverse_cdf_matches_a_plain_cumsum(V: int) -> None:
+    from service.sampler import _inverse_cdf
+
+    rnd = np.random.default_rng(V)
+    R = 64
+    w = rnd.random((R, V)).astype(np.float32) ** 4
+    w[rnd.random((R, V)) < 0.3] = 0.0  # truncated tokens
+    w[:, 0] += 1e-3  # at least one positive weight per row
+    u = rnd.random(R)
+    u[:3] = [0.0, 1.0 - 1e-16, 0.5]
+    got = _inverse_cdf(w, u)
+    cdf = np.cumsum(w.astype(np.float64), axis=1)
+    target = u * cdf[:, -1]
+    ref = np.minimum((cdf <= target[:, None]).sum(axis=1), V - 1 - (w > 0)[:, ::-1].argmax(axis=1))
+    assert (w[np.arange(R), got] > 0).all()  # never a zero-weight token
+    close = np.abs(cdf[np.arange(R), np.minimum(ref, got)] - target) < 1e-5 * cdf[:, -1]
+    assert ((got == ref) | close).all()
