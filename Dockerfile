@@ -94,7 +94,10 @@ LABEL org.opencontainers.image.title="textgen" \
       org.opencontainers.image.description="GPT text generation on ONNX Runtime with an OpenAI-compatible API" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
+# PYTHONSAFEPATH: `python -m service` does not put the working directory on sys.path, so only
+# the installed packages are imported (never a folder that happens to be named like one).
 ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONSAFEPATH=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -117,7 +120,8 @@ RUN groupadd --system --gid 10001 textgen \
 COPY --from=bundle /bundle/ /opt/textgen/model/
 
 # Configuration is environment only (docs/deployment.md has the table). No secrets here:
-# TEXTGEN_API_KEY comes from the runtime (compose env, Kubernetes Secret).
+# TEXTGEN_API_KEY comes from the runtime (compose env, Kubernetes Secret). The writable paths
+# with a read-only root: /tmp (also HOME) and PROMETHEUS_MULTIPROC_DIR, as tmpfs / emptyDir.
 ENV TEXTGEN_MODEL_DIR=/opt/textgen/model \
     TEXTGEN_HOST=0.0.0.0 \
     TEXTGEN_HTTP_PORT=8000 \
@@ -125,7 +129,8 @@ ENV TEXTGEN_MODEL_DIR=/opt/textgen/model \
     TEXTGEN_MAX_WAITING=256 \
     TEXTGEN_DRAIN_TIMEOUT_S=30 \
     TEXTGEN_LOG_LEVEL=info \
-    PROMETHEUS_MULTIPROC_DIR=/run/textgen/metrics
+    PROMETHEUS_MULTIPROC_DIR=/run/textgen/metrics \
+    HOME=/tmp
 
 WORKDIR /opt/textgen
 USER 10001:10001

@@ -613,6 +613,7 @@ def plot_results(result: BenchmarkResult, plot_dir: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bars = ax.bar(labels, counts, color=["tab:green"] + ["tab:red"] * (len(labels) - 1))
     ax.bar_label(bars)
+    ax.margins(y=0.15)
     ax.set_ylabel("requests")
     save(fig, "requests.png")
 
@@ -697,6 +698,7 @@ def plot_results(result: BenchmarkResult, plot_dir: str | Path) -> list[Path]:
             color=["tab:blue", "tab:green"],
         )
         ax1.bar_label(bars, fmt="%.2f")
+        ax1.margins(y=0.15)
         ax1.set_ylabel("requests/s")
         n = max(len(reqs), 1)
         names = [*slo, "all"]

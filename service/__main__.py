@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stop_workers(server) -> None:
+    from service.shared_state import Phase
+
+    server.state.phase = Phase.STOPPING
     for proc in getattr(server, "inference_workers", []):
         proc.terminate()
         proc.join(5)

@@ -149,5 +149,7 @@ def load_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
                 raise BundleError(f"model bundle {path} is missing {name} (listed in {CONFIG_FILE})")
             expected = meta.get("sha256") if isinstance(meta, dict) else meta
             if expected and sha256_file(f) != expected:
-                raise BundleError(f"{f} does not match the sha256 recorded in {CONFIG_FILE}: the file is corrupted")
+                raise BundleError(
+                    f"{f} does not match the sha256 recorded in {CONFIG_FILE}: the file is corrupted"
+                )
     return bundle

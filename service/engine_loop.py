@@ -10,8 +10,8 @@ ContinuousBatchingLoop and fixes its faults:
   engine's own bounded FIFO queue (no admission delay, no overtaking); a full queue is the
   engine's ``QueueFullError``, answered as HTTP 429;
 - an ``Abort`` (client gone) is applied before the next step;
-- a request past its deadline (TEXTGEN_REQUEST_TIMEOUT_S) is aborted and finished with
-  ``finish_reason="length"``.
+- every request carries its deadline (arrival + TEXTGEN_REQUEST_TIMEOUT_S); past it the engine
+  finishes it with ``finish_reason="length"``.
 
 Messages in (LitServe request queue, FIFO): ``(response_queue_id, uid, t, Submit | Abort)``.
 Messages out: per engine iteration, one list of events per HTTP process, sent to the mailbox
@@ -21,14 +21,11 @@ of that process (``MAILBOX``) through LitServe's transport:
 
 from __future__ import annotations
 
-import heapq
 import importlib
 import logging
 import os
 import queue
-import signal
 import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,12 +35,11 @@ from litserve.loops.base import LitLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
 from service.settings import Settings
-from service.shared_state import SharedState
+from service.shared_state import SharedState, child_signal_handlers
 from service.types import (
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
-    RequestOutput,
     SamplingParams,
     StepStats,
 )
@@ -63,7 +59,7 @@ class Submit:
     prompt_ids: list[int]
     params: tuple[SamplingParams, ...]
     arrival: float  # time.monotonic() at the HTTP edge (CLOCK_MONOTONIC is system-wide)
-    deadline: float  # time.monotonic() after which the request is finished as "length"
+    deadline: float  # time.monotonic() after which the engine finishes it as "length"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +84,7 @@ class TextGenAPI(ls.LitAPI):
         self.settings, self.state, self.model_name = settings, state, model_name
 
     def setup(self, device: str) -> None:
-        # Ctrl+C reaches the whole process group: the main process orchestrates the drain.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        child_signal_handlers(self.state, lambda: os._exit(0))
         logging.getLogger().setLevel(self.settings.log_level.upper())
         from service.bundle import load_bundle
         from service.metrics import Metrics
@@ -144,7 +139,6 @@ class EngineWorker:
         self.engine, self.metrics, self.state = api.engine, api.metrics, api.state
         self.transport = transport
         self.active: dict[str, _Active] = {}
-        self.deadlines: list[tuple[float, str]] = []  # heap
         self.outbox: dict[int, list[tuple]] = defaultdict(list)
         self._published: tuple | None = None  # engine gauges last sent to metrics
 
@@ -159,7 +153,6 @@ class EngineWorker:
                 return
             for item in items:
                 self._handle(item)
-            self._expire(time.monotonic())
             self._flush()
             stepped = self.engine.has_unfinished() and self._step()
             self._beat(stepped)
@@ -187,7 +180,9 @@ class EngineWorker:
     def _submit(self, rqid: int, uid: str, msg: Submit) -> None:
         for i, params in enumerate(msg.params):
             try:
-                self.engine.add_request(sub_id(uid, i), msg.prompt_ids, params, arrival_time=msg.arrival)
+                self.engine.add_request(
+                    sub_id(uid, i), msg.prompt_ids, params, arrival_time=msg.arrival, deadline=msg.deadline
+                )
             except Exception as e:
                 for j in range(i):
                     self.engine.abort(sub_id(uid, j))
@@ -195,7 +190,6 @@ class EngineWorker:
                 return
         n = len(msg.params)
         self.active[uid] = _Active(rqid, len(msg.prompt_ids), set(range(n)), [0] * n)
-        heapq.heappush(self.deadlines, (msg.deadline, uid))
         self.outbox[rqid].append(("ack", uid))
 
     def _abort(self, uid: str) -> None:
@@ -203,27 +197,6 @@ class EngineWorker:
         if act is not None:
             for i in act.unfinished:
                 self.engine.abort(sub_id(uid, i))
-
-    def _expire(self, now: float) -> None:
-        """Finish requests past their deadline: abort them, report finish_reason "length"."""
-        while self.deadlines and self.deadlines[0][0] <= now:
-            _, uid = heapq.heappop(self.deadlines)
-            act = self.active.pop(uid, None)
-            if act is None:
-                continue
-            for i in sorted(act.unfinished):
-                self.engine.abort(sub_id(uid, i))
-                out = RequestOutput(
-                    request_id=sub_id(uid, i),
-                    new_token_ids=[],
-                    text_delta="",
-                    finished=True,
-                    finish_reason="length",
-                    stop_reason="timeout",
-                    num_prompt_tokens=act.num_prompt,
-                    num_output_tokens=act.counts[i],
-                )
-                self.outbox[act.rqid].append(("out", uid, i, out))
 
     def _step(self) -> bool:
         try:

@@ -37,7 +37,7 @@ from litserve.server import _Server
 from litserve.utils import WorkerSetupStatus
 
 from service.settings import Settings
-from service.shared_state import Phase, SharedState
+from service.shared_state import Phase, SharedState, child_signal_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +51,13 @@ class StartupAborted(Exception):
 
 
 class _HttpServer(_Server):
-    """A uvicorn server for a forked HTTP process: SIGINT ignored, SIGTERM exits."""
+    """A uvicorn server for a forked HTTP process, with child_signal_handlers."""
+
+    state: SharedState
 
     @contextlib.contextmanager
     def capture_signals(self):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, self.handle_exit)
+        child_signal_handlers(self.state, lambda: self.handle_exit(signal.SIGTERM, None))
         yield
 
 
@@ -110,6 +111,15 @@ class TextGenServer(ls.LitServer):
         self._shutdown_event.set()  # LitServer.run wakes up and stops every child process
 
     # -- start-up -----------------------------------------------------------------------------
+    def _init_manager(self, num_api_servers: int):
+        """LitServe's; the Manager process it forks must not inherit our signal handlers."""
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return super()._init_manager(num_api_servers)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
     def verify_worker_status(self) -> None:
         """Wait until the inference worker has loaded the engine; fail fast if it cannot."""
         while True:
@@ -147,6 +157,7 @@ class TextGenServer(ls.LitServer):
                 **kwargs,
             )
             server = _HttpServer(config=config)
+            server.state = self.state
             w = mp.get_context("fork").Process(
                 target=server.run, args=(rqid, sockets), name=f"textgen-http-{rqid}"
             )

@@ -56,7 +56,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self._waiting: OrderedDict[str, _Request] = OrderedDict()  # FIFO
         self._running: dict[str, _Request] = {}  # admission order; includes aborts not yet reported
-        self._aborting: list[str] = []  # running ids aborted since the last schedule()
+        self._aborting: dict[str, None] = {}  # running ids aborted since the last schedule(), in order
         self._reserved = 0
 
     # -- requests in ---------------------------------------------------------------------------
@@ -93,7 +93,7 @@ class Scheduler:
         if self._waiting.pop(request_id, None) is not None:
             return True
         if request_id in self._running and request_id not in self._aborting:
-            self._aborting.append(request_id)
+            self._aborting[request_id] = None
             return True
         return False
 
@@ -103,13 +103,13 @@ class Scheduler:
         if req is None:
             raise ValueError(f"finish: request {request_id!r} is not running")
         self._reserved -= req.need
-        if request_id in self._aborting:  # it ended on its own before the abort was reported
-            self._aborting.remove(request_id)
+        self._aborting.pop(request_id, None)  # it ended on its own before its abort was reported
 
     # -- one step ------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        aborted, self._aborting = self._aborting, []
+        """One step: release reported aborts, then admit waiting requests (FIFO, head-of-line)."""
+        aborted, self._aborting = list(self._aborting), {}
         for request_id in aborted:
             self._reserved -= self._running.pop(request_id).need
         running = list(self._running)
@@ -159,5 +159,4 @@ class Scheduler:
         assert len(self._running) <= self.max_running, (len(self._running), self.max_running)
         assert self._reserved == sum(r.need for r in self._running.values()), self._reserved
         assert 0 <= self._reserved <= self.kv_budget_tokens, (self._reserved, self.kv_budget_tokens)
-        assert len(set(self._aborting)) == len(self._aborting), "a request is aborted twice"
-        assert all(r in self._running for r in self._aborting), "an aborted request is not running"
+        assert self._aborting.keys() <= self._running.keys(), "an aborted request is not running"

@@ -12,9 +12,15 @@ Aligned 8-byte stores are atomic on the platforms we run on, so readers see whol
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
+import signal
 import time
+from collections.abc import Callable
 from enum import IntEnum
+from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 class Phase(IntEnum):
@@ -84,3 +90,22 @@ class SharedState:
         if self.heartbeat_age() > HEARTBEAT_STALE_S:
             return "starting" if self._a[_HEARTBEAT] == 0 else "stalled"
         return "ready"
+
+
+def child_signal_handlers(state: SharedState, on_exit: Callable[[], None]) -> None:
+    """Signals in a child process (HTTP process or inference worker).
+
+    SIGINT is ignored: a terminal's Ctrl+C reaches the whole process group, and the drain is the
+    main process's decision. SIGTERM is ignored while the service serves or drains (``timeout``,
+    ``systemd`` and some init systems signal every process of the group at once), and ends the
+    child otherwise: the main process sends it once the phase is "stopping" or "dead".
+    """
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if state.phase in (Phase.SERVING, Phase.DRAINING):
+            logger.info("SIGTERM ignored: the main process stops this process after the drain")
+            return
+        on_exit()
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_sigterm)

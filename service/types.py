@@ -69,7 +69,14 @@ class SamplingParams:
 
         if self.max_tokens < 1:
             raise bad(f"max_tokens must be >= 1, got {self.max_tokens}")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
             v = getattr(self, name)
             if not math.isfinite(v):
                 raise bad(f"{name} must be a finite number, got {v}")

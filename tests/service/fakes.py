@@ -96,6 +96,7 @@ class _Req:
     timings: RequestTimings
     rng: random.Random
     detok: IncrementalDetokenizer
+    deadline: float | None
     output: list[int] = field(default_factory=list)
 
 
@@ -120,7 +121,7 @@ class FakeEngine:
 
     # -- the Engine interface -----------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:  # fmt: skip
+                    arrival_time: float | None = None, deadline: float | None = None) -> None:  # fmt: skip
         params.validate(self.vocab_size)
         if not prompt_token_ids:
             raise InvalidRequestError("prompt must not be empty")
@@ -198,7 +199,7 @@ class FakeEngine:
             reason, stop_reason = "stop", update.stop_string
         elif tok == self.eos_id or tok in r.params.stop_token_ids:
             reason, stop_reason = "stop", tok
-        elif len(r.output) >= r.params.max_tokens:
+        elif len(r.output) >= r.params.max_tokens or (r.deadline is not None and now >= r.deadline):
             reason = "length"
         if reason is not None:
             if update.stop_string is None:

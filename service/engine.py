@@ -1,0 +1,244 @@
+"""The engine: token ids in, token ids and text deltas out, for many requests at once.
+
+``step()`` is one iteration of continuous batching:
+schedule -> run the model (decode the running batch, prefill the newcomers) -> sample ->
+update the sequences -> emit outputs. Text appears only through the per-request incremental
+detokenizer (stop strings are matched there). No HTTP, no threads: one caller owns the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.bundle import Bundle
+from service.detokenizer import IncrementalDetokenizer
+from service.kv_cache import BatchCache, left_pad_prompts
+from service.runner import Runner
+from service.sampler import check_stop, sample
+from service.scheduler import Scheduler
+from service.tokenizer import Tokenizer
+from service.types import (
+    FinishReason,
+    InvalidRequestError,
+    PromptTooLongError,
+    RequestOutput,
+    RequestTimings,
+    SamplingParams,
+    StepStats,
+    TopLogprob,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    rng: np.random.Generator
+    detok: IncrementalDetokenizer
+    timings: RequestTimings
+    deadline: float | None
+    output: list[int] = field(default_factory=list)
+
+
+class Engine:
+    """Continuous-batching decoder over one ONNX Runtime session.
+
+    Args:
+        bundle: the model bundle (see docs/model-bundle.md).
+        provider, intra_op_threads, graph_opt_level: ONNX Runtime settings (see service.runner).
+        max_running: most sequences in the running batch.
+        max_waiting: most requests waiting for admission; more raise QueueFullError.
+        kv_budget_tokens: cached-token budget; each running request reserves prompt + max_tokens.
+            0 means max_running x context length.
+        max_prefill_tokens: prompt tokens prefilled per step (at least one request is always admitted),
+            so a burst of long prompts cannot stall the running streams for long.
+        seed: seeds the generators of requests that bring no seed of their own.
+    """
+
+    def __init__(self, bundle: Bundle, *, provider: str = "auto", intra_op_threads: int = 0,
+                 graph_opt_level: str = "all", max_running: int = 64, max_waiting: int = 256,
+                 kv_budget_tokens: int = 0, max_prefill_tokens: int = 512, seed: int = 0):
+        self.bundle = bundle
+        self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
+        self.runner = Runner(bundle, provider, intra_op_threads, graph_opt_level)
+        self.provider = self.runner.provider
+        self.context_length = bundle.context_length
+        self.model_name = bundle.name
+        self.num_parameters = bundle.num_parameters
+        self.vocab_size = bundle.vocab_size
+        self.kv_budget_tokens = kv_budget_tokens or max_running * self.context_length
+        self.scheduler = Scheduler(max_running=max_running, max_waiting=max_waiting,
+                                   kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=max_prefill_tokens)
+        self.max_waiting = max_waiting
+        self._seeds = np.random.default_rng(seed)
+        self._seqs: dict[str, _Sequence] = {}
+        self._batch = BatchCache()
+        self._finished_early: list[RequestOutput] = []  # aborted while waiting: reported at the next step
+        self.last_step_stats: StepStats | None = None
+
+    # ---- requests in -------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None, deadline: float | None = None) -> None:
+        """Queue a request. Raises PromptTooLongError, QueueFullError or InvalidRequestError.
+
+        ``deadline`` (time.monotonic seconds): past it the request finishes with finish_reason "length".
+        """
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty: at least one token is required")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        params.validate(self.vocab_size)
+        if len(prompt_token_ids) + params.max_tokens > self.context_length:
+            raise PromptTooLongError(len(prompt_token_ids), params.max_tokens, self.context_length)
+        self.scheduler.add_request(request_id, len(prompt_token_ids), params.max_tokens)  # may raise QueueFullError
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**63))
+        self._seqs[request_id] = _Sequence(
+            request_id=request_id,
+            prompt=list(prompt_token_ids),
+            params=params,
+            rng=np.random.default_rng(seed),
+            detok=IncrementalDetokenizer(self.tokenizer, params.stop, self.tokenizer.special_ids, prompt_token_ids),
+            timings=RequestTimings(arrival=arrival_time if arrival_time is not None else time.monotonic()),
+            deadline=deadline,
+        )
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its slot is freed at the next step, which reports finish_reason "abort"."""
+        seq = self._seqs.get(request_id)
+        if seq is None or not self.scheduler.abort(request_id):
+            return
+        if request_id not in self._batch.row_ids:  # still waiting: gone from the scheduler already
+            self._finished_early.append(self._finish(seq, "abort"))
+
+    # ---- introspection -----------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs) or bool(self._finished_early)
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.scheduler.kv_usage
+
+    # ---- one iteration -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.monotonic()
+        outputs, self._finished_early = self._finished_early, []
+        sched = self.scheduler.schedule()
+        for rid in sched.aborted:
+            outputs.append(self._finish(self._seqs[rid], "abort"))
+        self._batch.keep(sched.running)
+        try:
+            logits, rows = self._run_model(sched.admitted, t0)
+        except Exception as e:  # a failed run must not wedge the engine: fail the batch, keep serving
+            log.exception("model run failed; failing %d requests", len(self._batch) + len(sched.admitted))
+            return outputs + self._fail_all([*self._batch.row_ids, *sched.admitted], f"model run failed: {e}")
+        if rows:
+            outputs += self._sample_and_update(logits, rows)
+        self.last_step_stats = StepStats(
+            batch_size=len(rows), num_prefill_tokens=sum(len(self._seqs[r].prompt) for r in sched.admitted),
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.scheduler.kv_usage, step_time=time.monotonic() - t0)
+        return outputs
+
+    def _run_model(self, admitted: list[str], now: float) -> tuple[np.ndarray, list[str]]:
+        """Decode the running rows, prefill the admitted ones; logits (B, V) in the order of rows."""
+        parts: list[np.ndarray] = []
+        rows: list[str] = []
+        if len(self._batch):
+            last = np.array([self._seqs[r].output[-1] for r in self._batch.row_ids], np.int64)
+            ids, mask, pos = self._batch.decode_inputs(last)
+            out = self.runner.run(ids, mask, pos, self._batch.past)
+            self._batch.advance(out.presents, mask)
+            parts.append(out.logits)
+            rows += self._batch.row_ids
+        if admitted:
+            for rid in admitted:
+                self._seqs[rid].timings.scheduled = now
+            prompts = [self._seqs[r].prompt for r in admitted]
+            ids, mask, pos = left_pad_prompts(prompts, self.bundle.pad_id)
+            out = self.runner.run(ids, mask, pos, self.runner.empty_past(len(admitted)))
+            next_pos = np.array([len(p) for p in prompts], np.int64)
+            self._batch.merge(admitted, out.presents, mask, next_pos)
+            parts.append(out.logits)
+            rows += admitted
+        return (np.concatenate(parts) if len(parts) > 1 else parts[0]) if parts else np.zeros((0, 0)), rows
+
+    def _sample_and_update(self, logits: np.ndarray, rows: list[str]) -> list[RequestOutput]:
+        seqs = [self._seqs[r] for r in rows]
+        res = sample(logits, [s.params for s in seqs], [s.rng for s in seqs], [s.prompt for s in seqs],
+                     [s.output for s in seqs])
+        now = time.monotonic()
+        outputs, finished = [], []
+        for i, s in enumerate(seqs):
+            tok = int(res.token_ids[i])
+            s.output.append(tok)
+            s.timings.token_times.append(now)
+            if s.timings.first_token is None:
+                s.timings.first_token = now
+            reason, stop_reason = check_stop(tok, len(s.output), s.params, self.tokenizer.eos_id)
+            is_stop_token = reason == "stop"
+            upd = s.detok.add([] if is_stop_token else [tok])  # a stop token is never rendered
+            text = upd.text_delta
+            if upd.stop_string is not None:
+                reason, stop_reason = "stop", upd.stop_string
+            elif reason is None and s.deadline is not None and now >= s.deadline:
+                reason = "length"  # the server-side time limit: finish like a max_tokens cut
+            out = RequestOutput(
+                request_id=s.request_id, new_token_ids=[tok], text_delta=text,
+                num_prompt_tokens=len(s.prompt), num_output_tokens=len(s.output))
+            if s.params.logprobs is not None and res.logprobs is not None:
+                out.new_logprobs = [float(res.logprobs[i])]
+                out.new_top_logprobs = [res.top_logprobs[i] if res.top_logprobs else []]
+            if reason is not None:
+                if upd.stop_string is None:
+                    out.text_delta += s.detok.flush()
+                self._complete(s, out, reason, stop_reason)
+                finished.append(s.request_id)
+            outputs.append(out)
+        if finished:
+            for rid in finished:
+                self.scheduler.finish(rid)
+            self._batch.keep([r for r in self._batch.row_ids if r not in set(finished)])
+        return outputs
+
+    # ---- endings -----------------------------------------------------------------------------
+    def _complete(self, s: _Sequence, out: RequestOutput, reason: FinishReason, stop_reason: str | int | None) -> None:
+        s.timings.finished = time.monotonic()
+        out.finished, out.finish_reason, out.stop_reason, out.timings = True, reason, stop_reason, s.timings
+        del self._seqs[s.request_id]
+
+    def _finish(self, s: _Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:
+        out = RequestOutput(request_id=s.request_id, new_token_ids=[], text_delta="",
+                            num_prompt_tokens=len(s.prompt), num_output_tokens=len(s.output), error=error)
+        self._complete(s, out, reason, None)
+        return out
+
+    def _fail_all(self, request_ids: list[str], error: str) -> list[RequestOutput]:
+        outs = []
+        for rid in request_ids:
+            if rid in self._seqs:
+                self.scheduler.abort(rid)
+                outs.append(self._finish(self._seqs[rid], "error", error))
+        self.scheduler.schedule()  # reports the aborts and frees their reservations
+        self._batch = BatchCache()
+        return outs
+
+
+__all__ = ["Engine", "TopLogprob"]

@@ -1,0 +1,242 @@
+"""Unit tests of the HTTP layer's pure parts: settings, request models, chat template, job
+building, error table. No server, no engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fakes import FAKE_CONTEXT, FAKE_VOCAB, make_fake_bundle
+from pydantic import ValidationError
+
+from service import chat_template, serving
+from service.errors import STATUS, ApiError
+from service.protocol import (
+    MAX_STOP,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    GenerateRequest,
+    describe_validation_error,
+)
+from service.settings import Settings, SettingsError
+from service.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def fake_bundle(tmp_path_factory):
+    return make_fake_bundle(tmp_path_factory.mktemp("fake") / "bundle")
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+def test_settings_defaults_and_env():
+    s = Settings.from_env({})
+    assert (s.host, s.http_port, s.max_running, s.max_waiting) == ("127.0.0.1", 8000, 64, 256)
+    s = Settings.from_env({"TEXTGEN_MAX_RUNNING": "8", "TEXTGEN_LOG_PROMPTS": "true", "TEXTGEN_API_KEY": "k"})
+    assert s.max_running == 8 and s.log_prompts is True and s.api_key.get_secret_value() == "k"
+
+
+def test_settings_ignores_kubernetes_port_variable():
+    assert Settings.from_env({"TEXTGEN_PORT": "tcp://10.0.0.1:8000"}).http_port == 8000
+
+
+def test_cli_flags_override_env():
+    s = Settings.from_env({"TEXTGEN_HTTP_PORT": "9000"}, http_port=9100, model_dir=None)
+    assert s.http_port == 9100
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"TEXTGEN_MAX_RUNNING": "0"}, "TEXTGEN_MAX_RUNNING"),
+        ({"TEXTGEN_HTTP_PORT": "80"}, "TEXTGEN_HTTP_PORT"),
+        ({"TEXTGEN_PROVIDER": "tpu"}, "TEXTGEN_PROVIDER"),
+        ({"TEXTGEN_REQUEST_TIMEOUT_S": "soon"}, "TEXTGEN_REQUEST_TIMEOUT_S"),
+        ({"TEXTGEN_HOST": "example.com"}, "TEXTGEN_HOST"),
+    ],
+)
+def test_bad_settings_name_the_variable(env, needle):
+    with pytest.raises(SettingsError, match=needle):
+        Settings.from_env(env)
+
+
+def test_flag_errors_name_the_flag():
+    with pytest.raises(SettingsError, match="--port"):
+        Settings.from_env({}, http_port=1)
+
+
+def test_api_key_never_shown():
+    s = Settings.from_env({"TEXTGEN_API_KEY": "sekrit"})
+    assert "sekrit" not in json.dumps(s.describe()) and "sekrit" not in repr(s)
+
+
+# -- request models ------------------------------------------------------------------------------
+
+
+def _error(model, data) -> tuple[str, str | None]:
+    with pytest.raises(ValidationError) as e:
+        model.model_validate(data)
+    return describe_validation_error(e.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "param", "needle"),
+    [
+        ({"prompt": "x", "max_tokens": "5"}, "max_tokens", "valid integer"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"prompt": "x", "n": 17}, "n", "less than or equal to 16"),
+        ({"prompt": "x", "temperature": 2.5}, "temperature", "2"),
+        ({"prompt": "x", "top_p": 0}, "top_p", "greater than 0"),
+        ({"prompt": "x", "stop": ["s"] * 1000}, "stop", f"at most {MAX_STOP}"),
+        ({"prompt": "x", "stop": "y" * 65}, "stop", "at most 64 characters"),
+        ({"prompt": "x", "stop": [""]}, "stop", "must not be empty"),
+        ({"prompt": "x", "echo": True}, "echo", "unknown or unsupported"),
+        ({"prompt": ["a", "b"]}, "prompt", "only one prompt"),
+        ({"prompt": []}, "prompt", "must not be empty"),
+        ({"prompt": [1, "a"]}, "prompt", "list of token ids"),
+        ({"prompt": [True]}, "prompt", "list of token ids"),
+        ({"prompt": "x", "seed": -1}, "seed", "greater than or equal to 0"),
+        ({"prompt": "x", "logprobs": 6}, "logprobs", "5"),
+        ({}, "prompt", "required"),
+    ],
+)
+def test_completion_request_errors_name_the_field(data, param, needle):
+    message, first = _error(CompletionRequest, data)
+    assert first == param
+    assert message.startswith(param) and needle in message
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [("hi", "hi"), ([5, 6], [5, 6]), (["hi"], "hi"), ([[5, 6]], [5, 6])],
+)
+def test_prompt_forms(prompt, expected):
+    assert CompletionRequest.model_validate({"prompt": prompt}).prompt == expected
+
+
+def test_chat_request_errors():
+    _, param = _error(ChatCompletionRequest, {"messages": [{"role": "tool", "content": "x"}]})
+    assert param == "messages.0.role"
+    _, param = _error(ChatCompletionRequest, {"messages": []})
+    assert param == "messages"
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": parts}]})
+    assert req.messages[0].text == "ab"
+
+
+def test_generate_request_needs_one_prompt(fake_bundle):
+    m = _model(fake_bundle)
+    with pytest.raises(ApiError) as e:
+        serving.build_generate(GenerateRequest.model_validate({}), m)
+    assert e.value.kind == "validation"
+
+
+# -- chat template -------------------------------------------------------------------------------
+
+
+def _messages(*pairs) -> list[ChatMessage]:
+    return [ChatMessage(role=r, content=c) for r, c in pairs]
+
+
+def test_chat_template_renders_a_script():
+    text = chat_template.render(
+        _messages(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."), ("user", "Bye"))
+    )
+    assert text == "System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: Bye\nAssistant:"
+
+
+def test_chat_template_continues_a_final_assistant_message():
+    assert (
+        chat_template.render(_messages(("user", "Hi"), ("assistant", "Well"))) == "User: Hi\nAssistant: Well"
+    )
+
+
+def test_chat_stops_at_the_next_turn():
+    assert chat_template.stop_strings(["END", "\nUser:"]) == ("END", "\nUser:", "\nSystem:", "\nAssistant:")
+
+
+# -- job building --------------------------------------------------------------------------------
+
+
+def _model(bundle) -> serving.ModelInfo:
+    return serving.ModelInfo("fake", FAKE_CONTEXT, Tokenizer.load(bundle / "tokenizer.model"), add_bos=True)
+
+
+def test_text_prompt_starts_with_bos(fake_bundle):
+    m = _model(fake_bundle)
+    job = serving.build_completion(CompletionRequest(prompt="Hello"), m)
+    assert job.prompt_ids[0] == m.tokenizer.bos_id and job.prompt_ids[1:] == m.tokenizer.encode("Hello")
+    assert job.params[0].max_tokens == serving.DEFAULT_MAX_TOKENS
+
+
+def test_token_prompt_is_used_as_given(fake_bundle):
+    job = serving.build_completion(CompletionRequest(prompt=[5, 6, 7]), _model(fake_bundle))
+    assert job.prompt_ids == [5, 6, 7]
+
+
+def test_token_outside_vocabulary(fake_bundle):
+    with pytest.raises(ApiError) as e:
+        serving.build_completion(CompletionRequest(prompt=[5, FAKE_VOCAB]), _model(fake_bundle))
+    assert e.value.status == 422 and e.value.param == "prompt" and str(FAKE_VOCAB) in e.value.message
+
+
+def test_max_tokens_over_context_is_422(fake_bundle):
+    with pytest.raises(ApiError) as e:
+        serving.build_completion(
+            CompletionRequest(prompt="x", max_tokens=FAKE_CONTEXT + 1), _model(fake_bundle)
+        )
+    assert e.value.status == 422 and e.value.param == "max_tokens" and str(FAKE_CONTEXT) in e.value.message
+
+
+def test_context_overflow_is_400_with_both_lengths(fake_bundle):
+    with pytest.raises(ApiError) as e:
+        serving.build_completion(CompletionRequest(prompt=[5] * 100, max_tokens=50), _model(fake_bundle))
+    assert e.value.status == 400 and e.value.kind == "context_length_exceeded"
+    assert "100" in e.value.message and "50" in e.value.message and str(FAKE_CONTEXT) in e.value.message
+
+
+def test_chat_default_max_tokens_fills_the_context(fake_bundle):
+    m = _model(fake_bundle)
+    job = serving.build_chat(ChatCompletionRequest(messages=_messages(("user", "Hi"))), m)
+    assert len(job.prompt_ids) + job.params[0].max_tokens == FAKE_CONTEXT
+    assert "\nUser:" in job.params[0].stop
+
+
+def test_seeded_choices_get_consecutive_seeds(fake_bundle):
+    job = serving.build_completion(CompletionRequest(prompt="x", n=3, seed=7), _model(fake_bundle))
+    assert [p.seed for p in job.params] == [7, 8, 9]
+
+
+def test_wrong_model_name(fake_bundle):
+    with pytest.raises(ApiError) as e:
+        serving.build_completion(CompletionRequest(prompt="x", model="gpt-4"), _model(fake_bundle))
+    assert e.value.param == "model"
+
+
+def test_top_logprobs_needs_logprobs(fake_bundle):
+    req = ChatCompletionRequest(messages=_messages(("user", "Hi")), top_logprobs=2)
+    with pytest.raises(ApiError, match="top_logprobs"):
+        serving.build_chat(req, _model(fake_bundle))
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_error_table():
+    assert {
+        k: v[0] for k, v in STATUS.items() if k in ("validation", "queue_full", "unavailable", "unauthorized")
+    } == {
+        "validation": 422,
+        "queue_full": 429,
+        "unavailable": 503,
+        "unauthorized": 401,
+    }
+    r = ApiError("queue_full", "full").response()
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    sse = ApiError("internal", "boom").sse()
+    assert (
+        sse.startswith("event: error\ndata: ")
+        and json.loads(sse.split("data: ")[1])["error"]["message"] == "boom"
+    )
