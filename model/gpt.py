@@ -44,7 +44,7 @@ class MultiHeadAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+        self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim  # config integers, not tensor shapes: keeps the export static
@@ -55,6 +55,10 @@ class MultiHeadAttention(nn.Module):
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, H, S, D)
             v = torch.cat([past[1], v], dim=2)
+        if mask is None:  # training: no cache, no padding; torch's fused kernel computes the same formula
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
+                                               is_causal=True)
+            return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C))), (k, v)
         # Scaled dot-product attention: softmax(Q K^T / sqrt(d_k)) V, masked.
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, T, S)
         # A finite minimum, not -inf: a fully masked row (a padding query) stays finite, not NaN.
@@ -86,7 +90,7 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None
+        self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         a, present = self.attn(self.ln1(x), mask, past)
         x = x + a
@@ -149,6 +153,10 @@ class GPT(nn.Module):
         query_idx = torch.arange(T, device=input_ids.device) + P
         causal = key_idx[None, :] <= query_idx[:, None]  # (T, S)
         mask = causal[None, None, :, :] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+        return self._forward(input_ids, mask, position_ids, past_key_values)
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor,
+                 past_key_values: KVCache | None) -> tuple[torch.Tensor, KVCache]:
 
         x = self.wte(input_ids) * math.sqrt(self.cfg.n_embd) + self.pe[position_ids]  # (B, T, C)
         x = self.drop(x)
@@ -159,9 +167,18 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         return logits, presents
 
+    def causal_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T, V) for whole sequences starting at position 0 (no cache, no padding)."""
+        B, T = input_ids.shape
+        logits, _ = self._forward(input_ids, None, torch.arange(T, device=input_ids.device).expand(B, T), None)
+        return logits
+
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy in nats, for training: (B, T) ids and targets."""
-        logits, _ = self(input_ids)
+        """Mean next-token cross-entropy in nats, for training: (B, T) ids and targets.
+
+        Full causal sequences without padding or cache, so attention takes the fused causal kernel.
+        """
+        logits = self.causal_logits(input_ids)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 

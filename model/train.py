@@ -72,7 +72,7 @@ def evaluate_nats(model: GPT, data: np.ndarray, block: int, device: str, max_win
         x = torch.from_numpy(np.stack([data[i : i + block] for i in s]).astype(np.int64)).to(device)
         y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block] for i in s]).astype(np.int64)).to(device)
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-            logits, _ = model(x)
+            logits = model.causal_logits(x)
         nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (B, T)
         for row, i in enumerate(s):
             first = 0 if max_windows else max(0, scored_until - i)  # y[row, k] is the target at index i + 1 + k

@@ -144,6 +144,7 @@ class Engine:
         for rid in sched.aborted:
             outputs.append(self._finish(self._seqs[rid], "abort"))
         self._batch.keep(sched.running)
+        prefill_tokens = sum(len(self._seqs[r].prompt) for r in sched.admitted)
         try:
             logits, rows = self._run_model(sched.admitted, t0)
         except Exception as e:  # a failed run must not wedge the engine: fail the batch, keep serving
@@ -152,7 +153,7 @@ class Engine:
         if rows:
             outputs += self._sample_and_update(logits, rows)
         self.last_step_stats = StepStats(
-            batch_size=len(rows), num_prefill_tokens=sum(len(self._seqs[r].prompt) for r in sched.admitted),
+            batch_size=len(rows), num_prefill_tokens=prefill_tokens,
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.scheduler.kv_usage, step_time=time.monotonic() - t0)
         return outputs

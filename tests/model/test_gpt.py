@@ -83,3 +83,12 @@ def test_generate_greedy_is_deterministic(model: GPT) -> None:
 def test_config_rejects_bad_heads() -> None:
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
+
+
+@torch.no_grad()
+def test_training_loss_path_equals_the_masked_formula(model: GPT) -> None:
+    """loss() uses torch's fused causal attention; it must equal the explicit masked softmax."""
+    ids = torch.randint(0, 97, (2, 16))
+    logits, _ = model(ids)  # explicit mask path
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    assert float(model.loss(ids[:, :-1], ids[:, 1:])) == pytest.approx(float(expected), abs=1e-5)

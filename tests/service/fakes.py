@@ -135,7 +135,7 @@ class FakeEngine:
         )
         timings = RequestTimings(arrival=arrival_time if arrival_time is not None else time.monotonic())
         self.waiting.append(
-            _Req(request_id, list(prompt_token_ids), params, timings, random.Random(seed), detok)
+            _Req(request_id, list(prompt_token_ids), params, timings, random.Random(seed), detok, deadline)
         )
 
     def abort(self, request_id: str) -> None:

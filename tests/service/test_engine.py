@@ -1,0 +1,184 @@
+"""The engine against the PyTorch model: continuous batching must not change a single token."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+import numpy as np
+import pytest
+
+from service.bundle import load_bundle
+from service.engine import Engine
+from service.types import InvalidRequestError, PromptTooLongError, QueueFullError, SamplingParams
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine_and_model(random_model_and_bundle):
+    model, bundle_dir = random_model_and_bundle
+    return Engine(load_bundle(bundle_dir), max_running=8, max_prefill_tokens=64), model
+
+
+def run_to_completion(engine: Engine, schedule: dict[int, list] | None = None) -> dict[str, dict]:
+    """Step until idle; ``schedule[step]`` holds callables run before that step (joins, aborts)."""
+    results: dict[str, dict] = {}
+    step = 0
+    while engine.has_unfinished() or (schedule and any(k >= step for k in schedule)):
+        for action in (schedule or {}).get(step, []):
+            action()
+        for out in engine.step():
+            r = results.setdefault(out.request_id, {"tokens": [], "text": "", "finish": None, "logprobs": []})
+            r["tokens"] += out.new_token_ids
+            r["text"] += out.text_delta
+            r["logprobs"] += out.new_logprobs or []
+            if out.finished:
+                r["finish"], r["out"] = out.finish_reason, out
+        step += 1
+        assert step < 10_000
+    return results
+
+
+def check_idle(engine: Engine) -> None:
+    engine.scheduler.check_invariants()
+    assert engine.num_running == engine.num_waiting == 0
+    assert engine.kv_cache_usage == 0
+    assert len(engine._batch) == 0 and not engine._seqs
+
+
+def test_greedy_batch_with_joins_and_aborts_equals_each_prompt_alone(engine_and_model) -> None:
+    from model.gpt import generate_greedy
+
+    engine, model = engine_and_model
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(4, 500) for _ in range(n)] for n in (3, 40, 9, 17, 1, 60, 25, 5, 12, 33)]
+    lengths = [20, 7, 30, 12, 25, 9, 16, 28, 11, 19]
+    expected = [generate_greedy(model, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    assert len({tuple(e) for e in expected}) > 5  # the model's continuations differ: a real check
+
+    def add(i: int):
+        return lambda: engine.add_request(f"r{i}", prompts[i], SamplingParams(max_tokens=lengths[i], **GREEDY))
+
+    schedule = {0: [add(0), add(1), add(2)], 2: [add(3), add(4)], 5: [add(5), add(6), add(7)], 9: [add(8)],
+                14: [add(9)], 3: [lambda: engine.add_request("gone", prompts[1], SamplingParams(max_tokens=30, **GREEDY))],
+                6: [lambda: engine.abort("gone")]}
+    res = run_to_completion(engine, schedule)
+    for i in range(10):
+        assert res[f"r{i}"]["tokens"] == expected[i], f"request {i} diverged"
+        assert res[f"r{i}"]["finish"] == "length"
+    assert res["gone"]["finish"] == "abort" and 0 < len(res["gone"]["tokens"]) < 30
+    check_idle(engine)
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(engine_and_model) -> None:
+    engine, _ = engine_and_model
+    params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=42, ignore_eos=True)
+    prompt = [1, 50, 60, 70]
+    engine.add_request("alone", prompt, params)
+    alone = run_to_completion(engine)["alone"]["tokens"]
+    noise = random.Random(1)
+    for i in range(6):
+        p = [1] + [noise.randrange(4, 500) for _ in range(noise.randrange(1, 50))]
+        engine.add_request(f"n{i}", p, SamplingParams(max_tokens=noise.randrange(5, 30), temperature=1.0, ignore_eos=True))
+    engine.add_request("busy", prompt, params)
+    busy = run_to_completion(engine)["busy"]["tokens"]
+    assert busy == alone
+    engine.add_request("other-seed", prompt, dataclasses.replace(params, seed=7))
+    assert run_to_completion(engine)["other-seed"]["tokens"] != alone
+
+
+def test_no_leaks_after_thousands_of_requests_with_random_aborts(random_bundle) -> None:
+    engine = Engine(load_bundle(random_bundle), max_running=16, max_waiting=64, kv_budget_tokens=1500,
+                    max_prefill_tokens=128)
+    rng = random.Random(7)
+    submitted, finished, live = 0, {}, set()
+    while submitted < 2000 or engine.has_unfinished():
+        while submitted < 2000 and engine.num_waiting < 32:
+            rid = f"q{submitted}"
+            engine.add_request(rid, [1] + [rng.randrange(4, 500) for _ in range(rng.randrange(1, 30))],
+                               SamplingParams(max_tokens=rng.randrange(1, 8), temperature=rng.choice([0.0, 1.0])))
+            live.add(rid)
+            submitted += 1
+        for rid in rng.sample(sorted(live), k=min(len(live), rng.randrange(0, 3))):
+            engine.abort(rid)
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in finished, "a request finished twice"
+                finished[out.request_id] = out.finish_reason
+                live.discard(out.request_id)
+        engine.scheduler.check_invariants()
+        assert len(engine._batch) == engine.num_running  # every running sequence has exactly one cache row
+        assert engine._batch.cached_tokens <= engine.kv_budget_tokens
+    assert len(finished) == 2000
+    assert set(finished.values()) <= {"length", "abort", "stop"}
+    assert "abort" in finished.values()
+    check_idle(engine)
+
+
+def test_stop_strings_stop_tokens_and_logprobs(engine_and_model) -> None:
+    engine, _ = engine_and_model
+    prompt = [1, 100, 200]
+    engine.add_request("free", prompt, SamplingParams(max_tokens=30, logprobs=2, **GREEDY))
+    free = run_to_completion(engine)["free"]
+    assert len(free["logprobs"]) == 30 and all(lp <= 0 for lp in free["logprobs"])
+    text = free["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    assert stop.strip(), "need a visible stop string"
+    engine.add_request("s", prompt, SamplingParams(max_tokens=30, stop=(stop,), **GREEDY))
+    r = run_to_completion(engine)["s"]
+    assert r["finish"] == "stop" and r["out"].stop_reason == stop
+    assert r["text"] == text[: text.index(stop)]
+    tok = free["tokens"][5]
+    engine.add_request("t", prompt, SamplingParams(max_tokens=30, stop_token_ids=(tok,), **GREEDY))
+    r = run_to_completion(engine)["t"]
+    first = free["tokens"].index(tok)
+    assert r["finish"] == "stop" and r["tokens"] == free["tokens"][: first + 1]
+    check_idle(engine)
+
+
+def test_deadline_finishes_as_length(engine_and_model) -> None:
+    engine, _ = engine_and_model
+    engine.add_request("late", [1, 5], SamplingParams(max_tokens=50, **GREEDY), deadline=time.monotonic() - 1)
+    r = run_to_completion(engine)["late"]
+    assert r["finish"] == "length" and len(r["tokens"]) == 1
+    check_idle(engine)
+
+
+def test_request_errors(random_bundle) -> None:
+    engine = Engine(load_bundle(random_bundle), max_running=1, max_waiting=1)
+    with pytest.raises(PromptTooLongError, match="250 tokens and max_tokens is 10"):
+        engine.add_request("long", [1] * 250, SamplingParams(max_tokens=10))
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        engine.add_request("oov", [1, 99999], SamplingParams())
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.add_request("empty", [], SamplingParams())
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        engine.add_request("nan", [1], SamplingParams(temperature=float("nan")))
+    engine.add_request("a", [1, 2], SamplingParams(max_tokens=3))
+    with pytest.raises(QueueFullError):
+        engine.add_request("b", [1, 2], SamplingParams(max_tokens=3))
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request("a", [1, 2], SamplingParams(max_tokens=3))
+    run_to_completion(engine)
+    check_idle(engine)
+
+
+def test_batch_padding_is_trimmed_when_long_rows_leave(engine_and_model) -> None:
+    engine, _ = engine_and_model
+    engine.add_request("long", [1] + list(range(10, 110)), SamplingParams(max_tokens=2, **GREEDY))
+    engine.add_request("short", [1, 5], SamplingParams(max_tokens=20, **GREEDY))
+    widths = []
+    while engine.has_unfinished():
+        engine.step()
+        widths.append(engine._batch.width)
+    assert max(widths) >= 101
+    assert min(w for w in widths if w) < 30  # after "long" left, its padding went with it
+    check_idle(engine)
+
+
+def test_logits_dtype_and_provider(engine_and_model) -> None:
+    engine, _ = engine_and_model
+    assert engine.provider == "CPUExecutionProvider"
+    assert engine.runner.kv_dtype == np.float32
