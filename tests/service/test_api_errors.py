@@ -164,7 +164,8 @@ def test_queue_full_is_429_with_retry_after(server):
     with cf.ThreadPoolExecutor(4) as pool:  # 2 running + 2 waiting fill the engine
         busy = [pool.submit(post, server, "/v1/completions", long) for _ in range(4)]
         deadline = time.monotonic() + 10
-        while httpx.get(server.url("/ready")).json()["waiting"] < 2 and time.monotonic() < deadline:
+        while (st := httpx.get(server.url("/ready")).json())["waiting"] < 2 and time.monotonic() < deadline:
+            print(st)
             time.sleep(0.01)
         r = post(server, "/v1/completions", long)
         err = error(r, 429)
