@@ -143,7 +143,7 @@ class Engine:
         sched = self.scheduler.schedule()
         for rid in sched.aborted:
             outputs.append(self._finish(self._seqs[rid], "abort"))
-        self._batch.keep(sched.running)
+        self._keep_rows(sched.running)
         prefill_tokens = sum(len(self._seqs[r].prompt) for r in sched.admitted)
         try:
             logits, rows = self._run_model(sched.admitted, t0)
@@ -176,7 +176,9 @@ class Engine:
             ids, mask, pos = left_pad_prompts(prompts, self.bundle.pad_id)
             out = self.runner.run(ids, mask, pos, self.runner.empty_past(len(admitted)))
             next_pos = np.array([len(p) for p in prompts], np.int64)
-            self._batch.merge(admitted, out.presents, mask, next_pos)
+            self._batch.past = self.runner.to_host(self._batch.past)  # joins happen on the host (CUDA: a copy)
+            self._batch.merge(admitted, self.runner.to_host(out.presents), mask, next_pos)
+            self._batch.past = self.runner.to_device(self._batch.past)
             parts.append(out.logits)
             rows += admitted
         return (np.concatenate(parts) if len(parts) > 1 else parts[0]) if parts else np.zeros((0, 0)), rows
@@ -216,8 +218,17 @@ class Engine:
         if finished:
             for rid in finished:
                 self.scheduler.finish(rid)
-            self._batch.keep([r for r in self._batch.row_ids if r not in set(finished)])
+            done = set(finished)
+            self._keep_rows([r for r in self._batch.row_ids if r not in done])
         return outputs
+
+    def _keep_rows(self, keep: list[str]) -> None:
+        """Drop rows that left the batch; on CUDA the cache visits the host only when membership changes."""
+        if keep == self._batch.row_ids:
+            return
+        self._batch.past = self.runner.to_host(self._batch.past)
+        self._batch.keep(keep)
+        self._batch.past = self.runner.to_device(self._batch.past)
 
     # ---- endings -----------------------------------------------------------------------------
     def _complete(self, s: _Sequence, out: RequestOutput, reason: FinishReason, stop_reason: str | int | None) -> None:

@@ -93,6 +93,16 @@ class Runner:
         shape = (batch, self.num_heads, 0, self.head_dim)
         return [np.zeros(shape, self.kv_dtype) for _ in self.past_names]
 
+    def to_host(self, tensors: list[Any]) -> list[np.ndarray]:
+        """Cache tensors as numpy (a device-to-host copy on CUDA) for row joins and leaves."""
+        return [t.numpy() if isinstance(t, ort.OrtValue) else t for t in tensors]
+
+    def to_device(self, tensors: list[Any]) -> list[Any]:
+        """Cache tensors where the next run wants them: OrtValues on the GPU under CUDA, else numpy."""
+        if not self.on_cuda:
+            return tensors
+        return [t if isinstance(t, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(t, "cuda", 0) for t in tensors]
+
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
             past: list[Any]) -> RunnerOutput:
         """input_ids, position_ids (B, T) int64; attention_mask (B, P + T) int64; past 2L x (B, H, P, D)."""

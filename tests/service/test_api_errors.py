@@ -158,15 +158,21 @@ def test_openai_client_sees_typed_errors(server):
 # -- in the engine -------------------------------------------------------------------------------
 
 
+def wait_gauge(server, name: str, value: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(server.url("/ready")).json()[name] < value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.01)
+
+
 def test_queue_full_is_429_with_retry_after(server):
     wait_idle(server)
     long = {"prompt": "x", "max_tokens": 60, "temperature": 0}
-    with cf.ThreadPoolExecutor(4) as pool:  # 2 running + 2 waiting fill the engine
-        busy = [pool.submit(post, server, "/v1/completions", long) for _ in range(4)]
-        deadline = time.monotonic() + 10
-        while (st := httpx.get(server.url("/ready")).json())["waiting"] < 2 and time.monotonic() < deadline:
-            print(st)
-            time.sleep(0.01)
+    with cf.ThreadPoolExecutor(4) as pool:  # fill 2 running slots, then the 2 waiting places
+        busy = [pool.submit(post, server, "/v1/completions", long) for _ in range(2)]
+        wait_gauge(server, "running", 2)
+        busy += [pool.submit(post, server, "/v1/completions", long) for _ in range(2)]
+        wait_gauge(server, "waiting", 2)
         r = post(server, "/v1/completions", long)
         err = error(r, 429)
         assert err["type"] == "rate_limit_error" and int(r.headers["retry-after"]) >= 1
