@@ -16,10 +16,9 @@ import os
 import socket
 import sys
 
-from service.settings import Settings, SettingsError
+from service.settings import LOG_FORMAT, Settings, SettingsError
 
 logger = logging.getLogger("service")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,11 +26,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m service",
         description="Serve a model bundle behind an OpenAI-compatible HTTP API. Every setting is "
         "also an environment variable (TEXTGEN_*); flags override them. See docs/api.md.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--model", metavar="DIR", help="model bundle folder (TEXTGEN_MODEL_DIR)")
     ap.add_argument("--host", help="bind address: 127.0.0.1, 0.0.0.0 or :: (TEXTGEN_HOST)")
     ap.add_argument("--port", type=int, help="HTTP port (TEXTGEN_HTTP_PORT)")
     return ap.parse_args(argv)
+
+
+def _settings_help() -> str:
+    lines = ["environment variables (default):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default if field.default is not None else "unset"
+        lines.append(f"  {Settings.env_name(name):<28} {field.description or ''} ({default})")
+    return "\n".join(lines)
 
 
 def check_port_free(host: str, port: int) -> None:

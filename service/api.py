@@ -53,20 +53,44 @@ class HttpApi:
     def install(self, app: FastAPI) -> None:
         """Replace LitServe's routes with ours, and start the frontend with each HTTP process."""
         app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in LITSERVE_ROUTES]
-        open_routes = {"/health": self.health, "/ready": self.ready, "/metrics": self.metrics}
-        for path, fn in open_routes.items():
-            app.add_api_route(path, self._wrap(path, fn, auth=False), methods=["GET"], include_in_schema=True)
-        app.add_api_route("/v1/models", self._wrap("/v1/models", self.models), methods=["GET"])
-        posts = {
-            "/tokenize": self.tokenize,
-            "/detokenize": self.detokenize,
-            "/v1/completions": self.completions,
-            "/v1/chat/completions": self.chat_completions,
-            "/generate": self.generate,
+        text = {
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}
         }
-        for path, fn in posts.items():
+        open_routes = {
+            "/health": (self.health, None),
+            "/ready": (self.ready, None),
+            "/metrics": (self.metrics, text),
+        }
+        for path, (fn, responses) in open_routes.items():
+            app.add_api_route(path, self._wrap(path, fn, auth=False), methods=["GET"], responses=responses)
+        app.add_api_route(
+            "/v1/models",
+            self._wrap("/v1/models", self.models),
+            methods=["GET"],
+            responses=_responses(p.ModelList),
+        )
+        posts = {
+            "/tokenize": (self.tokenize, p.TokenizeRequest, p.TokenizeResponse),
+            "/detokenize": (self.detokenize, p.DetokenizeRequest, p.DetokenizeResponse),
+            "/v1/completions": (self.completions, p.CompletionRequest, p.CompletionResponse),
+            "/v1/chat/completions": (
+                self.chat_completions,
+                p.ChatCompletionRequest,
+                p.ChatCompletionResponse,
+            ),
+            "/generate": (self.generate, p.GenerateRequest, p.GenerateResponse),
+        }
+        schemas: dict[str, Any] = {}
+        for path, (fn, request_model, response_model) in posts.items():
             generation = path in ("/v1/completions", "/v1/chat/completions", "/generate")
-            app.add_api_route(path, self._wrap(path, fn, record_success=not generation), methods=["POST"])
+            app.add_api_route(
+                path,
+                self._wrap(path, fn, record_success=not generation),
+                methods=["POST"],
+                openapi_extra={"requestBody": _request_body(request_model, schemas)},
+                responses=_responses(response_model),
+            )
+        _add_schemas(app, schemas)
         app.add_exception_handler(StarletteHTTPException, _http_exception)
         original = app.router.lifespan_context
 
@@ -201,8 +225,37 @@ class HttpApi:
         return await handlers.generate(self.fe, request, "/generate", job, "generate")
 
 
+def _request_body(model: type[BaseModel], schemas: dict[str, Any]) -> dict:
+    """OpenAPI request body of a route that reads its body itself (to control size and errors)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(schema.pop("$defs", {}))
+    schemas[model.__name__] = schema
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"required": True, "content": {"application/json": {"schema": ref}}}
+
+
+def _responses(model: type[BaseModel]) -> dict:
+    errors = {code: {"model": p.ErrorResponse} for code in (400, 401, 413, 422, 429, 503)}
+    return {200: {"model": model}, **errors}
+
+
+def _add_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = original()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> Response:
-    return error_from_status(exc.status_code, str(exc.detail)).response()
+    err = error_from_status(exc.status_code, str(exc.detail))
+    err.headers.update(exc.headers or {})  # e.g. Allow on 405
+    return err.response()
 
 
 def model_info(settings: Settings, bundle: Any, tokenizer: Any) -> serving.ModelInfo:

@@ -34,7 +34,7 @@ import litserve as ls
 from litserve.loops.base import LitLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
 
-from service.settings import Settings
+from service.settings import LOG_FORMAT, Settings
 from service.shared_state import SharedState, child_signal_handlers
 from service.types import (
     InvalidRequestError,
@@ -85,7 +85,7 @@ class TextGenAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         child_signal_handlers(self.state, lambda: os._exit(0))
-        logging.getLogger().setLevel(self.settings.log_level.upper())
+        logging.basicConfig(level=self.settings.log_level.upper(), format=LOG_FORMAT)
         from service.bundle import load_bundle
         from service.metrics import Metrics
 

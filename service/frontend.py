@@ -97,6 +97,7 @@ class Frontend:
         self.rqid = 0
         self.metrics: Any = None
         self._tasks: list[asyncio.Task] = []
+        self._delivery: asyncio.Task | None = None
 
     # -- lifecycle (per uvicorn process) ------------------------------------------------------
     async def start(self, app: Any) -> None:
@@ -159,16 +160,20 @@ class Frontend:
             await mailbox.event.wait()
             mailbox.event.clear()
             while mailbox.response_queue:
-                events, status = mailbox.response_queue.popleft()
-                if status != LitAPIStatus.OK:
-                    continue
-                for ev in events:
-                    p = self.pending.get(ev[1])
-                    if p is not None:
-                        p.put(ev)
+                try:
+                    events, status = mailbox.response_queue.popleft()
+                    if status != LitAPIStatus.OK:
+                        continue
+                    for ev in events:
+                        p = self.pending.get(ev[1])
+                        if p is not None:
+                            p.put(ev)
+                except Exception:  # a bad message must not stop every request's delivery
+                    logger.exception("dropping a malformed message from the inference worker")
 
     async def _watchdog(self) -> None:
-        """Fail what can no longer finish (worker dead, grace period over); exit if orphaned."""
+        """Fail what can no longer finish (worker dead, grace period over); exit if orphaned or
+        if event delivery stopped (this process is then restarted with the service)."""
         while True:
             await asyncio.sleep(WATCHDOG_PERIOD_S)
             phase = self.state.phase
@@ -180,8 +185,21 @@ class Frontend:
                 self._fail_all(ApiError("unavailable", "the server is shutting down"))
             if os.getppid() != self.state.main_pid:
                 logger.error("the main process is gone; this HTTP process exits")
+                self.state.phase = Phase.STOPPING  # the main process, its only writer, is dead
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
+            if phase == Phase.SERVING and not self._delivery_alive():
+                logger.error("LitServe's response task stopped: failing pending requests and exiting")
+                self._fail_all(ApiError("unavailable", "the server lost its inference worker link"))
+                await asyncio.sleep(0.5)
+                os._exit(1)  # the supervisor sees an HTTP process die: the service restarts
+
+    def _delivery_alive(self) -> bool:
+        """Whether LitServe's task that moves worker messages into the response buffer runs."""
+        if self._delivery is None:
+            name = f"response_queue_to_buffer-{self.rqid}"
+            self._delivery = next((t for t in asyncio.all_tasks() if t.get_name() == name), None)
+        return self._delivery is None or not self._delivery.done()
 
     def _fail_all(self, err: ApiError) -> None:
         for p in list(self.pending.values()):

@@ -25,15 +25,18 @@ import contextlib
 import copy
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
+from multiprocessing.managers import SyncManager
 from typing import Any
 
 import litserve as ls
 import litserve.server
 import uvicorn
 from litserve.server import _Server
+from litserve.transport.factory import create_transport_from_config
 from litserve.utils import WorkerSetupStatus
 
 from service.settings import Settings
@@ -59,6 +62,19 @@ class _HttpServer(_Server):
     def capture_signals(self):
         child_signal_handlers(self.state, lambda: self.handle_exit(signal.SIGTERM, None))
         yield
+
+
+def _manager_init(parent_pid: int) -> None:
+    """In LitServe's Manager process: signals are the main process's business; exit with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="textgen-orphan-watch", daemon=True).start()
 
 
 class TextGenServer(ls.LitServer):
@@ -112,13 +128,17 @@ class TextGenServer(ls.LitServer):
 
     # -- start-up -----------------------------------------------------------------------------
     def _init_manager(self, num_api_servers: int):
-        """LitServe's; the Manager process it forks must not inherit our signal handlers."""
-        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            return super()._init_manager(num_api_servers)
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+        """LitServe's, but its Manager process ignores our signals and exits if orphaned."""
+        manager = SyncManager()
+        manager.start(_manager_init, (os.getpid(),))
+        self.transport_config.manager = manager
+        self.transport_config.num_consumers = num_api_servers
+        self.workers_setup_status = manager.dict()
+        self._shutdown_event = manager.Event()
+        for lit_api in self.litapi_connector:
+            self.litapi_request_queues[lit_api.api_path] = manager.Queue()
+        self._transport = create_transport_from_config(self.transport_config)
+        return manager
 
     def verify_worker_status(self) -> None:
         """Wait until the inference worker has loaded the engine; fail fast if it cannot."""

@@ -8,7 +8,7 @@ by ``service.serving`` once the model is known. docs/api.md documents every fiel
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -22,6 +22,9 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs (and the engine's)
 MAX_MESSAGES = 256
 MAX_SEED = 2**63 - 1
 MAX_REPETITION_PENALTY = 10.0
+
+
+TokenId = Annotated[int, Field(ge=0)]  # the upper bound (vocabulary size) is checked per model
 
 
 class _Strict(BaseModel):
@@ -65,7 +68,7 @@ class SamplingFields(_Strict):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
     ignore_eos: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
 
     _stop = field_validator("stop", mode="before")(_normalize_stop)
 
@@ -85,7 +88,7 @@ class OpenAIFields(SamplingFields):
 class CompletionRequest(OpenAIFields):
     """POST /v1/completions."""
 
-    prompt: str | list[int] = Field(
+    prompt: str | list[TokenId] = Field(
         description="Text, a list of token ids, or a list holding exactly one of those."
     )
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
@@ -132,7 +135,7 @@ class GenerateRequest(SamplingFields):
     """POST /generate (native)."""
 
     text: str | None = None
-    input_ids: list[int] | None = Field(None, min_length=1)
+    input_ids: list[TokenId] | None = Field(None, min_length=1)
     stream: bool = False
     details: bool = Field(False, description="Return token ids, their logprobs and timings.")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Top alternatives per token.")
@@ -145,7 +148,7 @@ class TokenizeRequest(_Strict):
 
 
 class DetokenizeRequest(_Strict):
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 def _is_int(x: Any) -> bool:

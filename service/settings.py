@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 ENV_PREFIX = "TEXTGEN_"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
 # LitServe's own restriction on the bind address (litserve.server.LitServer.run).
 Host = Literal["127.0.0.1", "0.0.0.0", "::"]
 
@@ -33,10 +34,12 @@ class Settings(BaseModel):
     model_dir: Path = Field(Path("artifacts/small"), description="Model bundle folder.")
     host: Host = Field("127.0.0.1", description="Bind address: 127.0.0.1, 0.0.0.0 or ::.")
     http_port: int = Field(8000, ge=1024, le=65535, description="HTTP port (LitServe refuses < 1024).")
-    api_key: SecretStr | None = Field(None, description="Bearer key for the generation endpoints.")
+    api_key: SecretStr | None = Field(None, description="Bearer key for the API routes (not /health, /ready, /metrics).")
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime execution provider.")
     intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime threads; 0 = its default.")
-    graph_opt_level: Literal["disable", "basic", "extended", "all"] = "all"
+    graph_opt_level: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimizations."
+    )
     max_running: int = Field(64, ge=1, le=4096, description="Sequences in the running batch.")
     max_waiting: int = Field(256, ge=1, le=1_000_000, description="Bounded waiting queue; beyond: 429.")
     kv_budget_tokens: int = Field(0, ge=0, description="Cached-token budget; 0 = max_running x context.")
@@ -46,8 +49,10 @@ class Settings(BaseModel):
     drain_timeout_s: float = Field(30.0, ge=0, description="Grace period for running requests at shutdown.")
     http_workers: int = Field(1, ge=1, le=64, description="uvicorn processes.")
     log_prompts: bool = Field(False, description="Log prompt and output text (off: counts only).")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    model_name: str | None = Field(None, min_length=1, max_length=256, description="Default: the bundle's.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level."
+    )
+    model_name: str | None = Field(None, min_length=1, max_length=256, description="Served model name; default: the bundle's.")
     prometheus_multiproc_dir: str | None = Field(
         None, description="Shared metrics folder; default: a temp dir."
     )

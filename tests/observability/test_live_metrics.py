@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -46,6 +46,7 @@ class ClientRecord:
     start: float  # time.monotonic()
     end: float
     ttft: float | None = None  # streaming: first chunk with text
+    chunk_times: list[float] = field(default_factory=list)  # streaming: arrival of each chunk with text
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -63,10 +64,12 @@ class ClientRecord:
         return self.status == 200
 
 
-def _one(client, model: str, i: int) -> ClientRecord:
+def _one(client, model: str, i: int, calm: bool = False) -> ClientRecord:
+    """Burst request ``i``: completion/chat x non-streaming/streaming in turn, varied lengths,
+    the last one invalid (max_tokens=0). Calm phase: streaming only, one at a time."""
     kind = "chat" if i % 4 >= 2 else "completion"
-    stream = i % 2 == 1
-    invalid = i == N_REQUESTS - 1  # one request the service must refuse (validation)
+    stream = calm or i % 2 == 1
+    invalid = not calm and i == N_REQUESTS - 1  # one request the service must refuse (validation)
     max_tokens = 0 if invalid else 6 + (i * 5) % 27
     prompt = PROMPTS[i % len(PROMPTS)]
     rec = ClientRecord(kind, stream, 0, time.monotonic(), 0.0)
@@ -82,8 +85,10 @@ def _one(client, model: str, i: int) -> ClientRecord:
             for chunk in resp:
                 for c in chunk.choices:
                     text = c.text if kind == "completion" else (c.delta.content or "")
-                    if text and rec.ttft is None:
-                        rec.ttft = time.monotonic() - rec.start
+                    if text:
+                        rec.chunk_times.append(time.monotonic())
+                        if rec.ttft is None:
+                            rec.ttft = rec.chunk_times[0] - rec.start
                     if c.finish_reason:
                         rec.finish_reason = c.finish_reason
                 if chunk.usage is not None:
@@ -100,17 +105,76 @@ def _one(client, model: str, i: int) -> ClientRecord:
     return rec
 
 
+N_CALM = 8
+HISTOGRAMS = (
+    "textgen_time_to_first_token_seconds",
+    "textgen_inter_token_latency_seconds",
+    "textgen_e2e_request_latency_seconds",
+)
+
+
 @dataclass
 class Burst:
+    """Phase 1: N_REQUESTS concurrent requests (some may get 429). Phase 2 ("calm"): N_CALM
+    streaming requests one after the other, on an idle server, so that the client's view of
+    each latency differs from the server's only by the HTTP overhead."""
+
     model: str  # from /v1/models
-    records: list[ClientRecord]
+    burst: list[ClientRecord]
+    calm: list[ClientRecord]
     t_start: float  # wall clock, for Prometheus
     t_end: float
-    direct: dict  # /metrics as served right after the burst
+    direct: dict  # /metrics as served after both phases
+    before_calm: dict[str, dict[float, float]]  # Prometheus: cumulative buckets after phase 1
+    after_calm: dict[str, dict[float, float]]  # ... and after phase 2
+
+    @property
+    def records(self) -> list[ClientRecord]:
+        return self.burst + self.calm
 
     @property
     def ok(self) -> list[ClientRecord]:
         return [r for r in self.records if r.ok]
+
+    def calm_histogram(self, hist: str) -> dict[float, float]:
+        """The server's histogram of the calm phase alone: a difference of cumulative counts."""
+        return {le: n - self.before_calm[hist].get(le, 0.0) for le, n in self.after_calm[hist].items()}
+
+
+def _settle(stack, n_finished: int, after: float) -> tuple[dict, float]:
+    """Wait until /metrics shows ``n_finished`` finished requests and an idle engine, and
+    Prometheus has scraped that at least twice after ``after`` (rate() needs two samples of a
+    series that appeared during the phase). Returns the exposition and the last scrape time."""
+    direct = wait_until(
+        lambda: (
+            s
+            if total(s := parse_exposition(stack.metrics_text()), "textgen_requests_finished_total")
+            == n_finished
+            and total(s, "textgen_num_requests_running") == 0
+            else None
+        ),
+        30,
+        f"/metrics to show {n_finished} finished requests and an idle engine",
+    )
+    prom = stack.prometheus
+
+    def scraped() -> float | None:
+        t = prom.value('timestamp(up{job="textgen"})') or 0.0
+        ok = (
+            t > after + 2.5  # scrape interval 1 s
+            and prom.value("sum(textgen_requests_finished_total)", at=t) == n_finished
+            and prom.value("sum(textgen_num_requests_running)", at=t) == 0
+        )
+        return t if ok else None
+
+    return direct, wait_until(
+        scraped, 30, "Prometheus to scrape the service twice after the phase", interval=0.25
+    )
+
+
+def _buckets(prom, hist: str, at: float) -> dict[float, float]:
+    res = prom.query(f"sum by (le) ({hist}_bucket)", at=at)
+    return {float(r["metric"]["le"]): float(r["value"][1]) for r in res}
 
 
 @pytest.fixture(scope="module")
@@ -119,41 +183,25 @@ def burst(stack) -> Burst:
     model = client.models.list().data[0].id
     before = parse_exposition(stack.metrics_text())
     assert total(before, "textgen_requests_finished_total") == 0, "the service must start with zero counts"
+    prom = stack.prometheus
 
     t_start = time.time()
     with ThreadPoolExecutor(N_REQUESTS) as pool:
-        records = list(pool.map(lambda i: _one(client, model, i), range(N_REQUESTS)))
-    t_end = time.time()
-    unexpected = [r for r in records if r.status not in (200, 400, 422, 429)]
+        burst = list(pool.map(lambda i: _one(client, model, i), range(N_REQUESTS)))
+    t_burst = time.time()
+    unexpected = [r for r in burst if r.status not in (200, 400, 422, 429)]
     assert not unexpected, f"unexpected HTTP statuses: {[(r.route, r.status) for r in unexpected]}"
-    assert sum(r.ok for r in records) >= 8, f"too few successes to compare: {[r.status for r in records]}"
+    n_ok = sum(r.ok for r in burst)
+    assert n_ok >= 8, f"too few successes to compare: {[r.status for r in burst]}"
+    _, t1 = _settle(stack, n_ok, t_burst)
+    before_calm = {h: _buckets(prom, h, t1) for h in HISTOGRAMS}
 
-    # The engine publishes its gauges when it goes idle; /metrics must show the burst completely.
-    n_ok = sum(r.ok for r in records)
-    direct = wait_until(
-        lambda: (
-            s
-            if total(s := parse_exposition(stack.metrics_text()), "textgen_requests_finished_total") == n_ok
-            and total(s, "textgen_num_requests_running") == 0
-            else None
-        ),
-        30,
-        "/metrics to show every finished request and an idle engine",
-    )
-    # Prometheus has scraped after the burst when its latest sample of the counter is complete
-    # and was taken after the burst ended.
-    prom = stack.prometheus
-    wait_until(
-        lambda: (
-            prom.value("sum(textgen_requests_finished_total)") == n_ok
-            and prom.value("sum(textgen_num_requests_running)") == 0
-            and (prom.value('timestamp(up{job="textgen"})') or 0) > t_end
-        ),
-        30,
-        "Prometheus to scrape the service after the burst",
-        interval=0.25,
-    )
-    return Burst(model, records, t_start, t_end, direct)
+    calm = [_one(client, model, i, calm=True) for i in range(N_CALM)]
+    t_end = time.time()
+    assert all(r.ok for r in calm), [r.status for r in calm]
+    direct, t2 = _settle(stack, n_ok + N_CALM, t_end)
+    after_calm = {h: _buckets(prom, h, t2) for h in HISTOGRAMS}
+    return Burst(model, burst, calm, t_start, t_end, direct, before_calm, after_calm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +258,12 @@ def test_counts_in_prometheus_match_the_client_exactly(stack, burst):
 
 def test_every_scrape_shows_the_same_merge(stack, burst):
     """Two uvicorn processes answer /metrics in turn: each must render the same totals."""
-    keys = [k for k in burst.direct if k[0].endswith(("_total", "_count", "_sum", "_bucket"))]
+    probes = {("route", r) for r in ("/metrics", "/ready", "/health")}  # Prometheus scrapes meanwhile
+    keys = [
+        k
+        for k in burst.direct
+        if k[0].endswith(("_total", "_count", "_sum", "_bucket")) and not (k[1] & probes)
+    ]
     assert keys
     for _ in range(6):
         again = parse_exposition(stack.metrics_text())
@@ -225,16 +278,6 @@ def test_every_scrape_shows_the_same_merge(stack, burst):
 # ---------------------------------------------------------------------------------------------
 
 
-def _bucket(edges, v: float) -> int:
-    """Index of the bucket holding v: the first edge >= v (len(edges) for +Inf)."""
-    return int(np.searchsorted(np.asarray(edges), v, side="left"))
-
-
-def _cumulative(prom, hist: str) -> dict[float, float]:
-    res = prom.query(f"sum by (le) ({hist}_bucket)")
-    return {float(r["metric"]["le"]): float(r["value"][1]) for r in res}
-
-
 def _client_quantile(values: list[float], q: float) -> float:
     """The smallest value with at least a fraction q of the values at or below it (the rank
     Prometheus's histogram_quantile estimates)."""
@@ -245,69 +288,65 @@ def _client_quantile(values: list[float], q: float) -> float:
 def test_server_latencies_never_exceed_what_the_client_measured(stack, burst):
     """Per request, the server's TTFT and e2e are sub-intervals of the client's wall time
     (non-streaming: the client's e2e bounds the TTFT), so every cumulative bucket of the server
-    histogram must count at least as many requests as the client's own values would."""
-    prom = stack.prometheus
+    histogram counts at least as many requests as the client's values would: exact, both phases."""
     ok = [r for r in burst.ok if r.completion_tokens > 0]
     cases = {
         "textgen_time_to_first_token_seconds": [r.ttft if r.ttft is not None else r.e2e for r in ok],
         "textgen_e2e_request_latency_seconds": [r.e2e for r in burst.ok],
     }
     for hist, client in cases.items():
-        cum = _cumulative(prom, hist)
+        cum = burst.after_calm[hist]
+        assert cum[float("inf")] == len(client), hist
         for le, n in cum.items():
             need = sum(v <= le for v in client)
             assert n >= need, f"{hist}: {n} requests at or below {le} s, but the client saw {need} that fast"
-
-
-@pytest.mark.parametrize("q", [0.5, 0.9, 0.99])
-def test_latency_quantiles_agree_with_the_client_within_one_bucket(stack, burst, q):
+    # The same, on the sums: the mean HTTP overhead is >= 0 (and small).
     prom = stack.prometheus
-
-    def server_q(hist: str) -> float:
-        return prom.value(f"histogram_quantile({q}, sum by (le) ({hist}_bucket))")
-
-    # e2e: the server's interval is inside the client's, shorter by the HTTP overhead only.
-    client_e2e = _client_quantile([r.e2e for r in burst.ok], q)
-    s = server_q("textgen_e2e_request_latency_seconds")
-    b = _bucket(E2E_BUCKETS, client_e2e)
-    assert _bucket(E2E_BUCKETS, s) in (b - 1, b), (
-        f"e2e p{q * 100:g}: server {s:.4f} s, client {client_e2e:.4f} s (bucket edges {E2E_BUCKETS})"
-    )
-    # TTFT: from streaming requests the client knows the TTFT, from the others an upper bound.
-    ok = [r for r in burst.ok if r.completion_tokens > 0]
-    client_ttft = _client_quantile([r.ttft if r.ttft is not None else r.e2e for r in ok], q)
-    s = server_q("textgen_time_to_first_token_seconds")
-    assert _bucket(TTFT_BUCKETS, s) <= _bucket(TTFT_BUCKETS, client_ttft), (
-        f"TTFT p{q * 100:g}: server {s:.4f} s is beyond the client's bound {client_ttft:.4f} s"
-    )
-    assert s > 0
+    for hist, client in cases.items():
+        server_sum = prom.value(f"sum({hist}_sum)")
+        overhead = (sum(client) - server_sum) / len(client)
+        assert 0 <= overhead < 1.0, f"{hist}: mean client - server = {overhead:.4f} s"
 
 
-def test_inter_token_latency_agrees_with_the_client(stack, burst):
-    """The client sees the mean gap per streaming request, (e2e - ttft) / (tokens - 1); the
-    server's median gap must fall within one bucket of the client's median of those means, and
-    the server's mean gap can only be shorter than the client's overall mean decode gap plus
-    the HTTP delivery of the last token."""
+def _server_quantile(stack, buckets: dict[float, float], q: float) -> float:
+    """histogram_quantile evaluated by Prometheus itself on the given cumulative buckets."""
+    series = " or ".join(f'label_replace(vector({n}), "le", "{le:g}", "", "")' for le, n in buckets.items())
+    return stack.prometheus.value(f"histogram_quantile({q}, {series})")
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9])
+@pytest.mark.parametrize(
+    ("hist", "edges", "client"),
+    [
+        ("textgen_time_to_first_token_seconds", TTFT_BUCKETS, lambda r: [r.ttft]),
+        ("textgen_e2e_request_latency_seconds", E2E_BUCKETS, lambda r: [r.e2e]),
+        ("textgen_inter_token_latency_seconds", ITL_BUCKETS, lambda r: list(np.diff(r.chunk_times))),
+    ],
+    ids=["ttft", "e2e", "itl"],
+)
+def test_calm_quantiles_agree_with_the_client_within_one_bucket(stack, burst, q, hist, edges, client):
+    """On an idle server (calm phase, streaming, one request at a time) the server's quantile
+    falls in the bucket of the client's quantile or, for the HTTP overhead, the one below; the
+    inter-token gap (not a sub-interval of the client's) may also fall in the bucket above."""
+    values = [v for r in burst.calm for v in client(r)]
+    c = _client_quantile(values, q)
+    s = _server_quantile(stack, burst.calm_histogram(hist), q)
+    bs, bc = int(np.searchsorted(edges, s)), int(np.searchsorted(edges, c))
+    allowed = (bc - 1, bc, bc + 1) if hist.endswith("inter_token_latency_seconds") else (bc - 1, bc)
+    assert bs in allowed, f"p{q * 100:g}: server {s:.5f} s, client {c:.5f} s (n={len(values)}; edges {edges})"
+
+
+def test_inter_token_gaps_are_counted_once_per_token(stack, burst):
+    """Each choice contributes (tokens - 1) gaps, and its gaps fit in the client's e2e."""
     prom = stack.prometheus
-    tpot = [
-        (r.e2e - r.ttft) / (r.completion_tokens - 1)
-        for r in burst.ok
-        if r.stream and r.ttft is not None and r.completion_tokens > 2
-    ]
-    assert len(tpot) >= 3
-    s = prom.value("histogram_quantile(0.5, sum(textgen_inter_token_latency_seconds_bucket) by (le))")
-    c = float(np.median(tpot))
-    assert abs(_bucket(ITL_BUCKETS, s) - _bucket(ITL_BUCKETS, c)) <= 1, (
-        f"ITL p50: server {s:.5f} s, client {c:.5f} s"
-    )
-    # Gaps add up to each request's decode time.
-    itl_sum = prom.value("sum(textgen_inter_token_latency_seconds_sum)")
-    decode_sum = prom.value("sum(textgen_request_decode_time_seconds_sum)")
-    assert itl_sum == pytest.approx(decode_sum, rel=0.02, abs=1e-3)
+    n = prom.value("sum(textgen_inter_token_latency_seconds_count)")
+    assert n == sum(max(r.completion_tokens - 1, 0) for r in burst.ok)
+    assert prom.value("sum(textgen_inter_token_latency_seconds_sum)") <= sum(r.e2e for r in burst.ok)
 
 
-def test_phases_add_up_to_the_request_latency(stack, burst):
-    """queue + prefill = TTFT and TTFT + decode = e2e per request, hence for the sums."""
+def test_engine_phases_fit_inside_the_request_latency(stack, burst):
+    """queue + prefill (engine) is inside the TTFT and queue + prefill + decode inside the e2e
+    (both measured by the HTTP process around the engine's work): true per request, so for sums."""
     v = {
         k: stack.prometheus.value(f"sum(textgen_{k}_sum)")
         for k in (
@@ -318,11 +357,10 @@ def test_phases_add_up_to_the_request_latency(stack, burst):
             "e2e_request_latency_seconds",
         )
     }
-    ttft, e2e = v["time_to_first_token_seconds"], v["e2e_request_latency_seconds"]
-    n = len(burst.ok)
-    tol = 2e-3 * n  # clock reads taken a few microseconds apart, per request
-    assert v["request_queue_time_seconds"] + v["request_prefill_time_seconds"] == pytest.approx(ttft, abs=tol)
-    assert ttft + v["request_decode_time_seconds"] == pytest.approx(e2e, abs=tol)
+    queue, prefill, decode = (v[f"request_{k}_time_seconds"] for k in ("queue", "prefill", "decode"))
+    assert min(queue, prefill, decode) > 0
+    assert queue + prefill <= v["time_to_first_token_seconds"]
+    assert queue + prefill + decode <= v["e2e_request_latency_seconds"]
 
 
 # ---------------------------------------------------------------------------------------------

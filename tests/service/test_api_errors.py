@@ -206,3 +206,30 @@ def test_timeout_in_a_stream(server):
     ) as r:
         events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
     assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_no_admission_delay_at_capacity(server):
+    """A request waiting for a slot starts as soon as one frees (LitServe's loop waited up to 1 s)."""
+    wait_idle(server)
+    done: dict[str, float] = {}
+
+    def run(name: str, max_tokens: int) -> None:
+        r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": max_tokens, "temperature": 0})
+        assert r.status_code == 200, r.text
+        done[name] = time.monotonic()
+
+    with cf.ThreadPoolExecutor(3) as pool:
+        longs = [pool.submit(run, f"long{i}", 30) for i in range(2)]
+        wait_gauge(server, "running", 2)
+        short = pool.submit(run, "short", 5)
+        for f in [*longs, short]:
+            f.result()
+    first_free = min(done["long0"], done["long1"])
+    assert done["short"] - first_free < 5 * STEP_S + 0.3
+
+
+def test_prompts_are_not_logged(server):
+    secret = "SECRET-PROMPT-TEXT"
+    r = post(server, "/v1/completions", {"prompt": secret, "max_tokens": 2})
+    assert r.status_code == 200
+    assert secret not in server.log()

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 from fakes import make_fake_bundle
+from prometheus_client.parser import text_string_to_metric_families
 from server_harness import start
 
 
@@ -142,6 +143,27 @@ def test_concurrent_greedy_outputs_equal_each_alone(client, model):
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(run, prompts))
     assert together == alone
+
+
+def test_requests_share_engine_steps(server, client, model):
+    """Concurrent requests from separate connections are batched into the same engine steps."""
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(lambda i: client.completions.create(model=model, prompt=f"{i}", max_tokens=30), range(8))
+        )
+    samples = {
+        s.name: s.value
+        for f in text_string_to_metric_families(httpx.get(server.url("/metrics")).text)
+        if f.name == "textgen_iteration_batch_size"
+        for s in f.samples
+        if s.labels.get("le") in (None, "1.0")
+    }
+    assert samples["textgen_iteration_batch_size_count"] > samples["textgen_iteration_batch_size_bucket"]
+
+
+def test_a_thousand_stop_strings_are_refused(client, model):
+    with pytest.raises(openai.UnprocessableEntityError, match="stop"):
+        client.completions.create(model=model, prompt="x", stop=[f"s{i}" for i in range(1000)])
 
 
 def test_logprobs(client, model):

@@ -1,0 +1,111 @@
+"""The serving comparison (bench.compare) and its baselines, on the tiny bundle.
+
+One end-to-end run starts the service, the LitServe static-batching and no-batching servers on
+ephemeral ports and runs the offline engine, all on a few short requests, and checks that every
+request of every run succeeded with exact token counts, that the markdown section was written
+into an existing document without touching its other sections, and that the PNG and JSON exist.
+The rest are pure functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.baselines.common import PromptEncoder
+from bench.baselines.offline import benchmark_offline, build_prompts
+from bench.compare import BEGIN, END, SECTION, main, ratios, summarize_profile, update_doc
+from bench.serve import BenchmarkResult, RequestRecord, summarize
+from bench.workload import sample_requests
+
+
+def _result(tput: float, ttft_p99: float = 0.1, e2e_p99: float = 1.0) -> BenchmarkResult:
+    rec = RequestRecord(0.0, ttft_p99, [], e2e_p99, int(tput), 10, True, 200, None)
+    return BenchmarkResult(config={}, summary=summarize([rec], 1.0, {}), requests=[rec])
+
+
+def test_ratios_divide_the_service_by_each_baseline() -> None:
+    runs = {
+        "service": _result(1000),
+        "static": _result(400),
+        "none": _result(100),
+        "offline": _result(1250),
+        "service-c1": _result(10, ttft_p99=0.05),
+        "service-c16": _result(10, ttft_p99=0.15),
+        "poisson-10": _result(10, e2e_p99=2.0),
+        "poisson-70": _result(10, e2e_p99=5.0),
+    }
+    r = ratios(runs)
+    assert r["vs_static"] == pytest.approx(2.5)
+    assert r["vs_none"] == pytest.approx(10.0)
+    assert r["vs_offline"] == pytest.approx(0.8)
+    assert r["ttft_c16_c1"] == pytest.approx(3.0)
+    assert r["poisson_70_10"] == pytest.approx(2.5)
+    assert ratios({"service": _result(1000)})["vs_static"] is None
+
+
+def test_update_doc_replaces_only_the_generated_block(tmp_path: Path) -> None:
+    doc = tmp_path / "B.md"
+    doc.write_text("# Benchmarks\n\n## Engine\n\nkeep me\n")
+    update_doc(doc, "first")
+    text = doc.read_text()
+    assert "keep me" in text and SECTION in text and f"{BEGIN}\nfirst\n{END}" in text
+    doc.write_text(text + "\nhand-written notes after the block\n\n## Later\n\nalso kept\n")
+    update_doc(doc, "second")
+    text = doc.read_text()
+    assert "first" not in text and f"{BEGIN}\nsecond\n{END}" in text
+    assert text.count(SECTION) == 1
+    assert "keep me" in text and "hand-written notes" in text and "also kept" in text
+
+
+def test_summarize_profile_counts_self_and_inclusive_time(tmp_path: Path) -> None:
+    raw = tmp_path / "p.txt"
+    raw.write_text("main (a.py:1);step (b.py:2);run (c.py:3) 6\nmain (a.py:1);send (d.py:4) 4\n")
+    top = {f: (s, i) for f, s, i in summarize_profile(raw)}
+    assert top["run (c.py:3)"] == pytest.approx((60.0, 60.0))
+    assert top["send (d.py:4)"] == pytest.approx((40.0, 40.0))
+
+
+def test_offline_prompts_have_the_exact_lengths(tiny_bundle: Path) -> None:
+    enc = PromptEncoder.load(tiny_bundle)
+    reqs = build_prompts(enc, 6, (8, 24), (4, 8), seed=3)
+    specs = sample_requests(6, (8, 24), (4, 8), 3)
+    assert [len(ids) for ids, _ in reqs] == [s.prompt_len for s in specs]
+    assert [n for _, n in reqs] == [s.output_len for s in specs]
+    assert all(ids[0] == enc.tokenizer.bos_id for ids, _ in reqs)
+
+
+def test_offline_closed_loop(tiny_bundle: Path) -> None:
+    r = benchmark_offline(tiny_bundle, 3, 7, (8, 24), (4, 8), seed=1, warmup=1)
+    s = r.summary
+    assert s["completed"] == 7 and s["failed"] == 0
+    assert s["total_output_tokens"] == sum(x.output_len for x in sample_requests(7, (8, 24), (4, 8), 1))
+    assert all(rec.ttft is not None and rec.ttft <= rec.e2e for rec in r.requests)
+    assert max(rec.start for rec in r.requests[:3]) < min(rec.start for rec in r.requests[3:])
+
+
+def test_compare_end_to_end(tiny_bundle: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## Other\n\nunchanged\n")
+    out_json = tmp_path / "compare.json"
+    argv = [
+        "--bundle", str(tiny_bundle), "--concurrency", "2", "--num-requests", "4", "--none-requests", "2",
+        "--prompt-len", "8:24", "--output-len", "4:12", "--checks", "main",
+        "--out", str(doc), "--img-dir", str(tmp_path / "img"), "--json-out", str(out_json),
+        "--log-dir", str(tmp_path / "logs"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads(out_json.read_text())
+    expected = {k: sum(x.output_len for x in sample_requests(n, (8, 24), (4, 12), 0)) for k, n in
+                (("service", 4), ("static", 4), ("none", 2), ("offline", 4))}  # fmt: skip
+    for key, tokens in expected.items():
+        s = data["runs"][key]["summary"]
+        assert s["failed"] == 0, (key, data["runs"][key]["requests"])
+        assert s["total_output_tokens"] == tokens, key
+    assert data["runs"]["service"]["summary"]["cpu_s"]["worker"] > 0
+    text = doc.read_text()
+    assert "unchanged" in text and SECTION in text and BEGIN in text
+    assert "LitServe static batching" in text and "service ÷ offline engine" in text
+    assert (tmp_path / "img" / "serving-compare.png").stat().st_size > 1000

@@ -1,0 +1,122 @@
+"""Overload: four times the capacity, then recovery.
+
+Capacity is TEXTGEN_MAX_RUNNING + TEXTGEN_MAX_WAITING = 4 + 4 requests. 32 clients (4x) each
+send requests back to back (streaming and not, three routes), every request long enough
+(48 tokens, ignore_eos) to keep its slot for a while. Excess requests must be refused at once
+with 429 + Retry-After (the 429 latency is measured: no waiting for a timeout), streaming ones
+included (a real 429, not a 200 stream with an error in it); admitted requests must complete;
+nothing else (no 5xx). When the burst stops, a probe measures how long until a new request
+succeeds and until the gauges are back to 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+
+import httpx
+from relkit import error_field, percentile, rejected, scrape, wait_idle
+from traffic import ROUTES, Call, Result, prompt_body, send
+
+MAX_RUNNING, MAX_WAITING = 4, 4
+CLIENTS = 4 * (MAX_RUNNING + MAX_WAITING)
+TOTAL = 6 * CLIENTS  # burst requests
+MAX_429_LATENCY_S = 2.0  # vs TEXTGEN_REQUEST_TIMEOUT_S = 300 s by default (measured: ~0.1 s)
+RECOVERY_DEADLINE_S = 30.0
+
+
+def burst_call(rng: random.Random) -> Call:
+    route = rng.choice(ROUTES)
+    body = {**prompt_body(route, "Now is the winter of our discontent"), "max_tokens": 48}
+    body.update(ignore_eos=True, temperature=0.8, seed=rng.randrange(2**31), stream=rng.random() < 0.5)
+    return Call(route, body)
+
+
+async def overload(base_url: str) -> dict:
+    rng = random.Random(7)
+    results: list[Result] = []
+    errors: list[str] = []
+    sent = 0
+    stopped = asyncio.Event()
+    t_stop = 0.0
+    probe: dict = {"rejected": 0}
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal sent, t_stop
+        while sent < TOTAL:
+            sent += 1
+            if sent == TOTAL:
+                t_stop = time.monotonic()
+                stopped.set()
+            try:
+                results.append(await send(http, burst_call(rng)))
+            except httpx.HTTPError as e:
+                errors.append(f"{type(e).__name__}: {e}")
+
+    async def prober(http: httpx.AsyncClient) -> None:
+        """From the end of the burst: poll with a short request until one succeeds."""
+        await stopped.wait()
+        call = Call("/v1/completions", {"prompt": "hello", "max_tokens": 4})
+        deadline = time.monotonic() + RECOVERY_DEADLINE_S
+        while time.monotonic() < deadline:
+            r = await send(http, call)
+            if r.status == 200 and r.problem is None:
+                probe["first_success_s"] = time.monotonic() - t_stop
+                return
+            assert r.status == 429, (r.status, r.body)
+            probe["rejected"] += 1
+        raise AssertionError(f"no successful request {RECOVERY_DEADLINE_S} s after the burst")
+
+    limits = httpx.Limits(max_connections=CLIENTS + 1)
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as http:
+        await asyncio.gather(prober(http), *(client(http) for _ in range(CLIENTS)))
+    idle_at = await asyncio.to_thread(wait_idle, base_url, RECOVERY_DEADLINE_S)
+    probe["idle_s"] = time.monotonic() - t_stop
+    return {"results": results, "errors": errors, "probe": probe, "idle": idle_at}
+
+
+def test_overload_429_fast_and_recovers(servers, record):
+    srv = servers.launch(TEXTGEN_MAX_RUNNING=str(MAX_RUNNING), TEXTGEN_MAX_WAITING=str(MAX_WAITING))
+    before = scrape(srv.base_url)
+    out = asyncio.run(overload(srv.base_url))
+    results: list[Result] = out["results"]
+
+    assert not out["errors"], out["errors"][:3]
+    statuses = Counter(r.status for r in results)
+    assert set(statuses) <= {200, 429}, f"statuses {dict(statuses)}"
+    ok = [r for r in results if r.status == 200]
+    refused = [r for r in results if r.status == 429]
+    assert len(refused) >= TOTAL // 4, f"only {len(refused)} of {TOTAL} refused at 4x capacity"
+    assert len(ok) >= MAX_RUNNING + MAX_WAITING
+    bad = [(r.call.body, r.problem) for r in ok if r.problem]
+    assert not bad, f"admitted requests that did not complete: {bad[:3]}"
+    assert any(r.call.stream for r in refused), "no streaming request was refused"
+    for r in refused:
+        err = error_field(r.body)
+        assert err["code"] == "queue_full" and err["type"] == "rate_limit_error", err
+        assert int(r.headers["retry-after"]) >= 1, r.headers
+        assert r.headers["content-type"].startswith("application/json"), r.headers
+    # Every 429 counted once (burst and probe), and only those.
+    after = out["idle"]
+    counted = rejected(after, "queue_full") - rejected(before, "queue_full")
+    assert counted == len(refused) + out["probe"]["rejected"]
+
+    latencies = [r.latency for r in refused]
+    assert max(latencies) < MAX_429_LATENCY_S, f"slowest 429 took {max(latencies):.3f} s"
+    probe = out["probe"]
+    record(
+        "overload",
+        capacity=MAX_RUNNING + MAX_WAITING,
+        clients=CLIENTS,
+        requests=TOTAL,
+        admitted=len(ok),
+        refused_429=len(refused),
+        errors=len(results) - len(ok) - len(refused) + len(out["errors"]),
+        latency_429_p50_s=percentile(latencies, 50),
+        latency_429_p99_s=percentile(latencies, 99),
+        latency_429_max_s=max(latencies),
+        recovery_first_success_s=probe["first_success_s"],
+        recovery_idle_s=probe["idle_s"],
+    )
