@@ -55,3 +55,30 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) artifacts/tests .pytest_cache
+
+# ---- offline engine benchmark: bench/engine.py, docs/BENCHMARKS.md "Engine (offline, CPU)" ----------
+GENAI_VENV ?= .venv-genai
+PRESET ?= small
+INT8_BUNDLE ?= $(BUNDLE)-int8
+
+.PHONY: bench-engine bench-env
+
+# onnxruntime-genai needs the CPU onnxruntime package, which clashes with onnxruntime-gpu: its own
+# environment, with the ONNX Runtime version the engine runs.
+bench-env: $(GENAI_VENV)/.installed
+
+$(GENAI_VENV)/.installed:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	$(PYTHON) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/pip install -q onnxruntime-genai==0.18.0 onnxruntime==1.31.1 numpy
+	@touch $@
+
+$(INT8_BUNDLE)/config.json: | $(BUNDLE)/config.json
+	$(PY) -m model export --preset $(PRESET) --int8 --out $(INT8_BUNDLE)
+
+# Every runner side by side on one machine (a few minutes); writes the tables into docs/BENCHMARKS.md.
+bench-engine: $(STAMP) $(BUNDLE)/config.json $(INT8_BUNDLE)/config.json bench-env
+	$(PIP) install -q -e '.[bench]'
+	$(PY) -m bench.engine --bundle $(BUNDLE) --int8-bundle $(INT8_BUNDLE) --mixed 64 --bpc \
+		--out docs/BENCHMARKS.md --plot docs/img/engine_bench.png --json bench/results/engine.json
+	$(PY) -m bench.engine_profile --bundle $(BUNDLE) --batches 1,64 --mixed 64

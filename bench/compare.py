@@ -36,6 +36,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,11 +95,19 @@ class CompareConfig:
     capacity: float | None = None  # requests/s for the Poisson check; None: measured at N clients
     profile_dir: Path | None = None
     log_dir: Path | None = None
-    service_module: str = "service"  # python -m MODULE; bench.baselines.patched_service for experiments
-    service_env: dict[str, str] = field(default_factory=dict)
+    service_module: str = "service"  # python -m MODULE for the service
+    env: dict[str, str] = field(default_factory=dict)  # for every server and the offline engine
+    rounds: int = 1  # main runs repeated, alternating the order; ratios use medians
 
     def validate(self) -> None:
-        for name in ("concurrency", "num_requests", "none_requests", "poisson_requests", "ttft_clients"):
+        for name in (
+            "concurrency",
+            "num_requests",
+            "none_requests",
+            "poisson_requests",
+            "ttft_clients",
+            "rounds",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for s in self.servers:
@@ -110,7 +119,9 @@ class CompareConfig:
         if ("ttft" in self.checks or "poisson" in self.checks) and "service" not in self.servers:
             raise ValueError("the ttft and poisson checks run against the service: include it in servers")
         if not (self.bundle / "config.json").is_file():
-            raise ValueError(f"bundle: {self.bundle} has no config.json (build one with python -m model build)")
+            raise ValueError(
+                f"bundle: {self.bundle} has no config.json (build one with python -m model build)"
+            )
         if self.batch_timeout < 0:
             raise ValueError(f"batch_timeout must be >= 0 seconds, got {self.batch_timeout}")
         if not all(0 < x < 1 for x in self.poisson_loads):
@@ -161,7 +172,7 @@ class ManagedServer:
         self.port = free_port()
         argv, self.ready_path = server_command(kind, cfg, self.port)
         self.log_path = log_dir / f"{kind}.log"
-        env = {**os.environ, **cfg.service_env, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **cfg.env, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
@@ -320,26 +331,30 @@ def warm_up(server: ManagedServer, cfg: CompareConfig) -> None:
     asyncio.run(run_benchmark(bench))
 
 
-def run_http(kind: str, cfg: CompareConfig, log_dir: Path, results: dict[str, BenchmarkResult]) -> None:
-    """Start one server, run its measurements into ``results``, stop it."""
-    print(f"== {kind}: starting", file=sys.stderr)
-    server = ManagedServer(kind, cfg, log_dir)
+def run_http(
+    kind: str, cfg: CompareConfig, log_dir: Path, results: dict[str, BenchmarkResult], rnd: int = 1
+) -> None:
+    """Start one server, run its measurements into ``results``, stop it. The checks run in round 1."""
+    key = kind if rnd == 1 else f"{kind}#{rnd}"
+    print(f"== {key}: starting", file=sys.stderr)
+    server = ManagedServer(kind, cfg, log_dir / f"round{rnd}")
     try:
         server.wait_ready()
         warm_up(server, cfg)
         if "main" in cfg.checks:
             n = cfg.none_requests if kind == "none" else cfg.num_requests
-            print(f"== {kind}: {n} requests, {cfg.concurrency} clients", file=sys.stderr)
-            prof = Profiler(server, cfg.profile_dir, kind) if cfg.profile_dir and kind == "service" else None
-            results[kind] = measure(
+            print(f"== {key}: {n} requests, {cfg.concurrency} clients", file=sys.stderr)
+            profile = cfg.profile_dir and kind == "service" and rnd == 1
+            prof = Profiler(server, cfg.profile_dir, kind) if profile else None
+            results[key] = measure(
                 server, _bench_config(cfg, server.url, concurrency=cfg.concurrency, num_requests=n)
             )
             if prof is not None:
                 files = prof.stop()
-                results[kind].summary["profile"] = {
+                results[key].summary["profile"] = {
                     f"{role} ({p.name})": summarize_profile(p) for role, p in files
                 }
-        if kind != "service":
+        if kind != "service" or rnd != 1:
             return
         if "ttft" in cfg.checks:
             for clients, n in ((1, cfg.ttft_requests[0]), (cfg.ttft_clients, cfg.ttft_requests[1])):
@@ -355,7 +370,9 @@ def run_http(kind: str, cfg: CompareConfig, log_dir: Path, results: dict[str, Be
                 capacity = results["service"].summary["request_throughput"]
             for load in cfg.poisson_loads:
                 rate = round(load * capacity, 4)
-                print(f"== service: Poisson {load:.0%} of {capacity:.2f} req/s = {rate} req/s", file=sys.stderr)
+                print(
+                    f"== service: Poisson {load:.0%} of {capacity:.2f} req/s = {rate} req/s", file=sys.stderr
+                )
                 r = measure(
                     server,
                     _bench_config(cfg, server.url, request_rate=rate, num_requests=cfg.poisson_requests),
@@ -364,42 +381,60 @@ def run_http(kind: str, cfg: CompareConfig, log_dir: Path, results: dict[str, Be
                 results[f"poisson-{round(100 * load)}"] = r
     finally:
         server.stop()
-        print(f"== {kind}: stopped", file=sys.stderr)
+        print(f"== {key}: stopped", file=sys.stderr)
 
 
-def run_offline(cfg: CompareConfig, results: dict[str, BenchmarkResult]) -> None:
+def run_offline(cfg: CompareConfig, results: dict[str, BenchmarkResult], rnd: int = 1) -> None:
     from bench.baselines.offline import benchmark_offline
 
-    print(f"== offline: {cfg.num_requests} requests, {cfg.concurrency} sequences", file=sys.stderr)
-    t0 = time.process_time()
-    results["offline"] = benchmark_offline(
-        cfg.bundle, cfg.concurrency, cfg.num_requests, cfg.prompt_len, cfg.output_len, cfg.seed
-    )
-    results["offline"].summary["cpu_s"] = {"offline": time.process_time() - t0}
+    key = "offline" if rnd == 1 else f"offline#{rnd}"
+    print(f"== {key}: {cfg.num_requests} requests, {cfg.concurrency} sequences", file=sys.stderr)
+    saved = {k: os.environ.get(k) for k in cfg.env}
+    os.environ.update(cfg.env)  # the engine reads TEXTGEN_* settings as the servers do
+    try:
+        t0 = time.process_time()
+        results[key] = benchmark_offline(
+            cfg.bundle, cfg.concurrency, cfg.num_requests, cfg.prompt_len, cfg.output_len, cfg.seed
+        )
+        results[key].summary["cpu_s"] = {"offline": time.process_time() - t0}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_all(cfg: CompareConfig) -> dict[str, BenchmarkResult]:
+    """Every run; round r > 1 repeats the main runs (in reverse order for even r) as "KIND#r"."""
     cfg.validate()
     results: dict[str, BenchmarkResult] = {}
     log_dir = cfg.log_dir or Path(tempfile.mkdtemp(prefix="bench-compare-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for kind in cfg.servers:
-        if kind == "offline":
-            if "main" in cfg.checks:
-                run_offline(cfg, results)
-        else:
-            run_http(kind, cfg, log_dir, results)
+    for rnd in range(1, cfg.rounds + 1):
+        (log_dir / f"round{rnd}").mkdir(parents=True, exist_ok=True)
+        for kind in cfg.servers if rnd % 2 else tuple(reversed(cfg.servers)):
+            if kind == "offline":
+                if "main" in cfg.checks:
+                    run_offline(cfg, results, rnd)
+            elif rnd == 1 or "main" in cfg.checks:
+                run_http(kind, cfg, log_dir, results, rnd)
     return results
 
 
 # ----------------------------------------------------------------------------- reporting
 
 
+def median_throughput(results: dict[str, BenchmarkResult], kind: str) -> float | None:
+    """Output tokens/s of a server: the median over its rounds ("service", "service#2", ...)."""
+    vals = [r.summary["output_throughput"] for key, r in results.items() if key.split("#")[0] == kind]
+    return statistics.median(vals) if vals else None
+
+
 def ratios(results: dict[str, BenchmarkResult]) -> dict[str, float | None]:
-    """The figures the targets bound (None where a run is missing)."""
+    """The figures the targets bound (None where a run is missing); throughputs are medians."""
 
     def tput(k: str) -> float | None:
-        return results[k].summary["output_throughput"] if k in results else None
+        return median_throughput(results, k)
 
     def stat(k: str, key: str, p: str = "p99") -> float | None:
         return results[k].summary[key][p] if k in results else None
@@ -427,18 +462,21 @@ def _x(v: float | None) -> str:
 
 def run_label(key: str, result: BenchmarkResult, cfg: dict[str, Any]) -> str:
     c = result.config
-    if key in LABELS:
-        label = LABELS[key]
-        if key == "static":
+    base, _, rnd = key.partition("#")
+    if base in LABELS:
+        label = LABELS[base]
+        if base == "static":
             label += f" (max_batch_size={cfg['concurrency']}, batch_timeout={cfg['batch_timeout']} s)"
-        elif key == "none":
+        elif base == "none":
             label += " (max_batch_size=1)"
-        return label
+        return label + (f", round {rnd}" if rnd else "")
     if key.startswith("service-c"):
         return f"service, {c.get('concurrency')} client(s)"
     if key.startswith("poisson-"):
         s = result.summary
-        return f"service, Poisson {s['load']:.0%} of {s['capacity']:.2f} req/s ({c.get('request_rate')} req/s)"
+        return (
+            f"service, Poisson {s['load']:.0%} of {s['capacity']:.2f} req/s ({c.get('request_rate')} req/s)"
+        )
     return key
 
 
@@ -454,10 +492,20 @@ def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) ->
         f"Workload: prompts {cfg['prompt_len'][0]}–{cfg['prompt_len'][1]} tokens, outputs "
         f"{cfg['output_len'][0]}–{cfg['output_len'][1]} tokens (`ignore_eos`, greedy), seed {cfg['seed']}, "
         f"closed loop of {cfg['concurrency']} streaming clients; {cfg['num_requests']} requests "
-        f"({cfg['none_requests']}, the first of the same list, for no batching). Latencies in ms.",
+        f"({cfg['none_requests']}, the first of the same list, for no batching). Latencies in ms."
+        + (
+            f" Environment: `{' '.join(f'{k}={v}' for k, v in cfg['env'].items())}`."
+            if cfg.get("env")
+            else ""
+        )
+        + (
+            f" Main runs repeated {cfg['rounds']} times (alternating order); ratios use median throughputs."
+            if cfg.get("rounds", 1) > 1
+            else ""
+        ),
         "",
     ]
-    base = results.get("service")
+    tput = {k: median_throughput(results, k) for k in SERVERS}
     lines += [
         "| run | requests | output tok/s | req/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 "
         "| e2e p50 | e2e p99 | service ÷ this |",
@@ -466,8 +514,9 @@ def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) ->
     for key, r in results.items():
         s = r.summary
         vs = "-"
-        if base is not None and key in SERVERS and key != "service" and s["output_throughput"]:
-            vs = _x(base.summary["output_throughput"] / s["output_throughput"])
+        kind = key.split("#")[0]
+        if tput["service"] and kind in SERVERS and kind != "service" and s["output_throughput"]:
+            vs = _x(tput["service"] / s["output_throughput"])
         lines.append(
             f"| {run_label(key, r, cfg)} | {s['completed']}/{s['num_requests']} | {s['output_throughput']:.0f} "
             f"| {s['request_throughput']:.2f} | {_ms(s['ttft_s']['p50'])} | {_ms(s['ttft_s']['p99'])} "
@@ -481,7 +530,7 @@ def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) ->
         met = "-" if v is None else ("yes" if (v >= bound if how == "ge" else v <= bound) else "**no**")
         lines.append(f"| {text} | {_x(v)} | {'≥' if how == 'ge' else '≤'} {bound:g}× | {met} |")
     roles = ("worker", "http", "manager", "main", "client")
-    cpu_rows = [(k, r) for k, r in results.items() if k in SERVERS and "cpu_s" in r.summary]
+    cpu_rows = [(k, r) for k, r in results.items() if k.split("#")[0] in SERVERS and "cpu_s" in r.summary]
     if cpu_rows:
         lines += [
             "",
@@ -495,13 +544,13 @@ def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) ->
         for key, r in cpu_rows:
             d = max(r.summary["duration_s"], 1e-9)
             cpu = r.summary["cpu_s"]
-            if key == "offline":
+            if key.split("#")[0] == "offline":
                 cells = [f"{cpu.get('offline', 0.0) / d:.2f}", "-", "-", "-", "-"]
                 total = cpu.get("offline", 0.0) / d
             else:
                 cells = [f"{cpu.get(x, 0.0) / d:.2f}" for x in roles]
                 total = sum(cpu.get(x, 0.0) for x in roles) / d
-            lines.append(f"| {LABELS[key]} | " + " | ".join(cells) + f" | {total:.2f} |")
+            lines.append(f"| {run_label(key, r, cfg)} | " + " | ".join(cells) + f" | {total:.2f} |")
     if meta.get("img"):
         lines += ["", f"![Serving comparison]({meta['img']})"]
     return "\n".join(lines)
@@ -532,7 +581,7 @@ def plot(results: dict[str, BenchmarkResult], path: Path) -> Path:
     keys = [k for k in SERVERS if k in results]
     names = [LABELS[k].replace(" (", "\n(") for k in keys]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    tput = [results[k].summary["output_throughput"] for k in keys]
+    tput = [median_throughput(results, k) or 0.0 for k in keys]  # medians over rounds; latencies: round 1
     bars = axes[0].bar(names, tput, color=["tab:green", "tab:orange", "tab:red", "tab:gray"][: len(keys)])
     axes[0].bar_label(bars, fmt="%.0f")
     axes[0].set_ylabel("output tokens/s")
@@ -603,8 +652,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--capacity", type=float, default=None, help="req/s for the Poisson check (default: measured)"
     )
+    p.add_argument("--poisson-requests", type=int, default=30, help="requests per Poisson run (default: 30)")
     p.add_argument(
-        "--poisson-requests", type=int, default=30, help="requests per Poisson run (default: 30)"
+        "--rounds", type=int, default=1, help="repeat the main runs, alternating order; medians (default: 1)"
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for every server and the offline engine, e.g. TEXTGEN_INTRA_OP_THREADS=1",
     )
     p.add_argument("--profile", default=None, metavar="DIR", help="py-spy the service's main run into DIR")
     p.add_argument("--service-module", default="service", help="python -m MODULE for the service")
@@ -640,7 +697,16 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         profile_dir=Path(args.profile) if args.profile else None,
         log_dir=Path(args.log_dir) if args.log_dir else None,
         service_module=args.service_module,
+        env=dict(_parse_env(e) for e in args.env),
+        rounds=args.rounds,
     )
+
+
+def _parse_env(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--env takes KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def _command_line(argv: list[str] | None) -> str:
@@ -674,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
             "output_len": cfg.output_len,
             "seed": cfg.seed,
             "batch_timeout": cfg.batch_timeout,
+            "rounds": cfg.rounds,
+            "env": cfg.env,
         },
         "wall_s": time.monotonic() - started,
     }
@@ -690,7 +758,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         out = Path(args.json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"meta": meta, "ratios": ratios(results), "runs": {k: r.to_dict() for k, r in results.items()}}
+        payload = {
+            "meta": meta,
+            "ratios": ratios(results),
+            "runs": {k: r.to_dict() for k, r in results.items()},
+        }
         out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     print(f"total {meta['wall_s']:.0f} s", file=sys.stderr)

@@ -56,6 +56,8 @@ LABELS = {
     "genai": "onnxruntime-genai 0.18, same ONNX file",
     "int8": "this engine, int8 bundle",
 }
+SHORT = {"engine": "this engine", "ortloop": "bare session.run loop", "nocache": "no KV cache",
+         "torch": "PyTorch eager", "hf": "HF generate()", "genai": "onnxruntime-genai", "int8": "this engine, int8"}
 SECTION = "## Engine (offline, CPU)"
 BEGIN, END = "<!-- bench.engine results: begin -->", "<!-- bench.engine results: end -->"
 
@@ -669,6 +671,7 @@ def write_docs(path: Path, block: str) -> None:
 
 
 def plot(rep: Report, out: Path) -> None:
+    """Tokens/s against batch size (wall and CPU time), and the mixed workload as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -676,38 +679,44 @@ def plot(rep: Report, out: Path) -> None:
 
     fixed = [m for m in rep.measurements if m.batch is not None]
     mixed = [m for m in rep.measurements if m.workload == "mixed"]
-    fig, axes = plt.subplots(1, 2 if mixed else 1, figsize=(13 if mixed else 8, 5.2), squeeze=False,
-                             gridspec_kw={"width_ratios": [2, 1]} if mixed else None)
-    ax = axes[0][0]
-    for r in dict.fromkeys(m.runner for m in fixed):
-        pts = sorted((m.batch, m.tokens_per_s) for m in fixed if m.runner == r)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS.get(r, r),
-                linewidth=2.5 if r == "engine" else 1.5)
-    ax.axhline(rep.ceiling_tokens_per_s, color="k", linestyle="--", linewidth=1,
-               label=f"compute ceiling ({rep.gemm_gflops:.0f} GFLOP/s fp32 GEMM)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size (requests decoded together)")
-    ax.set_ylabel("output tokens/s")
-    s = rep.settings
-    ax.set_title(f"{rep.model['name']} ({rep.model['num_parameters'] / 1e6:.1f}M params), prompt {s['prompt_len']}, "
-                 f"{s['new_tokens']} new tokens, {s['threads']} threads")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    order = list(dict.fromkeys(m.runner for m in rep.measurements))
+    color = {r: f"C{i}" for i, r in enumerate(order)}
+    ncols = 3 if mixed else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 5.4), squeeze=False)
+    s, m = rep.settings, rep.model
+    for ax, cpu in zip(axes[0][:2], (False, True), strict=True):
+        for r in dict.fromkeys(x.runner for x in fixed):
+            pts = sorted((x.batch, x.tokens_per_cpu_s if cpu else x.tokens_per_s) for x in fixed if x.runner == r)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color[r], label=SHORT.get(r, r),
+                    linewidth=2.5 if r == "engine" else 1.3)
+        ceiling = rep.ceiling_tokens_per_cpu_s if cpu else rep.ceiling_tokens_per_s
+        ax.axhline(ceiling, color="k", linestyle="--", linewidth=1, label="compute ceiling (fp32 GEMM rate)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size (requests decoded together)")
+        ax.set_ylabel("output tokens per CPU second" if cpu else "output tokens/s (wall)")
+        ax.set_title("per CPU second" if cpu else "per wall second", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower right")
     if mixed:
-        ax2 = axes[0][1]
-        names = [LABELS.get(m.runner, m.runner).split(" (")[0].replace("HF transformers ", "HF ") for m in mixed]
-        ax2.barh(range(len(mixed)), [m.tokens_per_s for m in mixed],
-                 color=[f"C{list(dict.fromkeys(x.runner for x in fixed)).index(m.runner)}"
-                        if m.runner in {x.runner for x in fixed} else "C7" for m in mixed])
-        ax2.set_yticks(range(len(mixed)), names, fontsize=8)
-        ax2.invert_yaxis()
-        ax2.set_xlabel("output tokens/s")
-        ax2.set_title(f"mixed: {s['mixed']} requests, {s['mixed_concurrency']} in flight")
-        ax2.grid(True, axis="x", alpha=0.3)
+        ax = axes[0][2]
+        names = [SHORT.get(x.runner, x.runner) for x in mixed]
+        y = np.arange(len(mixed))
+        ax.barh(y - 0.2, [x.tokens_per_s for x in mixed], height=0.4, color=[color[x.runner] for x in mixed],
+                label="per wall second")
+        ax.barh(y + 0.2, [x.tokens_per_cpu_s for x in mixed], height=0.4, color=[color[x.runner] for x in mixed],
+                alpha=0.45, label="per CPU second")
+        ax.set_yticks(y, names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("output tokens/s")
+        ax.set_title(f"mixed: {s['mixed']} requests, {s['mixed_concurrency']} in flight", fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{m['name']} ({m['num_parameters'] / 1e6:.1f}M parameters), prompt {s['prompt_len']} + "
+                 f"{s['new_tokens']} new tokens, {s['threads']} thread(s), greedy", fontsize=11)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
@@ -746,7 +755,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runners", type=_runners, default=list(RUNNERS), help=f"default {','.join(RUNNERS)}")
     p.add_argument("--nocache-max-batch", type=int, default=64,
                    help="skip the no-cache runner above this batch size and on --mixed (it is quadratic)")
-    p.add_argument("--threads", type=int, default=0, help="threads for every runner (default: all cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for every runner (default 1: on a shared machine, multi-threaded runtimes "
+                        "waiting on each other's preempted threads make comparisons meaningless; 0: all cores)")
     p.add_argument("--max-prefill-tokens", type=int, default=4096,
                    help="engine: prompt tokens prefilled per step (default 4096: a whole batch at once)")
     p.add_argument("--repeat", type=int, default=3,

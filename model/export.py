@@ -77,10 +77,24 @@ def export_onnx(model: GPT, out_path: Path, fp16: bool = False) -> Path:
 
 
 def quantize_int8(src: Path, dst: Path) -> Path:
-    """ONNX Runtime dynamic quantization: int8 weights of MatMul/Gemm, activations quantized on the fly."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """ONNX Runtime dynamic quantization: int8 weights of MatMul/Gemm, activations quantized on the fly.
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    ``quant_pre_process`` first (ONNX shape inference and ORT's basic, hardware-independent graph
+    optimizations): constant folding turns the tied output head, a Transpose of the embedding in the
+    exported graph, into a constant, so it is quantized too (one more int8 copy of the embedding).
+    Measured by ``python -m bench.engine_int8``: decode step at batch 1 1.45-1.68x faster than fp32,
+    against 1.35-1.46x without the head; bits/char unchanged.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "preprocessed.onnx"
+        # Symbolic shape inference gives up on this graph; ONNX shape inference is enough here.
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
     return dst
 
 

@@ -108,6 +108,7 @@ class HttpApi:
     # -- common checks ------------------------------------------------------------------------
     def _wrap(self, route: str, fn: Endpoint, *, auth: bool = True, record_success: bool = True) -> Endpoint:
         async def endpoint(request: Request) -> Response:
+            request.state.arrival = time.monotonic()  # TTFT and e2e count from here
             try:
                 if auth:
                     self._check_key(request)

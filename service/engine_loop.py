@@ -27,7 +27,7 @@ import os
 import queue
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import litserve as ls
@@ -128,10 +128,8 @@ class EngineLoop(LitLoop):
 class _Active:
     """A submitted HTTP request while any of its choices is unfinished."""
 
-    rqid: int
-    num_prompt: int
-    unfinished: set[int]
-    counts: list[int] = field(default_factory=list)  # output tokens so far, per choice
+    rqid: int  # the HTTP process answering it
+    unfinished: set[int]  # choice indices
 
 
 class EngineWorker:
@@ -141,6 +139,7 @@ class EngineWorker:
         self.active: dict[str, _Active] = {}
         self.outbox: dict[int, list[tuple]] = defaultdict(list)
         self._published: tuple | None = None  # engine gauges last sent to metrics
+        self._last_stats: StepStats | None = None
 
     # -- main loop ----------------------------------------------------------------------------
     def serve(self, request_queue: Any) -> None:
@@ -188,8 +187,7 @@ class EngineWorker:
                     self.engine.abort(sub_id(uid, j))
                 self.outbox[rqid].append(("err", uid, *_classify(e)))
                 return
-        n = len(msg.params)
-        self.active[uid] = _Active(rqid, len(msg.prompt_ids), set(range(n)), [0] * n)
+        self.active[uid] = _Active(rqid, set(range(len(msg.params))))
         self.outbox[rqid].append(("ack", uid))
 
     def _abort(self, uid: str) -> None:
@@ -213,7 +211,6 @@ class EngineWorker:
             if act is None:  # aborted meanwhile
                 continue
             i = int(index)
-            act.counts[i] = out.num_output_tokens
             self.outbox[act.rqid].append(("out", uid, i, out))
             if out.finished:
                 act.unfinished.discard(i)
@@ -221,7 +218,8 @@ class EngineWorker:
                     del self.active[uid]
         self._flush()
         stats = self.engine.last_step_stats
-        if stats is not None:
+        if stats is not None and stats is not self._last_stats:  # a failed step sets none
+            self._last_stats = stats
             self.metrics.observe_step(stats)
             self._published = (stats.num_running, stats.num_waiting, stats.kv_cache_usage)
         return True

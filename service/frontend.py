@@ -42,9 +42,9 @@ class ClientGone(Exception):
 class Pending:
     """One submitted job, as seen by the HTTP handler answering it."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, arrival: float):
         self.job = job
-        self.arrival = time.monotonic()
+        self.arrival = arrival  # time.monotonic() when the HTTP request arrived
         self.events: asyncio.Queue[tuple] = asyncio.Queue()
         self.choices = [Choice(i) for i in range(len(job.params))]
         self.complete = False  # every choice finished
@@ -118,14 +118,14 @@ class Frontend:
         self._fail_all(ApiError("unavailable", "the server is shutting down"))
 
     # -- submitting ---------------------------------------------------------------------------
-    def submit(self, job: Job) -> Pending:
+    def submit(self, job: Job, arrival: float) -> Pending:
         """Hand a job to the engine; raises ApiError("unavailable") when it cannot run."""
         self.state.add_inflight(self.rqid, 1)  # before the phase check: a drain sees it
         status = self.state.status()
         if status != "ready":
             self.state.add_inflight(self.rqid, -1)
             raise ApiError("unavailable", f"the server is not ready ({status})")
-        p = Pending(job)
+        p = Pending(job, arrival)
         deadline = p.arrival + self.settings.request_timeout_s
         msg = Submit(job.prompt_ids, job.params, p.arrival, deadline)
         self.pending[job.id] = p

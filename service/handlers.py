@@ -49,7 +49,7 @@ class EventStream(StreamingResponse):
 
 
 async def generate(fe: Frontend, request: Request, route: str, job: Job, kind: Kind) -> Response:
-    p = fe.submit(job)
+    p = fe.submit(job, request.state.arrival)
     if not job.stream:
         return await _unary(fe, request, route, p, kind)
     try:
@@ -58,6 +58,9 @@ async def generate(fe: Frontend, request: Request, route: str, job: Job, kind: K
         p.error = e
         _end(fe, route, p, e.status)
         return e.response()
+    except BaseException:  # cancelled: the request must still end (in-flight count, abort)
+        _end(fe, route, p, CLIENT_CLOSED)
+        raise
     return EventStream(_events(fe, p, kind), on_close=lambda: _end(fe, route, p, 200))
 
 
@@ -110,6 +113,8 @@ async def _events(fe: Frontend, p: Pending, kind: Kind) -> AsyncIterator[str]:
                     details = fmt.generate_details(job, m, c, _ttft(p, c), time.monotonic() - p.arrival)
                 chunk = fmt.generate_chunk(job, c, out, details)
             if chunk:
+                if c.first_sent_t is None:
+                    c.first_sent_t = time.monotonic()
                 yield chunk
         if job.include_usage:
             yield fmt.usage_chunk(job, m, p.choices, chat=kind == "chat")
@@ -129,7 +134,9 @@ async def _watch_disconnect(request: Request, p: Pending) -> None:
 
 
 def _ttft(p: Pending, c) -> float | None:
-    return None if c.first_token_t is None else c.first_token_t - p.arrival
+    """Arrival → first token sent: its first chunk when streaming, its arrival here otherwise."""
+    t = c.first_sent_t if c.first_sent_t is not None else c.first_token_t
+    return None if t is None else t - p.arrival
 
 
 def _end(fe: Frontend, route: str, p: Pending, status: int) -> None:

@@ -219,7 +219,8 @@ class Choice:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     output: RequestOutput | None = None  # the final one
-    first_token_t: float | None = None
+    first_token_t: float | None = None  # the first token reached the HTTP process
+    first_sent_t: float | None = None  # streaming: the first chunk with a token was sent
     last_token_t: float | None = None
     itl: list[float] = field(default_factory=list)
     text_len: int = 0  # characters of text so far
@@ -228,11 +229,13 @@ class Choice:
     def add(self, out: RequestOutput, now: float) -> None:
         self.prev_text_len = self.text_len
         self.text_len += len(out.text_delta)
-        if out.new_token_ids:
+        k = len(out.new_token_ids)
+        if k:  # one inter-token gap per token after the first
             if self.first_token_t is None:
                 self.first_token_t = now
-            elif self.last_token_t is not None:
-                self.itl.append(now - self.last_token_t)
+                self.itl.extend([0.0] * (k - 1))
+            else:
+                self.itl.extend([(now - self.last_token_t) / k] * k)
             self.last_token_t = now
         self.text.append(out.text_delta)
         self.token_ids.extend(out.new_token_ids)

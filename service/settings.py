@@ -34,7 +34,9 @@ class Settings(BaseModel):
     model_dir: Path = Field(Path("artifacts/small"), description="Model bundle folder.")
     host: Host = Field("127.0.0.1", description="Bind address: 127.0.0.1, 0.0.0.0 or ::.")
     http_port: int = Field(8000, ge=1024, le=65535, description="HTTP port (LitServe refuses < 1024).")
-    api_key: SecretStr | None = Field(None, description="Bearer key for the API routes (not /health, /ready, /metrics).")
+    api_key: SecretStr | None = Field(
+        None, description="Bearer key for the API routes (not /health, /ready, /metrics)."
+    )
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime execution provider.")
     intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime threads; 0 = its default.")
     graph_opt_level: Literal["disable", "basic", "extended", "all"] = Field(
@@ -52,7 +54,9 @@ class Settings(BaseModel):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."
     )
-    model_name: str | None = Field(None, min_length=1, max_length=256, description="Served model name; default: the bundle's.")
+    model_name: str | None = Field(
+        None, min_length=1, max_length=256, description="Served model name; default: the bundle's."
+    )
     prometheus_multiproc_dir: str | None = Field(
         None, description="Shared metrics folder; default: a temp dir."
     )

@@ -3,6 +3,7 @@ encoding, and the minimal OpenAI completion stream chunks that ``bench.serve`` r
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 import uuid
@@ -37,10 +38,13 @@ def engine_kwargs(bundle_dir: str | Path, **overrides: Any) -> dict[str, Any]:
 
 
 def build_engine(bundle_dir: str | Path, **overrides: Any):
-    """``Engine(load_bundle(dir), **engine_kwargs(dir, **overrides))``."""
-    from service.engine import Engine
-
-    return Engine(load_bundle(bundle_dir, verify_hashes=False), **engine_kwargs(bundle_dir, **overrides))
+    """The engine the service would build: ``TEXTGEN_ENGINE_CLASS`` (default ``service.engine:Engine``)
+    on the bundle, with ``engine_kwargs(dir, **overrides)``."""
+    module, _, name = Settings.from_env(model_dir=str(bundle_dir)).engine_class.partition(":")
+    engine_class = getattr(importlib.import_module(module), name)
+    return engine_class(
+        load_bundle(bundle_dir, verify_hashes=False), **engine_kwargs(bundle_dir, **overrides)
+    )
 
 
 class PromptEncoder:

@@ -137,7 +137,9 @@ def benchmark_offline(
         "engine": engine_kwargs(bundle_dir, max_running=engine.scheduler.max_running),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    return BenchmarkResult(config=config, summary=summarize(records, duration, {}, concurrency), requests=records)
+    return BenchmarkResult(
+        config=config, summary=summarize(records, duration, {}, concurrency), requests=records
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,4 +177,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

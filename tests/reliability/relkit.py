@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -46,6 +47,25 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
 
 
 # ---------------------------------------------------------------------------------------------
+# Quick GETs for polling (a new httpx.Client costs ~30 ms: it builds an SSL context)
+
+_local = threading.local()
+
+
+def get(url: str) -> httpx.Response:
+    """GET with a client kept per thread."""
+    client = getattr(_local, "client", None)
+    if client is None:
+        client = _local.client = httpx.Client(timeout=10)
+    return client.get(url)
+
+
+def ready(base_url: str) -> dict:
+    """The /ready body: status, running, waiting, kv_cache_usage, inflight."""
+    return get(base_url + "/ready").json()
+
+
+# ---------------------------------------------------------------------------------------------
 # /metrics
 
 
@@ -66,7 +86,7 @@ class Scrape:
 
 
 def scrape(base_url: str) -> Scrape:
-    r = httpx.get(base_url + "/metrics", timeout=10)
+    r = get(base_url + "/metrics")
     r.raise_for_status()
     samples: dict[tuple[str, frozenset], float] = {}
     for family in text_string_to_metric_families(r.text):
