@@ -430,6 +430,22 @@ def median_throughput(results: dict[str, BenchmarkResult], kind: str) -> float |
     return statistics.median(vals) if vals else None
 
 
+def tokens_per_cpu_s(result: BenchmarkResult) -> float | None:
+    """Output tokens per CPU-second of the server's processes (the load generator excluded): a
+    figure that other tenants of a shared machine disturb much less than tokens/s."""
+    cpu = sum(v for k, v in (result.summary.get("cpu_s") or {}).items() if k != "client")
+    return result.summary["total_output_tokens"] / cpu if cpu > 0 else None
+
+
+def median_efficiency(results: dict[str, BenchmarkResult], kind: str) -> float | None:
+    vals = [
+        e
+        for key, r in results.items()
+        if key.split("#")[0] == kind and (e := tokens_per_cpu_s(r)) is not None
+    ]
+    return statistics.median(vals) if vals else None
+
+
 def ratios(results: dict[str, BenchmarkResult]) -> dict[str, float | None]:
     """The figures the targets bound (None where a run is missing); throughputs are medians."""
 
@@ -442,12 +458,22 @@ def ratios(results: dict[str, BenchmarkResult]) -> dict[str, float | None]:
     def div(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
+    def eff(k: str) -> float | None:
+        return median_efficiency(results, k)
+
     c16 = next((k for k in results if k.startswith("service-c") and k != "service-c1"), None)
     return {
+        "eff_vs_static": div(eff("service"), eff("static")),
+        "eff_vs_none": div(eff("service"), eff("none")),
+        "eff_vs_offline": div(eff("service"), eff("offline")),
         "vs_static": div(tput("service"), tput("static")),
         "vs_none": div(tput("service"), tput("none")),
         "vs_offline": div(tput("service"), tput("offline")),
         "ttft_c16_c1": div(stat(c16, "ttft_s") if c16 else None, stat("service-c1", "ttft_s")),
+        "ttft_p50_c16_c1": div(
+            stat(c16, "ttft_s", "p50") if c16 else None, stat("service-c1", "ttft_s", "p50")
+        ),
+        "poisson_p50_70_10": div(stat("poisson-70", "e2e_s", "p50"), stat("poisson-10", "e2e_s", "p50")),
         "poisson_70_10": div(stat("poisson-70", "e2e_s"), stat("poisson-10", "e2e_s")),
     }
 
@@ -483,7 +509,8 @@ def run_label(key: str, result: BenchmarkResult, cfg: dict[str, Any]) -> str:
 def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) -> str:
     cfg = meta["config"]
     lines = [
-        f"Measured {meta['date']} on {meta['machine']}; load average before the run: {meta['loadavg']}.",
+        f"Measured {meta['date']} on {meta['machine']}; load average (1, 5, 15 min) before the run: "
+        f"{meta['loadavg']}, after: {meta.get('loadavg_after', '-')}; {meta.get('wall_s', 0):.0f} s in all.",
         "",
         "```bash",
         meta["command"],
@@ -529,6 +556,16 @@ def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) ->
         v = measured[key]
         met = "-" if v is None else ("yes" if (v >= bound if how == "ge" else v <= bound) else "**no**")
         lines.append(f"| {text} | {_x(v)} | {'≥' if how == 'ge' else '≤'} {bound:g}× | {met} |")
+    info = (
+        ("ttft_p50_c16_c1", "TTFT p50: 16 clients ÷ 1 client"),
+        ("poisson_p50_70_10", "e2e p50: Poisson 70% ÷ 10% of capacity"),
+        ("eff_vs_static", "output tokens per server CPU-second: service ÷ static batching"),
+        ("eff_vs_none", "output tokens per server CPU-second: service ÷ no batching"),
+        ("eff_vs_offline", "output tokens per server CPU-second: service ÷ offline engine"),
+    )
+    for key, text in info:
+        if measured[key] is not None:
+            lines.append(f"| {text} | {_x(measured[key])} | - | - |")
     roles = ("worker", "http", "manager", "main", "client")
     cpu_rows = [(k, r) for k, r in results.items() if k.split("#")[0] in SERVERS and "cpu_s" in r.summary]
     if cpu_rows:
@@ -538,8 +575,8 @@ def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) ->
             "the inference worker (engine), the HTTP process (uvicorn), LitServe's queue manager, "
             "the main process, and the load generator.",
             "",
-            "| run | " + " | ".join(roles) + " | total |",
-            "|---|" + "---|" * (len(roles) + 1),
+            "| run | " + " | ".join(roles) + " | total | output tokens per server CPU-s |",
+            "|---|" + "---|" * (len(roles) + 2),
         ]
         for key, r in cpu_rows:
             d = max(r.summary["duration_s"], 1e-9)
@@ -550,7 +587,12 @@ def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) ->
             else:
                 cells = [f"{cpu.get(x, 0.0) / d:.2f}" for x in roles]
                 total = sum(cpu.get(x, 0.0) for x in roles) / d
-            lines.append(f"| {run_label(key, r, cfg)} | " + " | ".join(cells) + f" | {total:.2f} |")
+            e = tokens_per_cpu_s(r)
+            lines.append(
+                f"| {run_label(key, r, cfg)} | "
+                + " | ".join(cells)
+                + f" | {total:.2f} | {'-' if e is None else f'{e:.0f}'} |"
+            )
     if meta.get("img"):
         lines += ["", f"![Serving comparison]({meta['img']})"]
     return "\n".join(lines)
@@ -631,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compare the service with LitServe static batching, no batching and the offline "
         "engine on one bundle and one seeded workload; write a markdown table and a PNG.",
     )
-    p.add_argument("--bundle", required=True, help="model bundle folder, e.g. artifacts/small")
+    p.add_argument("--bundle", default=None, help="model bundle folder, e.g. artifacts/small (required)")
     p.add_argument("--concurrency", type=int, default=32, help="streaming clients (default: 32)")
     p.add_argument("--num-requests", type=int, default=128, help="requests per main run (default: 128)")
     p.add_argument(
@@ -670,6 +712,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-dir", default="docs/img", help="PNG folder (default: docs/img)")
     p.add_argument(
         "--json-out", default="bench/results/compare.json", help="every result (default: bench/results/)"
+    )
+    p.add_argument(
+        "--render",
+        default=None,
+        metavar="JSON",
+        help="no run: rewrite --out and the PNG from a --json-out file",
     )
     return p
 
@@ -714,10 +762,43 @@ def _command_line(argv: list[str] | None) -> str:
     return " ".join(["python -m bench.compare", *args])
 
 
+def write_outputs(
+    results: dict[str, BenchmarkResult], meta: dict[str, Any], args: argparse.Namespace
+) -> None:
+    """The PNG, the markdown block (stdout and ``--out``) and, for a fresh run, the JSON."""
+    if any(k in results for k in SERVERS):
+        png = plot(results, Path(args.img_dir) / "serving-compare.png")
+        if args.out:
+            meta["img"] = os.path.relpath(png, Path(args.out).parent)
+        print(f"wrote {png}", file=sys.stderr)
+    block = markdown_block(results, meta)
+    print(block)
+    if args.out:
+        update_doc(Path(args.out), block)
+        print(f"updated {args.out}", file=sys.stderr)
+    if args.json_out and not args.render:
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "meta": meta,
+            "ratios": ratios(results),
+            "runs": {k: r.to_dict() for k, r in results.items()},
+        }
+        out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        results = {k: BenchmarkResult.from_dict(v) for k, v in data["runs"].items()}
+        write_outputs(results, data["meta"], args)
+        return 0
     try:
+        if args.bundle is None:
+            raise ValueError("--bundle is required (unless --render)")
         cfg = config_from_args(args)
         cfg.validate()
         if "poisson" in cfg.checks and "main" not in cfg.checks and cfg.capacity is None:
@@ -731,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": machine(),
         "loadavg": loadavg,
+        "loadavg_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "command": _command_line(argv),
         "config": {
             "concurrency": cfg.concurrency,
@@ -745,26 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "wall_s": time.monotonic() - started,
     }
-    if any(k in results for k in SERVERS):
-        png = plot(results, Path(args.img_dir) / "serving-compare.png")
-        if args.out:
-            meta["img"] = os.path.relpath(png, Path(args.out).parent)
-        print(f"wrote {png}", file=sys.stderr)
-    block = markdown_block(results, meta)
-    print(block)
-    if args.out:
-        update_doc(Path(args.out), block)
-        print(f"updated {args.out}", file=sys.stderr)
-    if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "meta": meta,
-            "ratios": ratios(results),
-            "runs": {k: r.to_dict() for k, r in results.items()},
-        }
-        out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
+    write_outputs(results, meta, args)
     print(f"total {meta['wall_s']:.0f} s", file=sys.stderr)
     return 0
 

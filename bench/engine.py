@@ -56,8 +56,16 @@ LABELS = {
     "genai": "onnxruntime-genai 0.18, same ONNX file",
     "int8": "this engine, int8 bundle",
 }
-SHORT = {"engine": "this engine", "ortloop": "bare session.run loop", "nocache": "no KV cache",
-         "torch": "PyTorch eager", "hf": "HF generate()", "genai": "onnxruntime-genai", "int8": "this engine, int8"}
+GENAI_MAX_BATCH = 32  # onnxruntime-genai 0.18's Generator: "batch_size (64) must be in [1, 32]"
+SHORT = {
+    "engine": "this engine",
+    "ortloop": "bare session.run loop",
+    "nocache": "no KV cache",
+    "torch": "PyTorch eager",
+    "hf": "HF generate()",
+    "genai": "onnxruntime-genai",
+    "int8": "this engine, int8",
+}
 SECTION = "## Engine (offline, CPU)"
 BEGIN, END = "<!-- bench.engine results: begin -->", "<!-- bench.engine results: end -->"
 
@@ -107,23 +115,32 @@ def make_prompt(stream: Sequence[int], offset: int, length: int, bos_id: int) ->
     return [bos_id, *(stream[(offset + i) % len(stream)] for i in range(length - 1))]
 
 
-def fixed_workload(stream: Sequence[int], bos_id: int, batch: int, prompt_len: int, new_tokens: int,
-                   seed: int = 0) -> Workload:
+def fixed_workload(
+    stream: Sequence[int], bos_id: int, batch: int, prompt_len: int, new_tokens: int, seed: int = 0
+) -> Workload:
     offsets = np.random.default_rng([seed, batch]).integers(0, len(stream), size=batch)
     reqs = [Request(make_prompt(stream, int(o), prompt_len, bos_id), new_tokens) for o in offsets]
     return Workload(f"batch {batch}", reqs, concurrency=batch, batch=batch)
 
 
-def mixed_workload(stream: Sequence[int], bos_id: int, n: int, concurrency: int = 32,
-                   prompt_range: tuple[int, int] = (16, 128), output_range: tuple[int, int] = (16, 256),
-                   seed: int = 0) -> Workload:
+def mixed_workload(
+    stream: Sequence[int],
+    bos_id: int,
+    n: int,
+    concurrency: int = 32,
+    prompt_range: tuple[int, int] = (16, 128),
+    output_range: tuple[int, int] = (16, 256),
+    seed: int = 0,
+) -> Workload:
     """n requests with uniform prompt and output lengths (inclusive), seeded."""
     rng = np.random.default_rng([seed, 7])
     plen = rng.integers(prompt_range[0], prompt_range[1] + 1, size=n)
     olen = rng.integers(output_range[0], output_range[1] + 1, size=n)
     offsets = rng.integers(0, len(stream), size=n)
-    reqs = [Request(make_prompt(stream, int(o), int(p), bos_id), int(m))
-            for o, p, m in zip(offsets, plen, olen, strict=True)]
+    reqs = [
+        Request(make_prompt(stream, int(o), int(p), bos_id), int(m))
+        for o, p, m in zip(offsets, plen, olen, strict=True)
+    ]
     return Workload("mixed", reqs, concurrency=concurrency)
 
 
@@ -172,8 +189,13 @@ class EngineRunner:
 
         if max_running not in self._engines:
             self._engines[max_running] = Engine(
-                self.bundle, provider="cpu", intra_op_threads=self.threads, max_running=max_running,
-                max_waiting=4096, max_prefill_tokens=self.max_prefill_tokens)
+                self.bundle,
+                provider="cpu",
+                intra_op_threads=self.threads,
+                max_running=max_running,
+                max_waiting=4096,
+                max_prefill_tokens=self.max_prefill_tokens,
+            )
         return self._engines[max_running]
 
     def run(self, wl: Workload) -> tuple[Timing, list[list[int]]]:
@@ -185,8 +207,9 @@ class EngineRunner:
         outputs: dict[str, list[int]] = {rid: [] for rid in ids}
         clock = Stopwatch()
         for rid, r in zip(ids, wl.requests, strict=True):
-            engine.add_request(rid, r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0.0,
-                                                             ignore_eos=True))
+            engine.add_request(
+                rid, r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
+            )
         while engine.has_unfinished():
             for out in engine.step():
                 outputs[out.request_id].extend(out.new_token_ids)
@@ -305,10 +328,21 @@ def hf_model(arch: dict[str, Any], bos_id: int, eos_id: int, pad_id: int, seed: 
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=arch["vocab_size"], n_positions=arch["context_length"], n_embd=arch["n_embd"],
-                     n_layer=arch["n_layer"], n_head=arch["n_head"], n_inner=arch.get("ffn_mult", 4) * arch["n_embd"],
-                     activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    cfg = GPT2Config(
+        vocab_size=arch["vocab_size"],
+        n_positions=arch["context_length"],
+        n_embd=arch["n_embd"],
+        n_layer=arch["n_layer"],
+        n_head=arch["n_head"],
+        n_inner=arch.get("ffn_mult", 4) * arch["n_embd"],
+        activation_function="gelu",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(cfg).eval()
 
@@ -337,8 +371,14 @@ class HFRunner:
             for batch in wl.static_batches():
                 ids, mask, _ = left_pad_batch([r.prompt for r in batch], self.pad_id)
                 n = max(r.max_tokens for r in batch)
-                seqs = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                           do_sample=False, pad_token_id=self.pad_id)
+                seqs = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=self.pad_id,
+                )
                 new = seqs[:, ids.shape[1] :]
                 outputs += [new[b, : r.max_tokens].tolist() for b, r in enumerate(batch)]
         return clock.stop(), outputs
@@ -358,8 +398,12 @@ def genai_config(bundle: Any, threads: int) -> dict[str, Any]:
             "vocab_size": bundle.vocab_size,
             "decoder": {
                 "filename": "model.onnx",
-                "session_options": {"log_id": "onnxruntime-genai", "intra_op_num_threads": threads,
-                                    "inter_op_num_threads": 1, "provider_options": []},
+                "session_options": {
+                    "log_id": "onnxruntime-genai",
+                    "intra_op_num_threads": threads,
+                    "inter_op_num_threads": 1,
+                    "provider_options": [],
+                },
                 "head_size": bundle.head_dim,
                 "hidden_size": arch["n_embd"],
                 "num_attention_heads": arch["n_head"],
@@ -380,9 +424,19 @@ def genai_config(bundle: Any, threads: int) -> dict[str, Any]:
             },
         },
         "search": {
-            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": bundle.context_length,
-            "min_length": 0, "early_stopping": True, "length_penalty": 1.0, "repetition_penalty": 1.0,
-            "temperature": 1.0, "top_k": 1, "top_p": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
+            "do_sample": False,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "max_length": bundle.context_length,
+            "min_length": 0,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+            "no_repeat_ngram_size": 0,
+            "diversity_penalty": 0.0,
             # A shared past/present buffer needs an attention op that writes in place (GroupQueryAttention).
             "past_present_share_buffer": False,
         },
@@ -405,14 +459,24 @@ class GenAIRunner:
         self.versions: dict[str, str] = {}
 
     def run(self, wl: Workload) -> tuple[Timing, list[list[int]]]:
-        job = {"model_dir": str(self.dir), "pad_id": self.bundle.pad_id, "repeat": self.repeat,
-               "batches": [{"prompts": [r.prompt for r in b], "max_tokens": [r.max_tokens for r in b]}
-                           for b in wl.static_batches()]}
+        job = {
+            "model_dir": str(self.dir),
+            "pad_id": self.bundle.pad_id,
+            "repeat": self.repeat,
+            "batches": [
+                {"prompts": [r.prompt for r in b], "max_tokens": [r.max_tokens for r in b]}
+                for b in wl.static_batches()
+            ],
+        }
         job_path, out_path = self.dir / "job.json", self.dir / "result.json"
         job_path.write_text(json.dumps(job))
         out_path.unlink(missing_ok=True)
-        proc = subprocess.run([str(self.python), str(ROOT / "bench" / "genai_runner.py"), str(job_path),
-                               str(out_path)], capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [str(self.python), str(ROOT / "bench" / "genai_runner.py"), str(job_path), str(out_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"genai_runner failed ({proc.returncode}): {proc.stderr[-2000:]}")
         res = json.loads(out_path.read_text())
@@ -456,12 +520,15 @@ def check_lengths(name: str, wl: Workload, outs: list[list[int]]) -> None:
     bad = [i for i, (o, r) in enumerate(zip(outs, wl.requests, strict=True)) if len(o) != r.max_tokens]
     if bad:
         i = bad[0]
-        raise RuntimeError(f"{name} on {wl.name}: request {i} has {len(outs[i])} tokens, "
-                           f"expected {wl.requests[i].max_tokens}")
+        raise RuntimeError(
+            f"{name} on {wl.name}: request {i} has {len(outs[i])} tokens, "
+            f"expected {wl.requests[i].max_tokens}"
+        )
 
 
-def measure(runners: Sequence[Runner], wl: Workload, repeat: int = 1,
-            warmup_tokens: int = 4) -> list[tuple[Measurement, list[list[int]]]]:
+def measure(
+    runners: Sequence[Runner], wl: Workload, repeat: int = 1, warmup_tokens: int = 4
+) -> list[tuple[Measurement, list[list[int]]]]:
     """Warm every runner up on the same prompts with a few tokens, then ``repeat`` rounds of timed
     runs, runner after runner (so a burst of load elsewhere hits them alike)."""
     for r in runners:
@@ -502,8 +569,13 @@ def gemm_gflops(threads: int, n: int = 1024, repeats: int = 5) -> tuple[float, f
     reads its thread count (OPENBLAS_NUM_THREADS) when it loads.
     """
     env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, "-c", _GEMM, str(n), str(repeats)], env=env, capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _GEMM, str(n), str(repeats)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     res = json.loads(proc.stdout)
     return res["wall"], res["cpu"]
 
@@ -544,11 +616,18 @@ class Report:
         m = self.get(runner, workload)
         if m is None:
             return None
-        return m.tokens_per_cpu_s / self.ceiling_tokens_per_cpu_s if cpu else m.tokens_per_s / self.ceiling_tokens_per_s
+        return (
+            m.tokens_per_cpu_s / self.ceiling_tokens_per_cpu_s
+            if cpu
+            else m.tokens_per_s / self.ceiling_tokens_per_s
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["ceiling_tokens_per_s"], d["ceiling_tokens_per_cpu_s"] = self.ceiling_tokens_per_s, self.ceiling_tokens_per_cpu_s
+        d["ceiling_tokens_per_s"], d["ceiling_tokens_per_cpu_s"] = (
+            self.ceiling_tokens_per_s,
+            self.ceiling_tokens_per_cpu_s,
+        )
         for m, md in zip(self.measurements, d["measurements"], strict=True):
             md["tokens_per_s"], md["tokens_per_cpu_s"] = m.tokens_per_s, m.tokens_per_cpu_s
         return d
@@ -564,14 +643,48 @@ def targets(rep: Report) -> list[Target]:
         return f(False), f(True)
 
     rows: list[Target] = [
-        ("KV cache vs full recompute, batch 1", *both(lambda c: rep.ratio("engine", "nocache", "batch 1", c)), 6.0, "x"),
-        ("vs transformers generate(), batch 1", *both(lambda c: rep.ratio("engine", "hf", "batch 1", c)), 3.0, "x"),
-        ("vs transformers generate(), batch 32", *both(lambda c: rep.ratio("engine", "hf", "batch 32", c)), 2.0, "x"),
-        ("vs onnxruntime-genai, batch 1", *both(lambda c: rep.ratio("engine", "genai", "batch 1", c)), 1.0, "x"),
-        (f"vs onnxruntime-genai, mixed workload ({rep.settings['mixed_concurrency']} concurrent)",
-         *both(lambda c: rep.ratio("engine", "genai", "mixed", c)), 1.1, "x"),
-        ("share of the compute ceiling, batch 64", *both(lambda c: rep.ceiling_share("engine", "batch 64", c)), 0.5, "%"),
-        ("int8 vs fp32 (this engine), batch 1", *both(lambda c: rep.ratio("int8", "engine", "batch 1", c)), 1.8, "x"),
+        (
+            "KV cache vs full recompute, batch 1",
+            *both(lambda c: rep.ratio("engine", "nocache", "batch 1", c)),
+            6.0,
+            "x",
+        ),
+        (
+            "vs transformers generate(), batch 1",
+            *both(lambda c: rep.ratio("engine", "hf", "batch 1", c)),
+            3.0,
+            "x",
+        ),
+        (
+            "vs transformers generate(), batch 32",
+            *both(lambda c: rep.ratio("engine", "hf", "batch 32", c)),
+            2.0,
+            "x",
+        ),
+        (
+            "vs onnxruntime-genai, batch 1",
+            *both(lambda c: rep.ratio("engine", "genai", "batch 1", c)),
+            1.0,
+            "x",
+        ),
+        (
+            f"vs onnxruntime-genai, mixed workload ({rep.settings['mixed_concurrency']} concurrent)",
+            *both(lambda c: rep.ratio("engine", "genai", "mixed", c)),
+            1.1,
+            "x",
+        ),
+        (
+            "share of the compute ceiling, batch 64",
+            *both(lambda c: rep.ceiling_share("engine", "batch 64", c)),
+            0.5,
+            "%",
+        ),
+        (
+            "int8 vs fp32 (this engine), batch 1",
+            *both(lambda c: rep.ratio("int8", "engine", "batch 1", c)),
+            1.8,
+            "x",
+        ),
     ]
     if "fp32" in rep.bpc and "int8" in rep.bpc:
         lost = rep.bpc["int8"] - rep.bpc["fp32"]
@@ -591,8 +704,13 @@ def _met(v: float | None, thr: float, unit: str) -> str:
     return "yes" if (v <= thr if unit == "bpc" else v >= thr) else "**no**"
 
 
-def _table(rep: Report, workloads: list[str], runners: list[str], value: Callable[[Measurement], float],
-           share: Callable[[str], float | None]) -> list[str]:
+def _table(
+    rep: Report,
+    workloads: list[str],
+    runners: list[str],
+    value: Callable[[Measurement], float],
+    share: Callable[[str], float | None],
+) -> list[str]:
     lines = ["| runner | " + " | ".join(workloads) + " |", "|---|" + "---:|" * len(workloads)]
     for r in runners:
         cells = ["—" if (x := rep.get(r, w)) is None else f"{value(x):,.0f}" for w in workloads]
@@ -613,8 +731,12 @@ def markdown(rep: Report) -> str:
         f"{s['threads']} thread{'s' if s['threads'] > 1 else ''} for every runner, {s['cpu_count']} cores. "
         f"Greedy; batch B: B requests of {s['prompt_len']} prompt tokens and {s['new_tokens']} new tokens, "
         f"submitted together."
-        + (f" Mixed: {s['mixed']} requests, prompts {s['mixed_prompt']} and outputs {s['mixed_output']} tokens "
-           f"(seed {s['seed']}), at most {s['mixed_concurrency']} in flight." if s.get("mixed") else ""),
+        + (
+            f" Mixed: {s['mixed']} requests, prompts {s['mixed_prompt']} and outputs {s['mixed_output']} tokens "
+            f"(seed {s['seed']}), at most {s['mixed_concurrency']} in flight."
+            if s.get("mixed")
+            else ""
+        ),
         "",
         f"Output tokens per second of wall time, end to end (prefill included), fastest of {s['repeat']} "
         "interleaved rounds:",
@@ -622,11 +744,19 @@ def markdown(rep: Report) -> str:
         *_table(rep, workloads, runners, lambda x: x.tokens_per_s, lambda w: rep.ceiling_share("engine", w)),
         "",
         f"Output tokens per CPU second (process CPU time, least of {s['repeat']} rounds)"
-        + (": with one thread, the measure least disturbed by other load on a shared machine:" if one
-           else " (all threads, spinning included: not comparable to wall time):"),
+        + (
+            ": with one thread, the measure least disturbed by other load on a shared machine:"
+            if one
+            else " (all threads, spinning included: not comparable to wall time):"
+        ),
         "",
-        *_table(rep, workloads, runners, lambda x: x.tokens_per_cpu_s,
-                lambda w: rep.ceiling_share("engine", w, cpu=True)),
+        *_table(
+            rep,
+            workloads,
+            runners,
+            lambda x: x.tokens_per_cpu_s,
+            lambda w: rep.ceiling_share("engine", w, cpu=True),
+        ),
         "",
         f"Compute ceiling: fp32 GEMM on {s['threads']} thread{'s' if s['threads'] > 1 else ''} (numpy 1024³, best "
         f"of 5) {rep.gemm_gflops:.0f} GFLOP/s of wall time ({rep.gemm_gflops_cpu:.0f} per CPU second) / "
@@ -638,17 +768,27 @@ def markdown(rep: Report) -> str:
     ]
     for name, vw, vc, thr, unit in targets(rep):
         thr_s = f"≤ {thr:.2f}" if unit == "bpc" else f"≥ {_fmt(thr, unit)}"
-        lines.append(f"| {name} | {_fmt(vw, unit)} | {_fmt(vc, unit)} | {thr_s} | "
-                     f"{_met(vw, thr, unit)} / {_met(vc, thr, unit)} |")
+        lines.append(
+            f"| {name} | {_fmt(vw, unit)} | {_fmt(vc, unit)} | {thr_s} | "
+            f"{_met(vw, thr, unit)} / {_met(vc, thr, unit)} |"
+        )
     spread = max((x.spread for x in rep.measurements), default=1.0)
     lines += ["", f"Slowest over fastest run of one point: up to {spread:.1f}x (other load on the machine)."]
     if rep.bpc:
-        lines += ["", "Bits per character on the held-out works: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in rep.bpc.items()) + "."]
+        lines += [
+            "",
+            "Bits per character on the held-out works: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in rep.bpc.items())
+            + ".",
+        ]
     matches = [x for x in rep.measurements if x.match_engine is not None and x.workload == workloads[0]]
     if matches:
-        lines += ["", f"Greedy tokens identical to this engine's ({workloads[0]}): "
-                  + ", ".join(f"{x.runner} {100 * x.match_engine:.0f}%" for x in matches) + "."]
+        lines += [
+            "",
+            f"Greedy tokens identical to this engine's ({workloads[0]}): "
+            + ", ".join(f"{x.runner} {100 * x.match_engine:.0f}%" for x in matches)
+            + ".",
+        ]
     if rep.versions:
         lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in rep.versions.items()) + "."]
     lines += ["", *(f"- {note}" for note in rep.notes)] if rep.notes else []
@@ -686,9 +826,17 @@ def plot(rep: Report, out: Path) -> None:
     s, m = rep.settings, rep.model
     for ax, cpu in zip(axes[0][:2], (False, True), strict=True):
         for r in dict.fromkeys(x.runner for x in fixed):
-            pts = sorted((x.batch, x.tokens_per_cpu_s if cpu else x.tokens_per_s) for x in fixed if x.runner == r)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color[r], label=SHORT.get(r, r),
-                    linewidth=2.5 if r == "engine" else 1.3)
+            pts = sorted(
+                (x.batch, x.tokens_per_cpu_s if cpu else x.tokens_per_s) for x in fixed if x.runner == r
+            )
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                color=color[r],
+                label=SHORT.get(r, r),
+                linewidth=2.5 if r == "engine" else 1.3,
+            )
         ceiling = rep.ceiling_tokens_per_cpu_s if cpu else rep.ceiling_tokens_per_s
         ax.axhline(ceiling, color="k", linestyle="--", linewidth=1, label="compute ceiling (fp32 GEMM rate)")
         ax.set_xscale("log", base=2)
@@ -702,18 +850,32 @@ def plot(rep: Report, out: Path) -> None:
         ax = axes[0][2]
         names = [SHORT.get(x.runner, x.runner) for x in mixed]
         y = np.arange(len(mixed))
-        ax.barh(y - 0.2, [x.tokens_per_s for x in mixed], height=0.4, color=[color[x.runner] for x in mixed],
-                label="per wall second")
-        ax.barh(y + 0.2, [x.tokens_per_cpu_s for x in mixed], height=0.4, color=[color[x.runner] for x in mixed],
-                alpha=0.45, label="per CPU second")
+        ax.barh(
+            y - 0.2,
+            [x.tokens_per_s for x in mixed],
+            height=0.4,
+            color=[color[x.runner] for x in mixed],
+            label="per wall second",
+        )
+        ax.barh(
+            y + 0.2,
+            [x.tokens_per_cpu_s for x in mixed],
+            height=0.4,
+            color=[color[x.runner] for x in mixed],
+            alpha=0.45,
+            label="per CPU second",
+        )
         ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("output tokens/s")
         ax.set_title(f"mixed: {s['mixed']} requests, {s['mixed_concurrency']} in flight", fontsize=10)
         ax.grid(True, axis="x", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{m['name']} ({m['num_parameters'] / 1e6:.1f}M parameters), prompt {s['prompt_len']} + "
-                 f"{s['new_tokens']} new tokens, {s['threads']} thread(s), greedy", fontsize=11)
+    fig.suptitle(
+        f"{m['name']} ({m['num_parameters'] / 1e6:.1f}M parameters), prompt {s['prompt_len']} + "
+        f"{s['new_tokens']} new tokens, {s['threads']} thread(s), greedy",
+        fontsize=11,
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -739,34 +901,67 @@ def _runners(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.engine",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--bundle", type=Path, default=Path("artifacts/small"), help="fp32 model bundle")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="PyTorch checkpoint (default: artifacts/.work/<preset>/checkpoint.pt of the bundle's preset)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="PyTorch checkpoint (default: artifacts/.work/<preset>/checkpoint.pt of the bundle's preset)",
+    )
     p.add_argument("--int8-bundle", type=Path, default=None, help="default: <bundle>-int8")
     p.add_argument("--batches", type=_ints, default=[1, 8, 32, 64], help="batch sizes (default 1,8,32,64)")
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request (default 32)")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per request (default 128)")
-    p.add_argument("--mixed", type=int, default=0, metavar="N", help="also run N mixed-length requests (0: no)")
-    p.add_argument("--mixed-concurrency", type=int, default=32, help="sequences in flight for --mixed (default 32)")
+    p.add_argument(
+        "--mixed", type=int, default=0, metavar="N", help="also run N mixed-length requests (0: no)"
+    )
+    p.add_argument(
+        "--mixed-concurrency", type=int, default=32, help="sequences in flight for --mixed (default 32)"
+    )
     p.add_argument("--mixed-prompt", default="16:128", help="prompt length range MIN:MAX (default 16:128)")
     p.add_argument("--mixed-output", default="16:256", help="output length range MIN:MAX (default 16:256)")
     p.add_argument("--runners", type=_runners, default=list(RUNNERS), help=f"default {','.join(RUNNERS)}")
-    p.add_argument("--nocache-max-batch", type=int, default=64,
-                   help="skip the no-cache runner above this batch size and on --mixed (it is quadratic)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="threads for every runner (default 1: on a shared machine, multi-threaded runtimes "
-                        "waiting on each other's preempted threads make comparisons meaningless; 0: all cores)")
-    p.add_argument("--max-prefill-tokens", type=int, default=4096,
-                   help="engine: prompt tokens prefilled per step (default 4096: a whole batch at once)")
-    p.add_argument("--repeat", type=int, default=3,
-                   help="rounds of timed runs (every runner once per round); the fastest counts (default 3)")
+    p.add_argument(
+        "--nocache-max-batch",
+        type=int,
+        default=8,
+        help="skip the no-cache runner above this batch size (default 8) and on --mixed: it is quadratic",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads for every runner (default 1: on a shared machine, multi-threaded runtimes "
+        "waiting on each other's preempted threads make comparisons meaningless; 0: all cores)",
+    )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=4096,
+        help="engine: prompt tokens prefilled per step (default 4096: a whole batch at once)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of timed runs (every runner once per round); the fastest counts (default 3)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--genai-python", type=Path, default=ROOT / ".venv-genai" / "bin" / "python",
-                   help="python of the onnxruntime-genai environment (default .venv-genai, `make bench-env`)")
+    p.add_argument(
+        "--genai-python",
+        type=Path,
+        default=ROOT / ".venv-genai" / "bin" / "python",
+        help="python of the onnxruntime-genai environment (default .venv-genai, `make bench-env`)",
+    )
     p.add_argument("--bpc", action="store_true", help="also measure bits/char of the fp32 and int8 bundles")
-    p.add_argument("--out", type=Path, default=None, help="markdown file whose engine section gets the results")
+    p.add_argument(
+        "--out", type=Path, default=None, help="markdown file whose engine section gets the results"
+    )
     p.add_argument("--plot", type=Path, default=None, help="PNG of tokens/s against batch size")
     p.add_argument("--json", type=Path, default=None, help="all measurements as JSON")
     a = p.parse_args(argv)
@@ -784,8 +979,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def build_runners(a: argparse.Namespace, bundle: Any, notes: list[str],
-                  log: Callable[[str], None]) -> list[Runner]:
+def build_runners(
+    a: argparse.Namespace, bundle: Any, notes: list[str], log: Callable[[str], None]
+) -> list[Runner]:
     runners: list[Runner] = []
     for name in a.runners:
         if name == "engine":
@@ -810,8 +1006,10 @@ def build_runners(a: argparse.Namespace, bundle: Any, notes: list[str],
                 notes.append("hf: skipped, transformers is not installed (`pip install -e '.[bench]'`).")
                 continue
             r = HFRunner(bundle.arch, bundle.bos_id, bundle.eos_id, bundle.pad_id, a.threads)
-            notes.append(f"hf: GPT2LMHeadModel of the same shape has {r.num_parameters / 1e6:.2f}M parameters "
-                         f"(learned positions and biases), attention `{r.model.config._attn_implementation}`.")
+            notes.append(
+                f"hf: GPT2LMHeadModel of the same shape has {r.num_parameters / 1e6:.2f}M parameters "
+                f"(learned positions and biases), attention `{r.model.config._attn_implementation}`."
+            )
             runners.append(r)
             a.versions["transformers"] = transformers.__version__
         elif name == "genai":
@@ -822,8 +1020,10 @@ def build_runners(a: argparse.Namespace, bundle: Any, notes: list[str],
         elif name == "int8":
             path = a.int8_bundle or a.bundle.with_name(a.bundle.name + "-int8")
             if not (path / "config.json").is_file():
-                notes.append(f"int8: skipped, no bundle at {path} "
-                             f"(`python -m model export --preset small --int8 --out {path}`).")
+                notes.append(
+                    f"int8: skipped, no bundle at {path} "
+                    f"(`python -m model export --preset small --int8 --out {path}`)."
+                )
                 continue
             a.int8_path = path
             runners.append(EngineRunner(path, a.threads, a.max_prefill_tokens, name="int8"))
@@ -831,7 +1031,9 @@ def build_runners(a: argparse.Namespace, bundle: Any, notes: list[str],
     return runners
 
 
-def run(a: argparse.Namespace, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> Report:
+def run(
+    a: argparse.Namespace, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
+) -> Report:
     import onnxruntime
 
     from service.bundle import load_bundle
@@ -843,33 +1045,71 @@ def run(a: argparse.Namespace, log: Callable[[str], None] = lambda s: print(s, f
     runners = build_runners(a, bundle, notes, log)
     gflops = gemm_gflops(a.threads)
     params = bundle.num_parameters
-    model = {"name": bundle.name, **{k: bundle.arch[k] for k in ("n_embd", "n_layer", "n_head", "vocab_size",
-                                                                  "context_length")}, "num_parameters": params}
-    settings = {"threads": a.threads, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "repeat": a.repeat,
-                "batches": a.batches, "mixed": a.mixed, "mixed_concurrency": a.mixed_concurrency,
-                "mixed_prompt": a.mixed_prompt, "mixed_output": a.mixed_output, "seed": a.seed,
-                "max_prefill_tokens": a.max_prefill_tokens, "cpu_count": os.cpu_count()}
+    model = {
+        "name": bundle.name,
+        **{k: bundle.arch[k] for k in ("n_embd", "n_layer", "n_head", "vocab_size", "context_length")},
+        "num_parameters": params,
+    }
+    settings = {
+        "threads": a.threads,
+        "prompt_len": a.prompt_len,
+        "new_tokens": a.new_tokens,
+        "repeat": a.repeat,
+        "batches": a.batches,
+        "mixed": a.mixed,
+        "mixed_concurrency": a.mixed_concurrency,
+        "mixed_prompt": a.mixed_prompt,
+        "mixed_output": a.mixed_output,
+        "seed": a.seed,
+        "max_prefill_tokens": a.max_prefill_tokens,
+        "cpu_count": os.cpu_count(),
+    }
     rep = Report(model, settings, *gflops, notes=notes)
     stream = text_tokens(bundle.tokenizer_path)
-    workloads = [fixed_workload(stream, bundle.bos_id, b, a.prompt_len, a.new_tokens, a.seed) for b in a.batches]
+    workloads = [
+        fixed_workload(stream, bundle.bos_id, b, a.prompt_len, a.new_tokens, a.seed) for b in a.batches
+    ]
     if a.mixed:
-        workloads.append(mixed_workload(stream, bundle.bos_id, a.mixed, a.mixed_concurrency, a.mixed_prompt_range,
-                                        a.mixed_output_range, a.seed))
+        workloads.append(
+            mixed_workload(
+                stream,
+                bundle.bos_id,
+                a.mixed,
+                a.mixed_concurrency,
+                a.mixed_prompt_range,
+                a.mixed_output_range,
+                a.seed,
+            )
+        )
     if any(r.name == "nocache" for r in runners):
         skipped = [w.name for w in workloads if w.batch is None or w.batch > a.nocache_max_batch]
         if skipped:
             notes.append(f"nocache: not run on {', '.join(skipped)} (quadratic; --nocache-max-batch).")
+    if any(r.name == "genai" for r in runners):
+        skipped = [w.name for w in workloads if w.concurrency > GENAI_MAX_BATCH]
+        if skipped:
+            notes.append(
+                f"genai: not run on {', '.join(skipped)}: its Generator takes at most {GENAI_MAX_BATCH} sequences "
+                "(`batch_size (64) must be in [1, 32]`)."
+            )
+
+    def applies(r: Runner, wl: Workload) -> bool:
+        if r.name == "nocache":
+            return wl.batch is not None and wl.batch <= a.nocache_max_batch
+        return not (r.name == "genai" and wl.concurrency > GENAI_MAX_BATCH)
+
     for wl in workloads:
-        active = [r for r in runners
-                  if not (r.name == "nocache" and (wl.batch is None or wl.batch > a.nocache_max_batch))]
+        active = [r for r in runners if applies(r, wl)]
         results = measure(active, wl, a.repeat)
         engine_out = next((outs for m, outs in results if m.runner == "engine"), None)
         for m, outs in results:
             if engine_out is not None and m.runner in ("ortloop", "nocache", "torch", "genai", "int8"):
                 m.match_engine = float(np.mean([o == e for o, e in zip(outs, engine_out, strict=True)]))
             rep.measurements.append(m)
-            log(f"{wl.name:>9} {m.runner:>8}: {m.tokens_per_s:9,.0f} tokens/s, {m.tokens_per_cpu_s:9,.0f} per CPU "
-                f"second ({m.output_tokens} tokens in {min(m.wall):.2f} s; slowest run {m.spread:.2f}x)")
+            log(
+                f"{wl.name:>9} {m.runner:>8}: {m.tokens_per_s:9,.0f} tokens/s, {m.tokens_per_cpu_s:9,.0f} per CPU "
+                f"second ({m.output_tokens} tokens in {min(m.wall):.2f} s; slowest run {m.spread:.2f}x)"
+            )
     end = gemm_gflops(a.threads)  # best of the start and the end of the run
     rep.gemm_gflops, rep.gemm_gflops_cpu = max(gflops[0], end[0]), max(gflops[1], end[1])
     for r in runners:

@@ -38,15 +38,22 @@ import numpy as np
 def _dynamic(src: Path, dst: Path, per_channel: bool = False, unsigned: bool = False) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel)
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        per_channel=per_channel,
+    )
 
 
 def _folded(src: Path, dst: Path, per_channel: bool = False) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = dst.with_suffix(".pre.onnx")
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)  # symbolic inference gives up on this graph
+    quant_pre_process(
+        str(src), str(pre), skip_symbolic_shape=True
+    )  # symbolic inference gives up on this graph
     _dynamic(pre, dst, per_channel=per_channel)
     pre.unlink()
 
@@ -55,7 +62,9 @@ def _nbits(src: Path, dst: Path, bits: int, block: int) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=True, accuracy_level=4)
+    q = MatMulNBitsQuantizer(
+        onnx.load(str(src)), bits=bits, block_size=block, is_symmetric=True, accuracy_level=4
+    )
     q.process()
     q.model.save_model_to_file(str(dst), False)
 
@@ -84,7 +93,9 @@ def variant_bundle(bundle_dir: Path, onnx_file: Path, out: Path) -> Path:
     return out
 
 
-def step_times(files: dict[str, Path], bundle, batch: int, past: int = 96, rounds: int = 5) -> dict[str, float]:
+def step_times(
+    files: dict[str, Path], bundle, batch: int, past: int = 96, rounds: int = 5
+) -> dict[str, float]:
     """Thread CPU ms of one decode session.run per file (batch rows, `past` cached tokens), interleaved."""
     import onnxruntime as ort
 
@@ -94,14 +105,17 @@ def step_times(files: dict[str, Path], bundle, batch: int, past: int = 96, round
         return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
 
     names = bundle.io_names
-    feed = {names["input_ids"]: np.ones((batch, 1), np.int64),
-            names["attention_mask"]: np.ones((batch, past + 1), np.int64),
-            names["position_ids"]: np.full((batch, 1), past, np.int64)}
+    feed = {
+        names["input_ids"]: np.ones((batch, 1), np.int64),
+        names["attention_mask"]: np.ones((batch, past + 1), np.int64),
+        names["position_ids"]: np.full((batch, 1), past, np.int64),
+    }
     rng = np.random.default_rng(0)
     for i in range(bundle.num_layers):
         for k in ("past_key", "past_value"):
-            feed[names[k].format(i=i)] = rng.standard_normal((batch, bundle.num_kv_heads, past, bundle.head_dim),
-                                                            dtype=np.float32)
+            feed[names[k].format(i=i)] = rng.standard_normal(
+                (batch, bundle.num_kv_heads, past, bundle.head_dim), dtype=np.float32
+            )
     sessions = {k: session(p) for k, p in files.items()}
     n = max(2, 64 // batch)
     best = {k: float("inf") for k in files}
@@ -119,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.engine_int8", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, default=Path("artifacts/small"), help="fp32 bundle")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"default {','.join(VARIANTS)}")
-    p.add_argument("--bpc", action="store_true", help="bits/char of each variant on the held-out works (~30 s each)")
+    p.add_argument(
+        "--bpc", action="store_true", help="bits/char of each variant on the held-out works (~30 s each)"
+    )
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=5, help="interleaved rounds; the least CPU time counts")
     p.add_argument("--keep", type=Path, default=None, help="keep the variant bundles in this folder")
@@ -136,14 +152,19 @@ def main(argv: list[str] | None = None) -> None:
         VARIANTS[name](bundle.onnx_path, dst)
         files[name] = dst
         print(f"built {name}", file=sys.stderr)
-    bundles = {k: (a.bundle if k == "fp32" else variant_bundle(a.bundle, f, work / f"bundle-{k}")) for k, f in files.items()}
+    bundles = {
+        k: (a.bundle if k == "fp32" else variant_bundle(a.bundle, f, work / f"bundle-{k}"))
+        for k, f in files.items()
+    }
     import onnx
 
     rows: dict[str, dict[str, float | str]] = {}
     for k, f in files.items():
         m = onnx.load(str(f))
         ops = Counter(n.op_type for n in m.graph.node)
-        quant = ", ".join(f"{op} {c}" for op, c in ops.items() if "Quant" in op or "Integer" in op or "NBits" in op)
+        quant = ", ".join(
+            f"{op} {c}" for op, c in ops.items() if "Quant" in op or "Integer" in op or "NBits" in op
+        )
         rows[k] = {"MB": f.stat().st_size / 1e6, "nodes": len(m.graph.node), "ops": quant or "-"}
     for batch in (1, 64):
         for k, v in step_times(files, bundle, batch, rounds=a.repeat).items():
@@ -159,15 +180,21 @@ def main(argv: list[str] | None = None) -> None:
         for k, b in bundles.items():
             rows[k]["bpc"] = measure_bpc(b, None, lambda s: None)["fp32"]
     base = rows["fp32"]
-    print(f"\nOne thread, per-thread CPU time; decode step with 96 cached tokens; engine: 1 request, 32 prompt "
-          f"+ {a.new_tokens} new tokens, tokens per CPU second.\n")
-    print("| variant | MB | nodes | quantized ops | step B=1 ms | vs fp32 | step B=64 ms | vs fp32 | engine B=1 tok/s "
-          "| vs fp32 |" + (" bits/char | Δ |" if a.bpc else ""))
+    print(
+        f"\nOne thread, per-thread CPU time; decode step with 96 cached tokens; engine: 1 request, 32 prompt "
+        f"+ {a.new_tokens} new tokens, tokens per CPU second.\n"
+    )
+    print(
+        "| variant | MB | nodes | quantized ops | step B=1 ms | vs fp32 | step B=64 ms | vs fp32 | engine B=1 tok/s "
+        "| vs fp32 |" + (" bits/char | Δ |" if a.bpc else "")
+    )
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if a.bpc else ""))
     for k, r in rows.items():
-        line = (f"| {k} | {r['MB']:.1f} | {r['nodes']} | {r['ops']} | {r['step1']:.3f} | "
-                f"{base['step1'] / r['step1']:.2f}x | {r['step64']:.2f} | {base['step64'] / r['step64']:.2f}x | "
-                f"{r['engine1']:,.0f} | {r['engine1'] / base['engine1']:.2f}x |")
+        line = (
+            f"| {k} | {r['MB']:.1f} | {r['nodes']} | {r['ops']} | {r['step1']:.3f} | "
+            f"{base['step1'] / r['step1']:.2f}x | {r['step64']:.2f} | {base['step64'] / r['step64']:.2f}x | "
+            f"{r['engine1']:,.0f} | {r['engine1'] / base['engine1']:.2f}x |"
+        )
         if a.bpc:
             line += f" {r['bpc']:.4f} | {r['bpc'] - base['bpc']:+.4f} |"
         print(line)

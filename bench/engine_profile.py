@@ -102,7 +102,9 @@ def requests(bundle: Any, batch: int, prompt_len: int) -> list[list[int]]:
     return [make_prompt(stream, int(o), prompt_len, bundle.bos_id) for o in offsets]
 
 
-def profile_steps(engine: Any, prompts: list[list[int]], new_tokens: int | list[int], tag: str) -> dict[str, Any]:
+def profile_steps(
+    engine: Any, prompts: list[list[int]], new_tokens: int | list[int], tag: str
+) -> dict[str, Any]:
     """Run the requests through engine.step() under timers; per-step breakdown of decode steps
     (steps that admit nobody) and of admission steps (prefill plus the decode of the running rows)."""
     from contextlib import ExitStack
@@ -116,7 +118,9 @@ def profile_steps(engine: Any, prompts: list[list[int]], new_tokens: int | list[
             stack.enter_context(cm)
         lengths = new_tokens if isinstance(new_tokens, list) else [new_tokens] * len(prompts)
         for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
-            engine.add_request(f"{tag}-{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+            engine.add_request(
+                f"{tag}-{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            )
         while engine.has_unfinished():
             before = dict(timers.acc)
             t0 = CLOCK()
@@ -138,12 +142,20 @@ def profile_steps(engine: Any, prompts: list[list[int]], new_tokens: int | list[
         return tot
 
     total = sum(w for _, w, _ in steps)
-    return {"decode_steps": len(decode), "decode_ms": breakdown(decode), "prefill_steps": len(prefill),
-            "prefill_ms": breakdown(prefill), "total_s": total, "all_ms": breakdown([(w, d) for _, w, d in steps]),
-            "steps": len(steps)}
+    return {
+        "decode_steps": len(decode),
+        "decode_ms": breakdown(decode),
+        "prefill_steps": len(prefill),
+        "prefill_ms": breakdown(prefill),
+        "total_s": total,
+        "all_ms": breakdown([(w, d) for _, w, d in steps]),
+        "steps": len(steps),
+    }
 
 
-def ort_profile(engine: Any, prompts: list[list[int]], new_tokens: int, threads: int, tag: str) -> dict[str, Any]:
+def ort_profile(
+    engine: Any, prompts: list[list[int]], new_tokens: int, threads: int, tag: str
+) -> dict[str, Any]:
     """Kernel time by op type vs session.run wall time, over the decode steps (ONNX Runtime profiler)."""
     import onnxruntime as ort
 
@@ -177,8 +189,12 @@ def ort_profile(engine: Any, prompts: list[list[int]], new_tokens: int, threads:
     n = max(len(decode_runs), 1)
     run_us = sum(e["dur"] for e in decode_runs) / n
     kernel_us = sum(by_op.values()) / n
-    return {"runs": len(decode_runs), "model_run_us": run_us, "kernel_us": kernel_us,
-            "by_op_us": dict(sorted(((k, v / n) for k, v in by_op.items()), key=lambda kv: -kv[1]))}
+    return {
+        "runs": len(decode_runs),
+        "model_run_us": run_us,
+        "kernel_us": kernel_us,
+        "by_op_us": dict(sorted(((k, v / n) for k, v in by_op.items()), key=lambda kv: -kv[1])),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,12 +205,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--repeat", type=int, default=3, help="runs per batch size; the fastest is reported")
-    p.add_argument("--clock", choices=("wall", "cpu"), default=None,
-                   help="wall: perf_counter; cpu: the thread's CPU time, robust to other load but blind to "
-                        "ONNX Runtime's worker threads (default: cpu with one thread, else wall)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default=None,
+        help="wall: perf_counter; cpu: the thread's CPU time, robust to other load but blind to "
+        "ONNX Runtime's worker threads (default: cpu with one thread, else wall)",
+    )
     p.add_argument("--ort", action="store_true", help="also profile ONNX Runtime kernels by op type")
-    p.add_argument("--mixed", type=int, default=0, metavar="N",
-                   help="also profile bench.engine's mixed workload: N requests, --mixed-concurrency in flight")
+    p.add_argument(
+        "--mixed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile bench.engine's mixed workload: N requests, --mixed-concurrency in flight",
+    )
     p.add_argument("--mixed-concurrency", type=int, default=32)
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
@@ -209,15 +234,22 @@ def main(argv: list[str] | None = None) -> None:
     bundle = load_bundle(a.bundle)
     results: dict[str, Any] = {}
     for batch in [int(x) for x in a.batches.split(",")]:
-        engine = Engine(bundle, provider="cpu", intra_op_threads=threads, max_running=batch,
-                        max_prefill_tokens=max(4096, batch * a.prompt_len))
+        engine = Engine(
+            bundle,
+            provider="cpu",
+            intra_op_threads=threads,
+            max_running=batch,
+            max_prefill_tokens=max(4096, batch * a.prompt_len),
+        )
         prompts = requests(bundle, batch, a.prompt_len)
         profile_steps(engine, prompts, 4, f"warm{batch}")
         runs = [profile_steps(engine, prompts, a.new_tokens, f"b{batch}r{i}") for i in range(a.repeat)]
         best = min(runs, key=lambda r: r["decode_ms"]["step"])
         d = best["decode_ms"]
-        print(f"\nbatch {batch}: {best['decode_steps']} decode steps, {d['step']:.3f} ms per step "
-              f"({batch / d['step'] * 1e3:,.0f} tokens/s in decode); prefill step {best['prefill_ms']['step']:.2f} ms")
+        print(
+            f"\nbatch {batch}: {best['decode_steps']} decode steps, {d['step']:.3f} ms per step "
+            f"({batch / d['step'] * 1e3:,.0f} tokens/s in decode); prefill step {best['prefill_ms']['step']:.2f} ms"
+        )
         print("| part | ms per decode step | share |\n|---|---:|---:|")
         for k, desc in BUCKETS.items():
             print(f"| {k}: {desc} | {d[k]:.3f} | {100 * d[k] / d['step']:.1f}% |")
@@ -225,29 +257,43 @@ def main(argv: list[str] | None = None) -> None:
         if a.ort:
             o = ort_profile(engine, prompts, a.new_tokens, threads, f"b{batch}")
             top = ", ".join(f"{k} {v:.0f}" for k, v in list(o["by_op_us"].items())[:8])
-            print(f"ONNX Runtime profiler, decode runs: model_run {o['model_run_us']:.0f} µs, kernels "
-                  f"{o['kernel_us']:.0f} µs ({100 * o['kernel_us'] / o['model_run_us']:.0f}%); by op (µs): {top}")
+            print(
+                f"ONNX Runtime profiler, decode runs: model_run {o['model_run_us']:.0f} µs, kernels "
+                f"{o['kernel_us']:.0f} µs ({100 * o['kernel_us'] / o['model_run_us']:.0f}%); by op (µs): {top}"
+            )
             results[f"batch {batch}"]["ort"] = o
     if a.mixed:
         from bench.engine import mixed_workload, text_tokens
 
         wl = mixed_workload(text_tokens(bundle.tokenizer_path), bundle.bos_id, a.mixed, a.mixed_concurrency)
-        engine = Engine(bundle, provider="cpu", intra_op_threads=threads, max_running=a.mixed_concurrency,
-                        max_waiting=4096, max_prefill_tokens=4096)
+        engine = Engine(
+            bundle,
+            provider="cpu",
+            intra_op_threads=threads,
+            max_running=a.mixed_concurrency,
+            max_waiting=4096,
+            max_prefill_tokens=4096,
+        )
         prompts, lengths = [r.prompt for r in wl.requests], [r.max_tokens for r in wl.requests]
         profile_steps(engine, prompts[:2], 4, "warm-mixed")
         runs = [profile_steps(engine, prompts, lengths, f"mixed{i}") for i in range(a.repeat)]
         best = min(runs, key=lambda r: r["total_s"])
-        print(f"\nmixed: {a.mixed} requests, {a.mixed_concurrency} in flight: {best['steps']} steps in "
-              f"{best['total_s']:.2f} s ({wl.output_tokens / best['total_s']:,.0f} tokens/s); "
-              f"{best['prefill_steps']} steps admit requests")
+        print(
+            f"\nmixed: {a.mixed} requests, {a.mixed_concurrency} in flight: {best['steps']} steps in "
+            f"{best['total_s']:.2f} s ({wl.output_tokens / best['total_s']:,.0f} tokens/s); "
+            f"{best['prefill_steps']} steps admit requests"
+        )
         print("| part | ms per step (all steps) | share | ms per admission step | ms per decode-only step |")
         print("|---|---:|---:|---:|---:|")
         for k, desc in BUCKETS.items():
-            print(f"| {k}: {desc} | {best['all_ms'][k]:.3f} | {100 * best['all_ms'][k] / best['all_ms']['step']:.1f}% "
-                  f"| {best['prefill_ms'][k]:.3f} | {best['decode_ms'][k]:.3f} |")
-        print(f"| step | {best['all_ms']['step']:.3f} | 100% | {best['prefill_ms']['step']:.3f} | "
-              f"{best['decode_ms']['step']:.3f} |")
+            print(
+                f"| {k}: {desc} | {best['all_ms'][k]:.3f} | {100 * best['all_ms'][k] / best['all_ms']['step']:.1f}% "
+                f"| {best['prefill_ms'][k]:.3f} | {best['decode_ms'][k]:.3f} |"
+            )
+        print(
+            f"| step | {best['all_ms']['step']:.3f} | 100% | {best['prefill_ms']['step']:.3f} | "
+            f"{best['decode_ms']['step']:.3f} |"
+        )
         results["mixed"] = best
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

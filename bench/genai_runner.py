@@ -31,7 +31,9 @@ import numpy as np
 import onnxruntime_genai as og
 
 
-def run_batch(model: og.Model, prompts: list[list[int]], max_tokens: list[int], pad_id: int) -> list[list[int]]:
+def run_batch(
+    model: og.Model, prompts: list[list[int]], max_tokens: list[int], pad_id: int
+) -> list[list[int]]:
     """Decode one static batch; return each row's new tokens (its first max_tokens[i])."""
     width = max(len(p) for p in prompts)
     ids = np.full((len(prompts), width), pad_id, dtype=np.int32)  # (B, T) left padded
@@ -74,8 +76,13 @@ def main(argv: list[str]) -> None:
             best, outputs = elapsed, outs
     import onnxruntime
 
-    result = {"seconds": best, "cpu_seconds": best_cpu, "outputs": outputs, "onnxruntime_genai": og.__version__,
-              "onnxruntime": onnxruntime.__version__}
+    result = {
+        "seconds": best,
+        "cpu_seconds": best_cpu,
+        "outputs": outputs,
+        "onnxruntime_genai": og.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
     with open(argv[1], "w", encoding="utf-8") as f:
         json.dump(result, f)
 

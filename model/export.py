@@ -94,7 +94,9 @@ def quantize_int8(src: Path, dst: Path) -> Path:
         pre = Path(tmp) / "preprocessed.onnx"
         # Symbolic shape inference gives up on this graph; ONNX shape inference is enough here.
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        quantize_dynamic(
+            str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        )
     return dst
 
 

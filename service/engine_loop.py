@@ -140,6 +140,7 @@ class EngineWorker:
         self.outbox: dict[int, list[tuple]] = defaultdict(list)
         self._published: tuple | None = None  # engine gauges last sent to metrics
         self._last_stats: StepStats | None = None
+        self._refusals = 0  # error events in the outbox
 
     # -- main loop ----------------------------------------------------------------------------
     def serve(self, request_queue: Any) -> None:
@@ -152,7 +153,8 @@ class EngineWorker:
                 return
             for item in items:
                 self._handle(item)
-            self._flush()
+            if not self.engine.has_unfinished() or self._refusals:
+                self._flush()  # refusals leave now; acks wait for the step's outputs (one message)
             stepped = self.engine.has_unfinished() and self._step()
             self._beat(stepped)
 
@@ -186,6 +188,7 @@ class EngineWorker:
                 for j in range(i):
                     self.engine.abort(sub_id(uid, j))
                 self.outbox[rqid].append(("err", uid, *_classify(e)))
+                self._refusals += 1
                 return
         self.active[uid] = _Active(rqid, set(range(len(msg.params))))
         self.outbox[rqid].append(("ack", uid))
@@ -233,6 +236,7 @@ class EngineWorker:
             self._published = gauges
 
     def _flush(self) -> None:
+        self._refusals = 0
         for rqid, events in self.outbox.items():
             if events:
                 self.transport.send(

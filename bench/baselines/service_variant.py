@@ -1,35 +1,33 @@
-"""The service with experimental changes, to measure proposals without editing service/.
+"""The service's engine with ONNX Runtime session options changed, to measure proposals
+without editing service/.
 
-    BENCH_SERVICE_VARIANT=zmq python -m bench.baselines.service_variant --model DIR --port P
     python -m bench.compare --bundle artifacts/small --servers service,offline \\
-        --service-module bench.baselines.service_variant --env BENCH_SERVICE_VARIANT=zmq
+        --env TEXTGEN_ENGINE_CLASS=bench.baselines.service_variant:VariantEngine \\
+        --env BENCH_ENGINE_VARIANT=nospin
 
-Variants (comma-separated in ``BENCH_SERVICE_VARIANT``):
+``TEXTGEN_ENGINE_CLASS`` is the service's own setting (module:Class of the engine, imported in
+its inference worker); ``bench.baselines.common.build_engine`` honours it too, so the LitServe
+baselines and the offline engine run the same variant. Variants (comma-separated in
+``BENCH_ENGINE_VARIANT``):
 
-- ``zmq``: LitServe's ZeroMQ transport between the inference worker and the HTTP processes
-  instead of a multiprocessing Manager queue. ``LitServer(fast_queue=True)`` is meant to do
-  this, but LitServe 0.2.19 passes ``TransportConfig(transport_config=...)`` (a field that does
-  not exist, silently ignored), so the Manager queue is always used; here the field is set.
 - ``nospin``: ONNX Runtime's intra-op threads do not spin while waiting for work
-  (``session.intra_op.allow_spinning=0``). Applied through ``TEXTGEN_ENGINE_CLASS`` =
-  ``bench.baselines.service_variant:VariantEngine``, which this module sets for the worker;
-  ``bench.baselines.common.build_engine`` honours the same setting, so the baselines and the
-  offline engine get the same engine.
+  (session config ``session.intra_op.allow_spinning = "0"``; the default spins).
 """
 
 from __future__ import annotations
 
 import os
-import sys
+
+import onnxruntime as ort
 
 from service.engine import Engine
 
-VARIANT_ENV = "BENCH_SERVICE_VARIANT"
-VARIANTS = ("zmq", "nospin")
-ENGINE_CLASS = "bench.baselines.service_variant:VariantEngine"
+VARIANT_ENV = "BENCH_ENGINE_VARIANT"
+VARIANTS = ("nospin",)
 
 
 def variants() -> set[str]:
+    """The variants named in ``BENCH_ENGINE_VARIANT``; raises ValueError for an unknown one."""
     chosen = {v.strip() for v in os.environ.get(VARIANT_ENV, "").split(",") if v.strip()}
     unknown = chosen - set(VARIANTS)
     if unknown:
@@ -37,51 +35,21 @@ def variants() -> set[str]:
     return chosen
 
 
+class _NoSpinOptions(ort.SessionOptions):
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+
 class VariantEngine(Engine):
-    """The service's Engine, with ONNX Runtime session options changed as the variants say."""
+    """The service's Engine; its ONNX Runtime session is built with the variants' options."""
 
     def __init__(self, bundle, **kwargs):
-        if "nospin" in variants():
-            import onnxruntime as ort
-
-            base = ort.SessionOptions
-
-            class NoSpinOptions(base):  # type: ignore[misc, valid-type]
-                def __init__(self) -> None:
-                    super().__init__()
-                    self.add_session_config_entry("session.intra_op.allow_spinning", "0")
-
-            ort.SessionOptions = NoSpinOptions
-            try:
-                super().__init__(bundle, **kwargs)
-            finally:
-                ort.SessionOptions = base
-        else:
+        chosen = variants()
+        base = ort.SessionOptions
+        if "nospin" in chosen:
+            ort.SessionOptions = _NoSpinOptions  # service.runner builds its options from ort.SessionOptions()
+        try:
             super().__init__(bundle, **kwargs)
-
-
-def _use_zmq_transport() -> None:
-    import litserve.server
-
-    init = litserve.server.LitServer.__init__
-
-    def patched(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.transport_config.transport_type = "zmq"
-
-    litserve.server.LitServer.__init__ = patched
-
-
-def main(argv: list[str] | None = None) -> int:
-    chosen = variants()
-    if "zmq" in chosen:
-        _use_zmq_transport()
-    if "nospin" in chosen:
-        os.environ["TEXTGEN_ENGINE_CLASS"] = ENGINE_CLASS
-    from service.__main__ import main as service_main
-
-    return service_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        finally:
+            ort.SessionOptions = base

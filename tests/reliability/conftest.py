@@ -94,7 +94,7 @@ def module_servers(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     s.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def record(request: pytest.FixtureRequest):
     """``record(section, **figures)``: keep measured figures for the end-of-run summary."""
 

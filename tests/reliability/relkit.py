@@ -6,6 +6,7 @@ fails naming what it waited for. The server itself is run by tests/service/serve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -127,10 +128,8 @@ def rss_mb(pid: int) -> float:
     """Resident memory of a process tree (the server: main, HTTP processes, inference worker)."""
     total = 0
     for p in tree(pid):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total / 1e6
 
 
@@ -138,9 +137,7 @@ def inference_worker(pid: int) -> psutil.Process:
     """The inference worker: the server's child started by multiprocessing's spawn method
     (HTTP processes are forked and keep the server's command line; the resource tracker is not
     spawned with ``spawn_main``)."""
-    found = [
-        p for p in psutil.Process(pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())
-    ]
+    found = [p for p in psutil.Process(pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
     assert len(found) == 1, f"expected one inference worker, found {[(p.pid, p.cmdline()) for p in found]}"
     return found[0]
 

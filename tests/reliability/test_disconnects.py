@@ -215,7 +215,9 @@ async def abort_latency(base_url: str) -> tuple[list[float], float]:
 
 
 def test_disconnects_abort_exactly_and_spare_the_others(servers, greedy_bundle, record):
-    srv = servers.launch(bundle=greedy_bundle, TEXTGEN_MAX_RUNNING=str(MAX_RUNNING), TEXTGEN_MAX_WAITING="256")
+    srv = servers.launch(
+        bundle=greedy_bundle, TEXTGEN_MAX_RUNNING=str(MAX_RUNNING), TEXTGEN_MAX_WAITING="256"
+    )
     holders = [greedy(i, HOLD_TOKENS, stream=False, n=HOLDER_N) for i in range(HOLDERS)]
     behind = [greedy(i, 24, stream=i % 2 == 0) for i in range(4)]
     keepers = [greedy(i, 16 + 4 * i, stream=i % 2 == 1) for i in range(KEEPERS - len(behind))]

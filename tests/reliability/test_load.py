@@ -9,6 +9,7 @@ warm-up) has grown by less than 50 MB. ``--soak`` runs a ten times longer versio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -57,10 +58,8 @@ async def drive(base_url: str, calls: list[Call], concurrency: int) -> Run:
                 body = (await http.get("/ready")).json()
                 for key in ("running", "waiting"):
                     peak[key] = max(peak[key], body[key])
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), 0.05)
-                except TimeoutError:
-                    pass
 
     t0 = time.monotonic()
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
@@ -132,7 +131,9 @@ def load_test(servers, bundle, record, requests: int, section: str) -> None:
         rss_after_warmup_mb=round(rss_before, 1),
         rss_growth_mb=round(rss_after - rss_before, 1),
     )
-    print(f"\n{section}: {requests} requests in {run.seconds:.1f} s, RSS {rss_before:.0f} → {rss_after:.0f} MB")
+    print(
+        f"\n{section}: {requests} requests in {run.seconds:.1f} s, RSS {rss_before:.0f} → {rss_after:.0f} MB"
+    )
     assert rss_after - rss_before < MAX_RSS_GROWTH_MB, f"RSS grew {rss_before:.0f} → {rss_after:.0f} MB"
 
 
