@@ -248,8 +248,27 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
 # ----------------------------------------------------------------------------- profiling
 
 
+# Where the inference worker's wall time goes: each sample counts for the innermost frame that
+# matches (frames searched from the leaf up).
+WORKER_GROUPS = (
+    ("model run (ONNX Runtime Session.run)", ("Session.run",)),
+    ("KV cache: rows leave (BatchCache.keep)", ("BatchCache.keep",)),
+    ("KV cache: rows join (BatchCache.merge)", ("BatchCache.merge",)),
+    ("KV cache: per-step inputs and advance", ("BatchCache.", "left_pad_prompts")),
+    ("sampling", ("sampler.py",)),
+    ("detokenization, stop checks", ("detokenizer.py", "check_stop")),
+    ("outputs out: transport.send (Manager queue RPC)", ("EngineWorker._flush",)),
+    ("requests in: request queue gets (Manager queue RPC)", ("EngineWorker._receive",)),
+    ("metrics and heartbeat", ("metrics.py", "shared_state.py", "EngineWorker._beat")),
+    ("rest of the engine step", ("Engine.",)),
+    ("rest of the worker loop", ("EngineWorker.",)),
+)
+
+
 class Profiler:
-    """py-spy record (raw collapsed stacks, active samples only) on the worker and HTTP processes."""
+    """py-spy record (raw collapsed stacks) on the service's processes: the inference worker with
+    idle samples (its wall clock: the engine loop is the throughput bottleneck), the HTTP and
+    manager processes without (their CPU)."""
 
     def __init__(self, server: ManagedServer, out_dir: Path, tag: str, rate: int = 97):
         self.procs: list[tuple[str, Path, subprocess.Popen]] = []
@@ -263,7 +282,7 @@ class Profiler:
                 continue
             path = out_dir / f"{tag}-{role}-{pid}.txt"
             argv = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
-            argv += ["--output", str(path), "--nonblocking"]
+            argv += ["--output", str(path), "--nonblocking", *(["--idle"] if role == "worker" else [])]
             p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.procs.append((role, path, p))
 
@@ -297,6 +316,26 @@ def summarize_profile(path: Path, top: int = 15) -> list[tuple[str, float, float
     if not total:
         return []
     return [(f, 100 * c / total, 100 * incl_n[f] / total) for f, c in self_n.most_common(top)]
+
+
+def group_profile(path: Path, groups: tuple[tuple[str, tuple[str, ...]], ...]) -> list[tuple[str, float]]:
+    """(group, % of samples) for a py-spy raw profile; unmatched samples count as "other"."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        total += int(n)
+        name = "other"
+        for frame in reversed(stack.split(";")):
+            hit = next((g for g, tags in groups if any(t in frame for t in tags)), None)
+            if hit is not None:
+                name = hit
+                break
+        counts[name] += int(n)
+    order = [g for g, _ in groups] + ["other"]
+    return [(g, 100 * counts[g] / total) for g in order if counts[g]] if total else []
 
 
 # ----------------------------------------------------------------------------- runs
@@ -354,6 +393,9 @@ def run_http(
                 results[key].summary["profile"] = {
                     f"{role} ({p.name})": summarize_profile(p) for role, p in files
                 }
+                results[key].summary["worker_wall"] = next(
+                    (group_profile(p, WORKER_GROUPS) for role, p in files if role == "worker"), []
+                )
         if kind != "service" or rnd != 1:
             return
         if "ttft" in cfg.checks:
@@ -593,6 +635,20 @@ def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) ->
                 + " | ".join(cells)
                 + f" | {total:.2f} | {'-' if e is None else f'{e:.0f}'} |"
             )
+    prof = [(k, r) for k, r in results.items() if r.summary.get("worker_wall")]
+    for key, r in prof:
+        lines += [
+            "",
+            f"Where the inference worker's wall time went ({run_label(key, r, cfg)}; py-spy, idle included):",
+            "",
+            "| part of the engine loop | % of wall time |",
+            "|---|---|",
+            *(f"| {g} | {pct:.1f} |" for g, pct in r.summary["worker_wall"]),
+        ]
+        http = next((v for name, v in r.summary.get("profile", {}).items() if name.startswith("http")), [])
+        if http:
+            lines += ["", "Busiest functions of the HTTP process (py-spy, CPU samples; self %):", ""]
+            lines += [f"- {pct:.1f}% `{fn}`" for fn, pct, _ in http[:6]]
     if meta.get("img"):
         lines += ["", f"![Serving comparison]({meta['img']})"]
     return "\n".join(lines)

@@ -11,7 +11,8 @@ ContinuousBatchingLoop and fixes its faults:
   engine's ``QueueFullError``, answered as HTTP 429;
 - an ``Abort`` (client gone) is applied before the next step;
 - every request carries its deadline (arrival + TEXTGEN_REQUEST_TIMEOUT_S); past it the engine
-  finishes it with ``finish_reason="length"``.
+  finishes it with ``finish_reason="length"``; one still waiting for a slot a second later is
+  aborted here and finished the same way.
 
 Messages in (LitServe request queue, FIFO): ``(response_queue_id, uid, t, Submit | Abort)``.
 Messages out: per engine iteration, one list of events per HTTP process, sent to the mailbox
@@ -21,11 +22,13 @@ of that process (``MAILBOX``) through LitServe's transport:
 
 from __future__ import annotations
 
+import heapq
 import importlib
 import logging
 import os
 import queue
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +43,7 @@ from service.types import (
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
+    RequestOutput,
     SamplingParams,
     StepStats,
 )
@@ -50,6 +54,7 @@ ENGINE_PATH = "/_textgen/engine"  # LitServe's request-queue key; it has no HTTP
 MAILBOX = "__textgen_mailbox__"  # response-buffer key of each HTTP process's event dispatcher
 IDLE_WAIT_S = 0.5  # idle: how long one blocking get on the request queue waits
 MAX_INTAKE = 1024  # messages taken from the request queue per iteration
+EXPIRY_GRACE_S = 1.0  # after a request's deadline, before the loop (not the engine) finishes it
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +134,9 @@ class _Active:
     """A submitted HTTP request while any of its choices is unfinished."""
 
     rqid: int  # the HTTP process answering it
+    num_prompt: int
     unfinished: set[int]  # choice indices
+    counts: list[int]  # output tokens so far, per choice
 
 
 class EngineWorker:
@@ -138,6 +145,7 @@ class EngineWorker:
         self.transport = transport
         self.active: dict[str, _Active] = {}
         self.outbox: dict[int, list[tuple]] = defaultdict(list)
+        self.deadlines: list[tuple[float, str]] = []  # heap of (deadline + grace, uid)
         self._published: tuple | None = None  # engine gauges last sent to metrics
         self._last_stats: StepStats | None = None
         self._refusals = 0  # error events in the outbox
@@ -153,6 +161,7 @@ class EngineWorker:
                 return
             for item in items:
                 self._handle(item)
+            self._expire(time.monotonic())
             if not self.engine.has_unfinished() or self._refusals:
                 self._flush()  # refusals leave now; acks wait for the step's outputs (one message)
             stepped = self.engine.has_unfinished() and self._step()
@@ -190,7 +199,9 @@ class EngineWorker:
                 self.outbox[rqid].append(("err", uid, *_classify(e)))
                 self._refusals += 1
                 return
-        self.active[uid] = _Active(rqid, set(range(len(msg.params))))
+        n = len(msg.params)
+        self.active[uid] = _Active(rqid, len(msg.prompt_ids), set(range(n)), [0] * n)
+        heapq.heappush(self.deadlines, (msg.deadline + EXPIRY_GRACE_S, uid))
         self.outbox[rqid].append(("ack", uid))
 
     def _abort(self, uid: str) -> None:
@@ -198,6 +209,29 @@ class EngineWorker:
         if act is not None:
             for i in act.unfinished:
                 self.engine.abort(sub_id(uid, i))
+
+    def _expire(self, now: float) -> None:
+        """Backstop of the engine's deadline, which it checks on running requests only: a request
+        still unfinished EXPIRY_GRACE_S after its deadline (e.g. it waited in the queue all
+        along) is aborted and finished with finish_reason "length"."""
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, uid = heapq.heappop(self.deadlines)
+            act = self.active.pop(uid, None)
+            if act is None:
+                continue
+            for i in sorted(act.unfinished):
+                self.engine.abort(sub_id(uid, i))
+                out = RequestOutput(
+                    request_id=sub_id(uid, i),
+                    new_token_ids=[],
+                    text_delta="",
+                    finished=True,
+                    finish_reason="length",
+                    stop_reason="timeout",
+                    num_prompt_tokens=act.num_prompt,
+                    num_output_tokens=act.counts[i],
+                )
+                self.outbox[act.rqid].append(("out", uid, i, out))
 
     def _step(self) -> bool:
         try:
@@ -214,6 +248,7 @@ class EngineWorker:
             if act is None:  # aborted meanwhile
                 continue
             i = int(index)
+            act.counts[i] = out.num_output_tokens
             self.outbox[act.rqid].append(("out", uid, i, out))
             if out.finished:
                 act.unfinished.discard(i)

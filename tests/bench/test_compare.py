@@ -16,7 +16,7 @@ import pytest
 
 from bench.baselines.common import PromptEncoder
 from bench.baselines.offline import benchmark_offline, build_prompts
-from bench.compare import BEGIN, END, SECTION, main, ratios, summarize_profile, update_doc
+from bench.compare import BEGIN, END, SECTION, group_profile, main, ratios, summarize_profile, update_doc
 from bench.serve import BenchmarkResult, RequestRecord, summarize
 from bench.workload import sample_requests
 
@@ -109,3 +109,14 @@ def test_compare_end_to_end(tiny_bundle: Path, tmp_path: Path) -> None:
     assert "unchanged" in text and SECTION in text and BEGIN in text
     assert "LitServe static batching" in text and "service ÷ offline engine" in text
     assert (tmp_path / "img" / "serving-compare.png").stat().st_size > 1000
+
+
+def test_group_profile_takes_the_innermost_matching_frame(tmp_path: Path) -> None:
+    raw = tmp_path / "w.txt"
+    raw.write_text(
+        "serve (engine_loop.py:1);EngineWorker._step (e.py:2);Engine.step (e.py:3);Session.run (o.py:4) 5\n"
+        "serve (engine_loop.py:1);EngineWorker._flush (e.py:9);Connection._send (c.py:1) 3\n"
+        "serve (engine_loop.py:1);idle (x.py:1) 2\n"
+    )
+    groups = (("model", ("Session.run",)), ("send", ("EngineWorker._flush",)), ("engine", ("Engine.",)))
+    assert group_profile(raw, groups) == [("model", 50.0), ("send", 30.0), ("other", 20.0)]

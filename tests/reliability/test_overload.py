@@ -1,36 +1,45 @@
 """Overload: four times the capacity, then recovery.
 
-Capacity is TEXTGEN_MAX_RUNNING + TEXTGEN_MAX_WAITING = 4 + 4 requests. 32 clients (4x) each
-send requests back to back (streaming and not, three routes), every request long enough
-(128 tokens, ignore_eos) to keep its slot for a while. Excess requests must be refused at once
-with 429 + Retry-After (the 429 latency is measured: no waiting for a timeout), streaming ones
-included (a real 429, not a 200 stream with an error in it); admitted requests must complete;
-nothing else (no 5xx). When the burst stops, a probe measures how long until a new request
-succeeds and until the gauges are back to 0.
+Capacity is TEXTGEN_MAX_RUNNING + TEXTGEN_MAX_WAITING = 4 + 4 requests.
+
+- Quiet: the capacity is taken by 8 long requests; single probes must get 429 at once
+  (measured: a few milliseconds).
+- Burst: 32 clients (4x) each send requests back to back (a quarter streaming, three routes),
+  every request long enough (128 tokens, ignore_eos) to keep its slot for a while. Excess
+  requests must be refused quickly with 429 + Retry-After (faster than serving, nowhere near
+  the request timeout), streaming ones included (a real 429, not a 200 stream with an error in
+  it); admitted requests must complete; nothing else (no 5xx); the queue_full counter must
+  count every 429. When the burst stops, a probe measures how long until a new request
+  succeeds and until the gauges are back to 0.
+- A simultaneous burst smaller than the running capacity must be admitted in full (a known bug).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import Counter
 
 import httpx
+import pytest
 from relkit import error_field, percentile, rejected, scrape, wait_idle
 from traffic import ROUTES, Call, Result, prompt_body, send, validate_result
 
 MAX_RUNNING, MAX_WAITING = 4, 4
 CLIENTS = 4 * (MAX_RUNNING + MAX_WAITING)
 TOTAL = 6 * CLIENTS  # burst requests
-MAX_429_LATENCY_S = 5.0  # vs TEXTGEN_REQUEST_TIMEOUT_S = 300 s (measured: p50 0.05-0.3 s)
+MAX_429_LATENCY_S = 5.0  # vs TEXTGEN_REQUEST_TIMEOUT_S = 300 s (burst, measured: p50 0.2-0.5 s)
 RECOVERY_DEADLINE_S = 30.0
 
 
 def burst_call(rng: random.Random) -> Call:
     route = rng.choice(ROUTES)
     body = {**prompt_body(route, "Now is the winter of our discontent"), "max_tokens": 128}
-    body.update(ignore_eos=True, temperature=0.8, seed=rng.randrange(2**31), stream=rng.random() < 0.5)
+    # A quarter streams: streaming costs the HTTP process per token, which slows the rate at
+    # which the burst reaches the engine on a 2-core machine.
+    body.update(ignore_eos=True, temperature=0.8, seed=rng.randrange(2**31), stream=rng.random() < 0.25)
     return Call(route, body)
 
 
@@ -77,8 +86,61 @@ async def overload(base_url: str) -> dict:
     return {"results": results, "errors": errors, "probe": probe, "idle": idle_at}
 
 
+async def quiet_429(base_url: str) -> list[float]:
+    """The queue is full (capacity taken by 8 long requests, each sent once the previous one was
+    accepted) and nothing else competes for the CPU: probe one request at a time until one is
+    admitted; the latency of each 429."""
+    long = {"prompt": "x", "max_tokens": 240, "ignore_eos": True, "stream": True}
+    latencies = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http, contextlib.AsyncExitStack() as stack:
+        holders = []
+        for _ in range(MAX_RUNNING + MAX_WAITING):
+            r = await stack.enter_async_context(http.stream("POST", "/v1/completions", json=long))
+            assert r.status_code == 200  # accepted (the status is sent once the engine took it)
+            holders.append(r)
+        while True:
+            t0 = time.monotonic()
+            r = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            if r.status_code != 429:
+                break
+            latencies.append(time.monotonic() - t0)
+        assert r.status_code == 200, r.text
+        for h in holders:
+            assert (await h.aread()).endswith(b"data: [DONE]\n\n")
+    return latencies
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="service/scheduler.py Scheduler.add_request raises QueueFullError once max_waiting requests "
+    "wait, even when running slots are free: the engine worker (service/engine_loop.py) adds every "
+    "message it took from the queue before the next schedule() moves waiting requests into free "
+    "slots, so a simultaneous burst larger than TEXTGEN_MAX_WAITING gets 429s at an idle server",
+)
+def test_burst_within_running_capacity_is_admitted(servers):
+    """32 simultaneous requests at an idle server with 64 free slots are all admitted, however
+    small the waiting queue."""
+    srv = servers.launch(TEXTGEN_MAX_RUNNING="64", TEXTGEN_MAX_WAITING="1")
+
+    async def bursts() -> list[int]:
+        refused = []
+        for _ in range(6):  # fresh connections each time: the requests reach the engine together
+            async with httpx.AsyncClient(
+                base_url=srv.base_url, timeout=60, limits=httpx.Limits(max_connections=64)
+            ) as http:
+                body = {"prompt": "x", "max_tokens": 8}
+                rs = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(32)))
+            refused.append(sum(r.status_code == 429 for r in rs))
+        return refused
+
+    refused = asyncio.run(bursts())
+    assert refused == [0] * 6, f"429s per burst of 32 with 64 free slots: {refused}"
+
+
 def test_overload_429_fast_and_recovers(servers, record):
     srv = servers.launch(TEXTGEN_MAX_RUNNING=str(MAX_RUNNING), TEXTGEN_MAX_WAITING=str(MAX_WAITING))
+    quiet = asyncio.run(quiet_429(srv.base_url))
+    assert quiet and percentile(quiet, 50) < 0.5, quiet
     before = scrape(srv.base_url)
     out = asyncio.run(overload(srv.base_url))
     results: list[Result] = [validate_result(r) for r in out["results"]]
@@ -123,6 +185,8 @@ def test_overload_429_fast_and_recovers(servers, record):
         latency_429_p99_s=percentile(latencies, 99),
         latency_429_max_s=max(latencies),
         latency_admitted_p50_s=served,
+        latency_429_quiet_p50_s=percentile(quiet, 50),
+        quiet_probes=len(quiet),
         recovery_first_success_s=probe["first_success_s"],
         recovery_idle_s=probe["idle_s"],
     )

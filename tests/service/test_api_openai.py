@@ -8,8 +8,6 @@ with the fake engine on a fake bundle where the engine or the bundle fixtures ar
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
-from pathlib import Path
 
 import httpx
 import openai
@@ -25,14 +23,9 @@ def server(request, tmp_path_factory):
     try:
         import service.engine  # noqa: F401
 
-        if os.environ.get("TMP_TEST_BUNDLE"):  # TODO remove: local iteration only
-            raise ImportError
-
         bundle, fake = request.getfixturevalue("random_bundle"), False
     except (ImportError, pytest.FixtureLookupError):
         bundle, fake = make_fake_bundle(tmp / "bundle"), True
-        if os.environ.get("TMP_TEST_BUNDLE"):
-            bundle, fake = Path(os.environ["TMP_TEST_BUNDLE"]), False
     srv = start(bundle, tmp / "server.log", fake=fake, TEXTGEN_MAX_RUNNING="16")
     yield srv
     assert srv.stop() == 0, srv.log()

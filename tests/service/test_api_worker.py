@@ -1,0 +1,108 @@
+"""The inference worker's loop (service.engine_loop.EngineWorker), in-process, on the fake engine:
+what it sends for submits, refusals, aborts and expired requests."""
+
+from __future__ import annotations
+
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+from fakes import FakeEngine, make_fake_bundle
+
+from service.bundle import load_bundle
+from service.engine_loop import Abort, EngineWorker, Submit
+from service.shared_state import SharedState
+from service.types import SamplingParams
+
+
+class Transport:
+    def __init__(self):
+        self.sent: list[tuple[int, list]] = []
+
+    def send(self, item, consumer_id):
+        _, (events, *_rest) = item
+        self.sent.append((consumer_id, events))
+
+    def events(self) -> list[tuple]:
+        return [e for _, evs in self.sent for e in evs]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return load_bundle(make_fake_bundle(tmp_path_factory.mktemp("worker") / "bundle"))
+
+
+@pytest.fixture
+def worker(bundle, monkeypatch):
+    monkeypatch.setenv("TEXTGEN_FAKE_STEP_S", "0")
+    engine = FakeEngine(bundle, max_running=1, max_waiting=1)
+    steps = []
+    api = SimpleNamespace(engine=engine, metrics=SimpleNamespace(observe_step=steps.append),
+                          state=SharedState(1, os.getpid()))  # fmt: skip
+    w = EngineWorker(api, Transport())
+    w.steps = steps
+    return w
+
+
+def submit(w: EngineWorker, uid: str, n: int = 1, max_tokens: int = 3, deadline: float = 1e12, rqid: int = 0):
+    params = tuple(SamplingParams(max_tokens=max_tokens, temperature=0) for _ in range(n))
+    w._handle((rqid, uid, time.monotonic(), Submit([1, 5, 6], params, time.monotonic(), deadline)))
+
+
+def run(w: EngineWorker) -> None:
+    w._flush()
+    while w.engine.has_unfinished():
+        w._step()
+        w._beat(True)
+
+
+def test_submit_ack_outputs_and_cleanup(worker):
+    submit(worker, "a", rqid=0)
+    run(worker)
+    events = worker.transport.events()
+    assert events[0] == ("ack", "a")
+    outs = [e[3] for e in events if e[0] == "out"]
+    assert [len(o.new_token_ids) for o in outs] == [1, 1, 1] and outs[-1].finish_reason == "length"
+    assert worker.active == {} and worker.steps
+
+
+def test_one_message_per_http_process_per_iteration(worker):
+    submit(worker, "a", rqid=0)
+    worker._flush()
+    worker.transport.sent.clear()
+    worker._step()
+    assert [c for c, _ in worker.transport.sent] == [0]
+
+
+def test_queue_full_refuses_and_undoes_earlier_choices(worker):
+    submit(worker, "a")
+    submit(worker, "b", n=2)  # b#0 takes the last waiting place, b#1 does not fit
+    worker._flush()
+    errors = [e for e in worker.transport.events() if e[0] == "err"]
+    assert errors == [("err", "b", "queue_full", errors[0][3], None)]
+    assert "b" not in worker.active and worker.engine.num_waiting == 1  # only "a" waits
+
+
+def test_abort_stops_the_outputs(worker):
+    submit(worker, "a", max_tokens=50)
+    worker._flush()
+    worker._step()
+    worker._handle((0, "x", time.monotonic(), Abort("a")))
+    run(worker)
+    outs = [e for e in worker.transport.events() if e[0] == "out"]
+    assert len(outs) == 1 and worker.active == {} and worker.engine.num_running == 0
+
+
+def test_a_request_stuck_waiting_past_its_deadline_finishes_with_length(worker):
+    submit(worker, "a", max_tokens=50)
+    worker._step()  # "a" takes the only running slot
+    submit(worker, "b", deadline=time.monotonic() - 5)  # waits behind "a"
+    worker._step()
+    assert worker.engine.num_waiting == 1
+    worker._expire(time.monotonic())
+    worker._flush()
+    final = [e[3] for e in worker.transport.events() if e[0] == "out" and e[1] == "b"]
+    assert len(final) == 1 and final[0].finished and final[0].finish_reason == "length"
+    assert final[0].num_output_tokens == 0 and "b" not in worker.active
+    assert worker.engine.num_waiting == 0
