@@ -434,11 +434,9 @@ def run_offline(cfg: CompareConfig, results: dict[str, BenchmarkResult], rnd: in
     saved = {k: os.environ.get(k) for k in cfg.env}
     os.environ.update(cfg.env)  # the engine reads TEXTGEN_* settings as the servers do
     try:
-        t0 = time.process_time()
         results[key] = benchmark_offline(
             cfg.bundle, cfg.concurrency, cfg.num_requests, cfg.prompt_len, cfg.output_len, cfg.seed
         )
-        results[key].summary["cpu_s"] = {"offline": time.process_time() - t0}
     finally:
         for k, v in saved.items():
             if v is None:
@@ -670,38 +668,62 @@ def update_doc(path: Path, block: str) -> None:
     path.write_text(text)
 
 
+SHORT = {
+    "service": "this service",
+    "static": "LitServe\nstatic batching",
+    "none": "LitServe\nno batching",
+    "offline": "engine\noffline",
+}
+
+
 def plot(results: dict[str, BenchmarkResult], path: Path) -> Path:
+    """Tokens/s and tokens per server CPU-second (medians over rounds), TTFT and e2e (round 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [k for k in SERVERS if k in results]
-    names = [LABELS[k].replace(" (", "\n(") for k in keys]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    tput = [median_throughput(results, k) or 0.0 for k in keys]  # medians over rounds; latencies: round 1
-    bars = axes[0].bar(names, tput, color=["tab:green", "tab:orange", "tab:red", "tab:gray"][: len(keys)])
-    axes[0].bar_label(bars, fmt="%.0f")
-    axes[0].set_ylabel("output tokens/s")
-    axes[0].set_title("throughput")
-    for ax, key, title in ((axes[1], "ttft_s", "time to first token"), (axes[2], "e2e_s", "end-to-end")):
+    names = [SHORT[k] for k in keys]
+    colors = {"service": "tab:green", "static": "tab:orange", "none": "tab:red", "offline": "tab:gray"}
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    for ax, values, title in (
+        (axes[0], [median_throughput(results, k) or 0.0 for k in keys], "output tokens/s"),
+        (
+            axes[1],
+            [median_efficiency(results, k) or 0.0 for k in keys],
+            "output tokens per server CPU-second",
+        ),
+    ):
+        bars = ax.bar(names, values, color=[colors[k] for k in keys])
+        ax.bar_label(bars, fmt="%.0f")
+        ax.margins(y=0.15)
+        ax.set_title(title, fontsize=10)
+    for ax, key, title in (
+        (axes[2], "ttft_s", "time to first token"),
+        (axes[3], "e2e_s", "end-to-end latency"),
+    ):
         width = 0.38
-        xs = range(len(keys))
+        xs = list(range(len(keys)))
         for j, p in enumerate(("p50", "p99")):
             vals = [results[k].summary[key][p] or 0.0 for k in keys]
             ax.bar([x + (j - 0.5) * width for x in xs], vals, width, label=p)
-        ax.set_xticks(list(xs), names)
+        ax.set_xticks(xs, names)
         ax.set_yscale("log")
-        ax.set_ylabel("seconds (log)")
-        ax.set_title(title)
+        ax.set_ylabel("seconds (log scale)")
+        ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
     for ax in axes:
-        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="x", labelsize=8)
     c = next(iter(results.values())).config
-    fig.suptitle(f"{c.get('model')} · {c.get('concurrency')} streaming clients · 2-core CPU", fontsize=9)
+    fig.suptitle(
+        f"{c.get('model')} bundle · {c.get('concurrency')} streaming clients · 2-core CPU "
+        "(throughputs: medians over rounds; latencies: round 1)",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 

@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", default="1,64", help="batch sizes (default 1,64)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1; 0: all cores)")
     p.add_argument("--repeat", type=int, default=3, help="runs per batch size; the fastest is reported")
     p.add_argument(
         "--clock",

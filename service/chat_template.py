@@ -40,8 +40,3 @@ def render(messages: Sequence[Message]) -> str:
     if messages[-1].role == "assistant":
         return "\n".join(lines)
     return "\n".join([*lines, GENERATION_CUE])
-
-
-def stop_strings(user_stop: Sequence[str]) -> tuple[str, ...]:
-    """The request's stop strings followed by the template's end-of-turn strings."""
-    return tuple(dict.fromkeys([*user_stop, *STOP]))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from service import protocol as p
 from service.serving import Choice, Job, ModelInfo, chat_logprobs, completion_logprobs, usage
 from service.types import RequestOutput
@@ -152,9 +150,3 @@ def _chat_lp(job: Job, m: ModelInfo, ids, lps, tops) -> p.ChatLogprobs | None:
     if job.logprobs != "chat" or lps is None:
         return None
     return p.ChatLogprobs(**chat_logprobs(m.tokenizer, list(ids), list(lps), tops))
-
-
-def dumps(model) -> bytes:
-    return (
-        model.model_dump_json().encode() if hasattr(model, "model_dump_json") else json.dumps(model).encode()
-    )

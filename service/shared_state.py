@@ -62,10 +62,6 @@ class SharedState:
         a[_WORKER_PID], a[_RUNNING], a[_WAITING], a[_KV] = pid, running, waiting, kv_cache_usage
         a[_HEARTBEAT] = time.monotonic()
 
-    @property
-    def worker_pid(self) -> int:
-        return int(self._a[_WORKER_PID])
-
     def heartbeat_age(self) -> float:
         """Seconds since the worker's last iteration; infinite before its first."""
         last = self._a[_HEARTBEAT]

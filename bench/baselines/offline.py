@@ -8,7 +8,8 @@ by ``bench.workload`` with a local token counter that counts as the service's ``
 N requests are added at the start; each time one finishes, the next is added before the next
 step. Times are taken as the harness takes them on the client: TTFT from ``add_request`` to the
 first output with text, ITL from the outputs with text (``bench.serve.spread_itl``), e2e to
-the final output. The result is a ``bench.serve.BenchmarkResult``: the ceiling the HTTP
+the final output. The result is a ``bench.serve.BenchmarkResult`` (its summary adds
+``cpu_s.offline``, the CPU seconds of this process during the run): the ceiling the HTTP
 servers are compared with.
 """
 
@@ -121,7 +122,9 @@ def benchmark_offline(
         engine = build_engine(bundle_dir, max_running=concurrency)
     if warmup:
         run_offline(engine, [(ids, 8) for ids, _ in requests[:warmup]], warmup)
+    cpu0 = time.process_time()
     records, duration = run_offline(engine, requests, concurrency, progress)
+    cpu = time.process_time() - cpu0
     config = {
         "url": None,
         "endpoint": "offline",
@@ -137,9 +140,9 @@ def benchmark_offline(
         "engine": engine_kwargs(bundle_dir, max_running=engine.scheduler.max_running),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    return BenchmarkResult(
-        config=config, summary=summarize(records, duration, {}, concurrency), requests=records
-    )
+    summary = summarize(records, duration, {}, concurrency)
+    summary["cpu_s"] = {"offline": cpu}  # this process's CPU during the run (ONNX Runtime threads included)
+    return BenchmarkResult(config=config, summary=summary, requests=records)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     from bench.serve import markdown_table
 
     print(markdown_table(result))
+    s = result.summary
+    cpu = s["cpu_s"]["offline"]
+    print(
+        f"\nCPU: {cpu:.1f} s in {s['duration_s']:.1f} s ({cpu / s['duration_s']:.2f} cores); "
+        f"{s['total_output_tokens'] / cpu:.0f} output tokens per CPU-second"
+    )
     if args.out:
         result.write_json(args.out)
     return 0

@@ -153,8 +153,10 @@ def test_chat_template_continues_a_final_assistant_message():
     )
 
 
-def test_chat_stops_at_the_next_turn():
-    assert chat_template.stop_strings(["END", "\nUser:"]) == ("END", "\nUser:", "\nSystem:", "\nAssistant:")
+def test_chat_stops_at_the_next_turn(fake_bundle):
+    req = ChatCompletionRequest(messages=_messages(("user", "Hi")), stop=["END", "\nUser:"])
+    job = serving.build_chat(req, _model(fake_bundle))
+    assert job.params[0].stop == ("END", "\nUser:", "\nSystem:", "\nAssistant:")
 
 
 # -- job building --------------------------------------------------------------------------------
