@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +66,11 @@ def build_gqa_model(model: Any, out: Path) -> Path:
     def layer_norm(x: str, prefix: str, y: str) -> None:
         for part in ("weight", "bias"):
             inits.append(numpy_helper.from_array(sd[f"{prefix}.{part}"], f"{prefix}.{part}"))
-        nodes.append(helper.make_node("LayerNormalization", [x, f"{prefix}.weight", f"{prefix}.bias"], [y],
-                                      axis=-1, epsilon=1e-5))
+        nodes.append(
+            helper.make_node(
+                "LayerNormalization", [x, f"{prefix}.weight", f"{prefix}.bias"], [y], axis=-1, epsilon=1e-5
+            )
+        )
 
     x = "x0"
     for i in range(L):
@@ -72,12 +78,25 @@ def build_gqa_model(model: Any, out: Path) -> Path:
         layer_norm(x, f"{p}.ln1", f"h{i}")
         linear(f"h{i}", f"{p}.attn.qkv.weight", f"qkv{i}")
         nodes.append(helper.make_node("Split", [f"qkv{i}", "qkv_split"], [f"q{i}", f"k{i}", f"v{i}"], axis=2))
-        nodes.append(helper.make_node(
-            "GroupQueryAttention",
-            [f"q{i}", f"k{i}", f"v{i}", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
-             "total_sequence_length"],
-            [f"att{i}", f"present.{i}.key", f"present.{i}.value"],
-            domain="com.microsoft", num_heads=H, kv_num_heads=H, scale=1.0 / math.sqrt(D)))
+        nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [
+                    f"q{i}",
+                    f"k{i}",
+                    f"v{i}",
+                    f"past_key_values.{i}.key",
+                    f"past_key_values.{i}.value",
+                    "seqlens_k",
+                    "total_sequence_length",
+                ],
+                [f"att{i}", f"present.{i}.key", f"present.{i}.value"],
+                domain="com.microsoft",
+                num_heads=H,
+                kv_num_heads=H,
+                scale=1.0 / math.sqrt(D),
+            )
+        )
         linear(f"att{i}", f"{p}.attn.proj.weight", f"ao{i}")
         nodes.append(helper.make_node("Add", [x, f"ao{i}"], [f"x{i}a"]))
         layer_norm(f"x{i}a", f"{p}.ln2", f"h{i}b")
@@ -91,17 +110,21 @@ def build_gqa_model(model: Any, out: Path) -> Path:
 
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     cache = ["batch", H, "max_len", D]
-    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
-              helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]),
-              helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
-              helper.make_tensor_value_info("total_sequence_length", i32, [])]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
+        helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]),
+        helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", i32, []),
+    ]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", V])]
     for i in range(L):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, cache))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, cache))
     graph = helper.make_graph(nodes, "gpt_gqa", inputs, outputs, inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    m = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     m.ir_version = 9
     onnx.checker.check_model(m)
     onnx.save(m, str(out))
@@ -127,8 +150,10 @@ class GQADecoder:
     def alloc(self, batch: int, max_len: int) -> list[Any]:
         import onnxruntime as ort
 
-        return [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, self.H, max_len, self.D), np.float32))
-                for _ in self.names]
+        return [
+            ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, self.H, max_len, self.D), np.float32))
+            for _ in self.names
+        ]
 
     def step(self, ids: np.ndarray, pos: np.ndarray, lengths: np.ndarray, cache: list[Any]) -> np.ndarray:
         """ids, pos (B, T); lengths (B,) total tokens per row after this step. Returns logits (B, T, V)."""
@@ -149,20 +174,25 @@ def decode_feed(bundle: Any, batch: int, past: int) -> dict[str, np.ndarray]:
     """One decode step of the exported graph: batch rows with `past` cached tokens (random cache)."""
     names = bundle.io_names
     rng = np.random.default_rng(0)
-    feed = {names["input_ids"]: np.ones((batch, 1), np.int64),
-            names["attention_mask"]: np.ones((batch, past + 1), np.int64),
-            names["position_ids"]: np.full((batch, 1), past, np.int64)}
+    feed = {
+        names["input_ids"]: np.ones((batch, 1), np.int64),
+        names["attention_mask"]: np.ones((batch, past + 1), np.int64),
+        names["position_ids"]: np.full((batch, 1), past, np.int64),
+    }
     for i in range(bundle.num_layers):
         for k in ("past_key", "past_value"):
             feed[names[k].format(i=i)] = rng.standard_normal(
-                (batch, bundle.num_kv_heads, past, bundle.head_dim), dtype=np.float32)
+                (batch, bundle.num_kv_heads, past, bundle.head_dim), dtype=np.float32
+            )
     return feed
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.engine_gqa", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, default=Path("artifacts/small"))
-    p.add_argument("--checkpoint", type=Path, default=None, help="default: artifacts/.work/<preset>/checkpoint.pt")
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="default: artifacts/.work/<preset>/checkpoint.pt"
+    )
     p.add_argument("--batches", default="1,32,64")
     p.add_argument("--past", type=int, default=96, help="cached tokens per row for the timed step")
     p.add_argument("--max-len", type=int, default=0, help="buffer length per row (default: the context)")
@@ -188,41 +218,71 @@ def main(argv: list[str] | None = None) -> None:
     cache = gqa.alloc(B, max_len)
     got = gqa.step(ids, pos, np.full(B, T), cache)
     feed = {"input_ids": ids, "attention_mask": np.ones((B, T), np.int64), "position_ids": pos}
-    feed |= {n.format(i=i): np.zeros((B, cfg.n_head, 0, cfg.head_dim), np.float32)
-             for i in range(cfg.n_layer) for n in ("past_key_values.{i}.key", "past_key_values.{i}.value")}
+    feed |= {
+        n.format(i=i): np.zeros((B, cfg.n_head, 0, cfg.head_dim), np.float32)
+        for i in range(cfg.n_layer)
+        for n in ("past_key_values.{i}.key", "past_key_values.{i}.value")
+    }
     want, *presents = ref.run(None, feed)
     diff = float(np.abs(got - want).max())
     nxt = want[:, -1].argmax(-1)
     for t in range(8):
         L = T + t + 1
         got = gqa.step(nxt[:, None], np.full((B, 1), L - 1), np.full(B, L), cache)
-        feed = {"input_ids": nxt[:, None], "attention_mask": np.ones((B, L), np.int64),
-                "position_ids": np.full((B, 1), L - 1, np.int64)}
-        feed |= {f"past_key_values.{i}.{k}": presents[2 * i + j] for i in range(cfg.n_layer)
-                 for j, k in enumerate(("key", "value"))}
+        feed = {
+            "input_ids": nxt[:, None],
+            "attention_mask": np.ones((B, L), np.int64),
+            "position_ids": np.full((B, 1), L - 1, np.int64),
+        }
+        feed |= {
+            f"past_key_values.{i}.{k}": presents[2 * i + j]
+            for i in range(cfg.n_layer)
+            for j, k in enumerate(("key", "value"))
+        }
         want, *presents = ref.run(None, feed)
         diff = max(diff, float(np.abs(got - want).max()))
         nxt = want[:, -1].argmax(-1)
     print(f"parity with {bundle.onnx_path}: max |logit diff| {diff:.2e} over prefill + 8 steps")
 
-    print(f"\nOne decode step, {a.past} cached tokens per row, 1 thread, thread CPU time (best of {a.repeat}):\n")
-    print("| batch | exported graph (Concat) ms | GroupQueryAttention, in place, ms | speed-up |")
-    print("|---:|---:|---:|---:|")
+    from model.export import quantize_int8
+
+    tmp = Path(tempfile.mkdtemp(prefix="gqa-"))
+    ref_int8 = _session(quantize_int8(bundle.onnx_path, tmp / "exported-int8.onnx"))
+    gqa_int8 = GQADecoder(quantize_int8(a.out, tmp / "gqa-int8.onnx"), cfg.n_layer, cfg.n_head, cfg.head_dim)
+    print(
+        f"\nOne decode step, {a.past} cached tokens per row, 1 thread, thread CPU time in ms (best of {a.repeat}); "
+        "int8: model.export.quantize_int8 of each graph:\n"
+    )
+    print(
+        "| batch | exported (Concat) | exported int8 | GQA in place | GQA int8 | GQA vs exported | "
+        "int8 vs fp32: exported | int8 vs fp32: GQA |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for batch in [int(x) for x in a.batches.split(",")]:
         feed = decode_feed(bundle, batch, a.past)
-        cache = gqa.alloc(batch, max_len)
+        caches = {"gqa": gqa.alloc(batch, max_len), "gqa8": gqa_int8.alloc(batch, max_len)}
         ids1, pos1 = np.ones((batch, 1), np.int64), np.full((batch, 1), a.past, np.int64)
         lengths = np.full(batch, a.past + 1)
+        fns = {
+            "ref": partial(ref.run, None, feed),
+            "ref8": partial(ref_int8.run, None, feed),
+            "gqa": partial(gqa.step, ids1, pos1, lengths, caches["gqa"]),
+            "gqa8": partial(gqa_int8.step, ids1, pos1, lengths, caches["gqa8"]),
+        }
         n = max(3, 64 // batch)
-        best = {"ref": float("inf"), "gqa": float("inf")}
+        best = dict.fromkeys(fns, float("inf"))
         for _ in range(a.repeat):
-            for name, fn in (("ref", lambda: ref.run(None, feed)), ("gqa", lambda: gqa.step(ids1, pos1, lengths, cache))):
+            for name, fn in fns.items():
                 fn()
                 t0 = time.thread_time()
                 for _ in range(n):
                     fn()
                 best[name] = min(best[name], (time.thread_time() - t0) / n * 1e3)
-        print(f"| {batch} | {best['ref']:.3f} | {best['gqa']:.3f} | {best['ref'] / best['gqa']:.2f}x |")
+        r, r8, g, g8 = best["ref"], best["ref8"], best["gqa"], best["gqa8"]
+        print(
+            f"| {batch} | {r:.3f} | {r8:.3f} | {g:.3f} | {g8:.3f} | {r / g:.2f}x | {r / r8:.2f}x | {g / g8:.2f}x |"
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

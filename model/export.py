@@ -87,6 +87,7 @@ def quantize_int8(src: Path, dst: Path) -> Path:
     """
     import tempfile
 
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -95,7 +96,12 @@ def quantize_int8(src: Path, dst: Path) -> Path:
         # Symbolic shape inference gives up on this graph; ONNX shape inference is enough here.
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_dynamic(
-            str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+            str(pre),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            # fp32 where shape inference cannot see through an operator (contrib ops such as GroupQueryAttention)
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
         )
     return dst
 

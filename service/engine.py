@@ -162,13 +162,15 @@ class Engine:
         """Decode the running rows, prefill the admitted ones; logits (B, V) in the order of rows."""
         parts: list[np.ndarray] = []
         rows: list[str] = []
-        if len(self._batch):
-            last = np.array([self._seqs[r].output[-1] for r in self._batch.row_ids], np.int64)
+        if self._batch.num_live:
+            pad = self.bundle.pad_id
+            last = np.array([pad if r is None else self._seqs[r].output[-1] for r in self._batch.row_ids], np.int64)
             ids, mask, pos = self._batch.decode_inputs(last)
             out = self.runner.run(ids, mask, pos, self._batch.past)
             self._batch.advance(out.presents, mask)
-            parts.append(out.logits)
-            rows += self._batch.row_ids
+            live = self._batch.live_indices
+            parts.append(out.logits if len(live) == len(self._batch) else out.logits[live])
+            rows += self._batch.live_ids
         if admitted:
             for rid in admitted:
                 self._seqs[rid].timings.scheduled = now
@@ -219,12 +221,12 @@ class Engine:
             for rid in finished:
                 self.scheduler.finish(rid)
             done = set(finished)
-            self._keep_rows([r for r in self._batch.row_ids if r not in done])
+            self._keep_rows([r for r in self._batch.live_ids if r not in done])
         return outputs
 
     def _keep_rows(self, keep: list[str]) -> None:
         """Drop rows that left the batch; on CUDA the cache visits the host only when membership changes."""
-        if keep == self._batch.row_ids:
+        if keep == self._batch.live_ids:
             return
         self._batch.past = self.runner.to_host(self._batch.past)
         self._batch.keep(keep)

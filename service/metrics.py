@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,12 +188,16 @@ class _Families:
 
 
 _families: _Families | None = None
+_families_lock = threading.Lock()
 
 
 def _get_families() -> _Families:
+    with _families_lock:
+        return _families or _create_families()
+
+
+def _create_families() -> _Families:
     global _families
-    if _families is not None:
-        return _families
     H, C, G = prometheus_client.Histogram, prometheus_client.Counter, prometheus_client.Gauge
     m = ("model",)
     _families = _Families(

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+)
 
 # Limits on what one request may ask for (documented in docs/api.md).
 MAX_N = 16  # choices per request
@@ -24,7 +34,31 @@ MAX_SEED = 2**63 - 1
 MAX_REPETITION_PENALTY = 10.0
 
 
-TokenId = Annotated[int, Field(ge=0)]  # the upper bound (vocabulary size) is checked per model
+def _integral(v: Any) -> Any:
+    """JSON has one number type: 5.0 is the integer 5 (JSON Schema agrees); 5.5 stays refused."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _unicode(v: str) -> str:
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate such as \\ud800)") from None
+    return v
+
+
+def integer(**constraints: Any) -> Any:
+    """An integer field type that also takes integral floats (5.0), never strings or booleans."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_integral)]
+
+
+# Token ids: the upper bound (the vocabulary size) is checked per model, and written into the
+# served OpenAPI schema (the "x-token-id" mark) by service.api.
+TokenId = integer(ge=0, json_schema_extra={"x-token-id": True})
+Text = Annotated[str, AfterValidator(_unicode)]
+
+_TOKEN_ID_SCHEMA = {"type": "integer", "minimum": 0, "x-token-id": True}
+_STOP_STRING_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
 
 
 class _Strict(BaseModel):
@@ -48,6 +82,39 @@ def _normalize_stop(v: Any) -> list[str]:
     return list(dict.fromkeys(v))
 
 
+def _none_is_empty(v: Any) -> Any:
+    return [] if v is None else v
+
+
+Stop = Annotated[
+    list[Text],
+    BeforeValidator(_normalize_stop),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                _STOP_STRING_SCHEMA,
+                {"type": "array", "items": _STOP_STRING_SCHEMA, "maxItems": MAX_STOP},
+                {"type": "null"},
+            ],
+            "description": f"A string or up to {MAX_STOP} strings of 1..{MAX_STOP_CHARS} characters.",
+        }
+    ),
+]
+StopTokenIds = Annotated[
+    list[TokenId],
+    BeforeValidator(_none_is_empty),
+    Field(max_length=MAX_STOP_TOKEN_IDS),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "array", "items": _TOKEN_ID_SCHEMA, "maxItems": MAX_STOP_TOKEN_IDS},
+                {"type": "null"},
+            ]
+        }
+    ),
+]
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -55,43 +122,46 @@ class StreamOptions(_Strict):
 class SamplingFields(_Strict):
     """Decoding parameters shared by every generation endpoint (OpenAI names + extensions)."""
 
-    max_tokens: int | None = Field(None, ge=1, description="New tokens; at most the context length.")
+    max_tokens: integer(ge=1) | None = Field(None, description="New tokens; at most the context length.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list, description=f"Up to {MAX_STOP} strings.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: Stop = Field(default_factory=list)
+    seed: integer(ge=0, le=MAX_SEED) | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
     # Extensions (vLLM names); with the openai client, pass them in extra_body.
-    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    top_k: integer(ge=0) = Field(0, description="0 disables top-k.")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
     ignore_eos: bool = False
-    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
-
-    _stop = field_validator("stop", mode="before")(_normalize_stop)
-
-    @field_validator("stop_token_ids", mode="before")
-    @classmethod
-    def _none_is_empty(cls, v: Any) -> Any:
-        return [] if v is None else v
+    stop_token_ids: StopTokenIds = Field(default_factory=list)
 
 
 class OpenAIFields(SamplingFields):
     model: str | None = Field(None, description="Must name the served model when given.")
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: integer(ge=1, le=MAX_N) = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+
+_TOKEN_IDS_SCHEMA = {"type": "array", "items": _TOKEN_ID_SCHEMA, "minItems": 1}
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        _TOKEN_IDS_SCHEMA,
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": _TOKEN_IDS_SCHEMA, "minItems": 1, "maxItems": 1},
+    ],
+    "description": "Text, a list of token ids, or a list holding exactly one of those.",
+}
 
 
 class CompletionRequest(OpenAIFields):
     """POST /v1/completions."""
 
-    prompt: str | list[TokenId] = Field(
-        description="Text, a list of token ids, or a list holding exactly one of those."
-    )
-    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    prompt: Annotated[Text | list[TokenId], WithJsonSchema(_PROMPT_SCHEMA)]
+    logprobs: integer(ge=0, le=MAX_COMPLETION_LOGPROBS) | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -100,8 +170,10 @@ class CompletionRequest(OpenAIFields):
             if len(v) != 1:
                 raise ValueError(f"only one prompt per request is supported, got {len(v)}")
             v = v[0]
-        if isinstance(v, list) and not v:
-            raise ValueError("a token-id prompt must not be empty")
+        if isinstance(v, (str, list)) and not v:
+            raise ValueError("must not be empty")
+        if isinstance(v, list):
+            v = [_integral(x) for x in v]
         if not isinstance(v, (str, list)) or (isinstance(v, list) and not all(_is_int(x) for x in v)):
             raise ValueError("must be a string, a list of token ids, or a list holding one of those")
         return v
@@ -109,12 +181,12 @@ class CompletionRequest(OpenAIFields):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
     name: str | None = Field(None, max_length=64)
 
     @property
@@ -126,24 +198,36 @@ class ChatCompletionRequest(OpenAIFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
+    max_completion_tokens: integer(ge=1) | None = Field(None, description="Alias of max_tokens.")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+
+
+def _exactly_one(*fields: str) -> dict:
+    return {"oneOf": [{"required": [f]} for f in fields]}
 
 
 class GenerateRequest(SamplingFields):
-    """POST /generate (native)."""
+    """POST /generate (native): exactly one of ``text`` and ``input_ids``."""
 
-    text: str | None = None
-    input_ids: list[TokenId] | None = Field(None, min_length=1)
+    model_config = ConfigDict(json_schema_extra=_exactly_one("text", "input_ids"))
+
+    text: Text = Field(None, min_length=1)  # type: ignore[assignment]  # absent: None
+    input_ids: list[TokenId] = Field(None, min_length=1)  # type: ignore[assignment]
     stream: bool = False
     details: bool = Field(False, description="Return token ids, their logprobs and timings.")
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Top alternatives per token.")
+    logprobs: integer(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(
+        None, description="Top alternatives per token."
+    )
 
 
 class TokenizeRequest(_Strict):
-    text: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    """POST /tokenize: exactly one of ``text`` and ``messages``."""
+
+    model_config = ConfigDict(json_schema_extra=_exactly_one("text", "messages"))
+
+    text: Text = None  # type: ignore[assignment]  # absent: None
+    messages: list[ChatMessage] = Field(None, min_length=1, max_length=MAX_MESSAGES)  # type: ignore[assignment]
     add_special_tokens: bool = Field(True, description="Prepend bos when the bundle asks for it.")
 
 

@@ -64,6 +64,9 @@ class Runner:
         if intra_op_threads:
             so.intra_op_num_threads = intra_op_threads
         so.inter_op_num_threads = 1
+        # Spinning intra-op threads burn the cores the HTTP process and the sampler need between runs;
+        # measured under load on 2 cores: 1.7x more tokens per CPU-second with spinning off.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(bundle.onnx_path), so, providers=providers)
         # ONNX Runtime falls back to CPU silently when CUDA cannot start: check what really runs.
         self.provider = self.session.get_providers()[0]

@@ -1,15 +1,22 @@
 """Disconnects: 100 clients go away mid-queue and mid-stream; the others are not disturbed.
 
-"Exactly" in ``textgen_requests_finished_total{finish_reason="abort"}`` rises by exactly the
-number of clients dropped: a dropped request must not be able to finish before its client goes
-away, or it would rightly count as "length". The test makes that impossible by construction:
+``textgen_requests_finished_total{finish_reason="abort"}`` must rise by exactly the number of
+clients dropped. A request that finishes on its own just before its client leaves is rightly
+counted as "length", and a client cannot tell: the server runs ahead of what the client has
+read (TCP buffers hold a whole response of this size). So the test makes finishing first
+impossible, on the server's side:
 
-- every dropped request asks for 200 tokens with ignore_eos, and its client closes the
-  connection before it can have received them: mid-queue clients while they wait behind the
-  running "holders" (4 greedy requests of 16 choices fill TEXTGEN_MAX_RUNNING=64, so nothing
-  else can run; the test checks that the holders are still running when it drops the clients),
-  streaming clients at their first or third token;
-- nothing else is aborted: the requests that stay (holders, keepers) finish with "length".
+- 12 greedy "holder" requests of 16 choices, 200 tokens each, are three generations of 64
+  sequences for the 64 running slots (TEXTGEN_MAX_RUNNING=64): while at least 4 of them are
+  unfinished, no request queued behind them can start.
+- Behind them queue 50 mid-queue clients (40 streaming, 10 not), 50 mid-stream clients and
+  14 greedy keepers. The test drops the 50 mid-queue clients while it can see 4 holders still
+  unfinished (it fails saying "machine too slow" otherwise, never miscounts).
+- When the holders end, the 64 queued requests start within a few steps; the moment ``/ready``
+  shows none waiting and at least 50 running (so no mid-stream request has finished: each asks
+  for 200 tokens, and the keepers started with them ask for 16-42), the 50 mid-stream clients
+  leave.
+- Nothing else is aborted: the holders and keepers finish with "length", checked too.
 
 Clients that stay must get exactly the text they get when they run alone (greedy), and once
 everything ended the gauges return to 0. A last part measures the abort latency: a request
@@ -28,12 +35,12 @@ from relkit import finished, percentile, ready, scrape, wait_idle, wait_until
 from traffic import PROMPTS, ROUTES, Call, check, prompt_body, send
 
 MAX_RUNNING = 64
-HOLDERS, HOLDER_N = 4, 16  # 4 greedy requests of 16 choices take the 64 slots
-HOLD_TOKENS = 200  # ... for 200 steps (context 256)
+HOLDERS, HOLDER_N = 12, 16  # 12 greedy requests of 16 choices: 3 generations of 64 sequences
+HOLD_TOKENS = 200  # ... of 200 steps each (context 256)
 DROP_TOKENS = 200  # no dropped request can finish before its client leaves
 QUEUE_STREAMING, QUEUE_UNARY = 40, 10  # dropped while waiting
 MID_STREAM = 50  # dropped while generating
-KEEPERS = 12
+KEEPERS = MAX_RUNNING - MID_STREAM  # start with the mid-stream clients and stay
 ABORT_PROBES = 10
 ABORT_LATENCY_MAX_S = 0.5
 
@@ -117,55 +124,77 @@ async def in_thread(fn, *args):
     return await asyncio.to_thread(fn, *args)
 
 
-async def phase_mid_queue(base_url: str, refs: dict, holders: list[Call], behind: list[Call]) -> dict:
-    """The holders take every slot; 50 doomed clients and 4 keepers queue behind them; the
-    doomed ones leave while they wait; the keepers stay."""
-    limits = httpx.Limits(max_connections=200)
+async def drop_queued_then_running(
+    base_url: str, refs: dict, holders: list[Call], keepers: list[Call]
+) -> dict:
+    limits = httpx.Limits(max_connections=250)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
         hold_tasks = [asyncio.create_task(send(http, c)) for c in holders]
-        await in_thread(
-            wait_until, lambda: ready(base_url)["running"] == MAX_RUNNING, 30, "the holders to run", 0.002
-        )
-        waiting = [Stream(http, doomed(i), drop_after=1) for i in range(QUEUE_STREAMING)]
-        wait_tasks = [asyncio.create_task(s.run()) for s in waiting]
-        unary_tasks = [
-            asyncio.create_task(http.post(c.route, json=c.body))
-            for c in (doomed(100 + i, stream=False) for i in range(QUEUE_UNARY))
-        ]
-        keep_tasks = [asyncio.create_task(send(http, c)) for c in behind]
-        await asyncio.wait_for(asyncio.gather(*(s.acked.wait() for s in waiting)), 30)
-        queued = QUEUE_STREAMING + QUEUE_UNARY + len(behind)
+        holder_seqs = HOLDERS * HOLDER_N
         await in_thread(
             wait_until,
-            lambda: (g := ready(base_url))["running"] + g["waiting"] == MAX_RUNNING + queued,
+            lambda: (g := ready(base_url))["running"] + g["waiting"] == holder_seqs,
             30,
-            f"{queued} requests queued behind the holders",
+            "the holders to run and wait",
             0.002,
         )
-        # Precondition of the exact count: the holders still hold every slot, so no doomed
-        # request has started (let alone produced its 200 tokens) before its client leaves.
-        assert not any(t.done() for t in hold_tasks), (
-            "a holder finished before the doomed clients left: the machine is too slow for this test"
-        )
+        queued = [Stream(http, doomed(i), drop_after=1) for i in range(QUEUE_STREAMING)]
+        running = [Stream(http, doomed(100 + i), drop_after=None) for i in range(MID_STREAM)]
+        tasks = [asyncio.create_task(s.run()) for s in queued + running]
+        unary = [
+            asyncio.create_task(http.post(c.route, json=c.body))
+            for c in (doomed(200 + i, stream=False) for i in range(QUEUE_UNARY))
+        ]
+        keep_tasks = [asyncio.create_task(send(http, c)) for c in keepers]
+        behind = QUEUE_STREAMING + QUEUE_UNARY + MID_STREAM + len(keepers)
+
+        def holding() -> bool:
+            """While 4 holders (64 sequences) are unfinished, nothing queued behind them started."""
+            unfinished = sum(not t.done() for t in hold_tasks)
+            assert unfinished * HOLDER_N >= MAX_RUNNING, (
+                f"only {unfinished} holders left before the drop: the machine is too slow for this test"
+            )
+            return True
+
+        # Every request sent is in the engine's FIFO queue (counted in flight by the HTTP process).
+        while (await in_thread(ready, base_url))["inflight"] + sum(
+            t.done() for t in hold_tasks
+        ) < HOLDERS + behind:
+            assert holding()
+            await asyncio.sleep(0.002)  # polling interval
+        assert holding()
         t_drop = time.monotonic()
-        for s in waiting:
+        for s in queued:
             s.go.set()
-        for t in unary_tasks:
+        for t in unary:
             t.cancel()
-        kinds = await asyncio.gather(*wait_tasks)
-        await asyncio.gather(*unary_tasks, return_exceptions=True)
-        # The doomed requests leave the waiting queue; the holders still run, the keepers wait.
+        kinds_queued = await asyncio.gather(*tasks[:QUEUE_STREAMING])
+        await asyncio.gather(*unary, return_exceptions=True)
         await in_thread(
             wait_until,
-            lambda: ready(base_url)["waiting"] <= len(behind),
-            5,
+            lambda: ready(base_url)["waiting"] <= holder_seqs + MID_STREAM + len(keepers),
+            10,
             "the dropped requests to leave the waiting queue",
             0.002,
         )
         queue_freed_s = time.monotonic() - t_drop
-        assert all(k != "complete" for k in kinds), kinds
+
+        # Mid-stream: the holders end and the 64 queued requests start within a few steps. Once
+        # none waits and at least 50 run, no mid-stream request has finished (it would need 200
+        # steps, by which time every keeper, <= 42 tokens, would have ended too).
+        await in_thread(
+            wait_until,
+            lambda: (g := ready(base_url))["waiting"] == 0 and g["running"] >= MID_STREAM,
+            60,
+            "the mid-stream clients and keepers to run",
+            0.001,
+        )
+        for s in running:
+            s.go.set()
+        kinds_running = await asyncio.gather(*tasks[QUEUE_STREAMING:])
         held = await asyncio.gather(*hold_tasks)
         kept = await asyncio.gather(*keep_tasks)
+    assert all(k in ("queue", "stream") for k in kinds_queued + kinds_running), kinds_queued + kinds_running
     wrong = [
         r.call.body
         for r in held
@@ -174,25 +203,12 @@ async def phase_mid_queue(base_url: str, refs: dict, holders: list[Call], behind
     wrong += [r.call.body for r in kept if r.status != 200 or r.problem or r.texts[0] != refs[key(r.call)]]
     assert not wrong, f"clients that stayed got a different answer than alone: {wrong}"
     return {
-        "dropped": QUEUE_STREAMING + QUEUE_UNARY,
-        "dropped_without_tokens": kinds.count("queue") + QUEUE_UNARY,
+        "dropped": QUEUE_STREAMING + QUEUE_UNARY + MID_STREAM,
+        "dropped_mid_queue": QUEUE_STREAMING + QUEUE_UNARY,
+        "dropped_mid_stream": MID_STREAM,
+        "mid_stream_with_tokens_read": sum(s.tokens > 0 for s in running),
         "queue_freed_s": queue_freed_s,
     }
-
-
-async def phase_mid_stream(base_url: str, refs: dict, keepers: list[Call]) -> dict:
-    """50 streaming clients leave at their third token while greedy keepers run beside them."""
-    limits = httpx.Limits(max_connections=200)
-    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
-        leaving = [Stream(http, doomed(200 + i), drop_after=3) for i in range(MID_STREAM)]
-        tasks = [asyncio.create_task(s.run()) for s in leaving]
-        keep = [asyncio.create_task(send(http, c)) for c in keepers]
-        kinds = await asyncio.gather(*tasks)
-        kept = await asyncio.gather(*keep)
-    assert kinds == ["stream"] * MID_STREAM, kinds
-    wrong = [r.call.body for r in kept if r.status != 200 or r.problem or r.texts[0] != refs[key(r.call)]]
-    assert not wrong, f"clients that stayed got a different answer than alone: {wrong}"
-    return {"dropped": MID_STREAM}
 
 
 async def abort_latency(base_url: str) -> tuple[list[float], float]:
@@ -216,37 +232,32 @@ async def abort_latency(base_url: str) -> tuple[list[float], float]:
 
 def test_disconnects_abort_exactly_and_spare_the_others(servers, greedy_bundle, record):
     srv = servers.launch(
-        bundle=greedy_bundle, TEXTGEN_MAX_RUNNING=str(MAX_RUNNING), TEXTGEN_MAX_WAITING="256"
+        bundle=greedy_bundle, TEXTGEN_MAX_RUNNING=str(MAX_RUNNING), TEXTGEN_MAX_WAITING="512"
     )
     holders = [greedy(i, HOLD_TOKENS, stream=False, n=HOLDER_N) for i in range(HOLDERS)]
-    behind = [greedy(i, 24, stream=i % 2 == 0) for i in range(4)]
-    keepers = [greedy(i, 16 + 4 * i, stream=i % 2 == 1) for i in range(KEEPERS - len(behind))]
-    refs = alone(srv.base_url, holders + behind + keepers)
+    keepers = [greedy(i, 16 + 2 * i, stream=i % 2 == 1) for i in range(KEEPERS)]
+    refs = alone(srv.base_url, holders + keepers)
 
     m0 = scrape(srv.base_url)
-    q = asyncio.run(phase_mid_queue(srv.base_url, refs, holders, behind))
+    out = asyncio.run(drop_queued_then_running(srv.base_url, refs, holders, keepers))
     m1 = wait_idle(srv.base_url)
-    assert finished(m1, "abort") - finished(m0, "abort") == q["dropped"]
-    assert finished(m1, "length") - finished(m0, "length") == HOLDERS * HOLDER_N + len(behind)
-
-    s = asyncio.run(phase_mid_stream(srv.base_url, refs, keepers))
-    m2 = wait_idle(srv.base_url)
-    assert finished(m2, "abort") - finished(m1, "abort") == s["dropped"]
-    assert finished(m2, "length") - finished(m1, "length") == len(keepers)
-    assert finished(m2, "error") == finished(m0, "error")
+    counts = {r: finished(m1, r) - finished(m0, r) for r in ("abort", "length", "stop", "error")}
+    expected = {"abort": out["dropped"], "length": HOLDERS * HOLDER_N + len(keepers), "stop": 0, "error": 0}
+    assert counts == expected, out
 
     latencies, step_s = asyncio.run(abort_latency(srv.base_url))
-    m3 = wait_idle(srv.base_url)
-    assert finished(m3, "abort") - finished(m2, "abort") == ABORT_PROBES
+    m2 = wait_idle(srv.base_url)
+    assert finished(m2, "abort") - finished(m1, "abort") == ABORT_PROBES
     record(
         "disconnects",
-        dropped=q["dropped"] + s["dropped"],
-        dropped_mid_queue=q["dropped_without_tokens"],
-        dropped_mid_stream=q["dropped"] - q["dropped_without_tokens"] + s["dropped"],
-        abort_counted=finished(m2, "abort") - finished(m0, "abort"),
-        kept_clients=len(holders) + len(behind) + len(keepers),
-        kept_sequences=HOLDERS * HOLDER_N + len(behind) + len(keepers),
-        queue_freed_s=q["queue_freed_s"],
+        dropped=out["dropped"],
+        dropped_mid_queue=out["dropped_mid_queue"],
+        dropped_mid_stream=out["dropped_mid_stream"],
+        mid_stream_with_tokens_read=out["mid_stream_with_tokens_read"],
+        abort_counted=counts["abort"],
+        kept_clients=len(holders) + len(keepers),
+        kept_sequences=HOLDERS * HOLDER_N + len(keepers),
+        queue_freed_s=out["queue_freed_s"],
         abort_latency_p50_s=percentile(latencies, 50),
         abort_latency_max_s=max(latencies),
         decode_step_s=step_s,

@@ -63,3 +63,31 @@ def test_keep_nothing_empties_the_batch() -> None:
     c.merge(["only"], kv(rows, 1), mask_for(rows, 1), np.array([1]))
     c.keep([])
     assert len(c) == 0 and c.width == 0 and c.past == []
+
+
+def test_released_rows_become_free_slots_and_newcomers_reuse_them() -> None:
+    c = BatchCache()
+    rows = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12], [13, 14, 15]]
+    c.merge(list("abcde"), kv(rows, 3), mask_for(rows, 3), np.array([3] * 5))
+    c.keep(list("abde"))  # 1 of 5 free: below the compaction threshold, no copy
+    assert c.row_ids == ["a", "b", None, "d", "e"] and c.num_live == 4
+    assert c.mask[2].tolist() == [0, 0, 0] and c.cached_tokens == 12
+    ids, mask, pos = c.decode_inputs(np.array([1, 1, 0, 1, 1]))
+    assert mask[:, -1].tolist() == [1, 1, 0, 1, 1]  # the free slot stays fully masked
+    new = [[20, 21]]
+    c.merge(["f"], kv(new, 2), mask_for(new, 2), np.array([2]))
+    assert c.row_ids[2] == "f" and len(c) == 5  # written in place, not appended
+    assert c.past[0][2, 0, :, 0].tolist() == [0, 20, 21]
+    assert c.mask[2].tolist() == [0, 1, 1] and c.next_pos[2] == 2
+    wide = [[30, 31, 32, 33]]
+    c.keep(list("abdef"))
+    c.merge(["g"], kv(wide, 4), mask_for(wide, 4), np.array([4]))  # wider than the batch: appended
+    assert c.row_ids[-1] == "g" and c.width == 4
+
+
+def test_compaction_when_many_rows_are_free() -> None:
+    c = BatchCache()
+    rows = [[1, 2, 3, 4], [5], [6], [7]]
+    c.merge(list("abcd"), kv(rows, 4), mask_for(rows, 4), np.array([4, 1, 1, 1]))
+    c.keep(["b", "c", "d"])  # 1 of 4 free = 25%: compacts, and the dead padding columns go too
+    assert c.row_ids == ["b", "c", "d"] and c.width == 1
