@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 LITSERVE_ROUTES = {"/", "/health", "/info", ENGINE_PATH}
+_FIRST_KEY = re.compile(rb'\s*\{\s*"([A-Za-z_][A-Za-z0-9_]{0,63})"\s*:')
 
 
 class HttpApi:
@@ -88,8 +90,10 @@ class HttpApi:
                 self._wrap(path, fn, record_success=not generation),
                 methods=["POST"],
                 openapi_extra={"requestBody": _request_body(request_model, schemas)},
-                responses=_responses(response_model),
+                responses=_responses(response_model, stream=generation),
             )
+        ctx = self.model.context_length
+        _apply_model_limits(schemas, {"max_tokens": ctx, "max_completion_tokens": ctx}, self.model.vocab_size)
         _add_schemas(app, schemas)
         app.add_exception_handler(StarletteHTTPException, _http_exception)
         original = app.router.lifespan_context
@@ -159,10 +163,16 @@ class HttpApi:
             if size > limit:
                 raise too_large
             chunks.append(chunk)
+        body = b"".join(chunks)
         try:
-            data = json.loads(b"".join(chunks))
+            data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError("invalid_json", f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            key = _FIRST_KEY.match(body[:1000])  # name the field when the body is an object
+            field = key.group(1).decode() if key else None
+            message = "the request body nests JSON arrays or objects too deeply"
+            raise ApiError("invalid_json", f"{field}: {message}" if field else message, field) from None
         if not isinstance(data, dict):
             raise ApiError("invalid_json", "the request body must be a JSON object")
         try:
@@ -235,9 +245,32 @@ def _request_body(model: type[BaseModel], schemas: dict[str, Any]) -> dict:
     return {"required": True, "content": {"application/json": {"schema": ref}}}
 
 
-def _responses(model: type[BaseModel]) -> dict:
+def _responses(model: type[BaseModel], stream: bool = False) -> dict:
     errors = {code: {"model": p.ErrorResponse} for code in (400, 401, 413, 422, 429, 503)}
-    return {200: {"model": model}, **errors}
+    ok: dict[str, Any] = {"model": model}
+    if stream:  # "stream": true answers server-sent events
+        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+    return {200: ok, **errors}
+
+
+def _apply_model_limits(node: Any, limits: dict[str, int], vocab_size: int) -> None:
+    """Write the served model's limits into the request schemas: max_tokens up to the context
+    length, token ids (marked "x-token-id" by service.protocol) below the vocabulary size."""
+    if isinstance(node, list):
+        for item in node:
+            _apply_model_limits(item, limits, vocab_size)
+        return
+    if not isinstance(node, dict):
+        return
+    if node.get("x-token-id"):
+        node["maximum"] = vocab_size - 1
+    for name, limit in limits.items():
+        field = node.get("properties", {}).get(name)
+        for branch in field.get("anyOf", [field]) if isinstance(field, dict) else []:
+            if branch.get("type") == "integer":
+                branch["maximum"] = limit
+    for value in node.values():
+        _apply_model_limits(value, limits, vocab_size)
 
 
 def _add_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ import os
 import queue
 import sys
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,6 +146,8 @@ class EngineWorker:
         self.active: dict[str, _Active] = {}
         self.outbox: dict[int, list[tuple]] = defaultdict(list)
         self.deadlines: list[tuple[float, str]] = []  # heap of (deadline + grace, uid)
+        self.deferred: deque[tuple[tuple, bool]] = deque()  # (message, retried) for the next iteration
+        self.max_running = api.settings.max_running
         self._published: tuple | None = None  # engine gauges last sent to metrics
         self._last_stats: StepStats | None = None
         self._refusals = 0  # error events in the outbox
@@ -159,8 +161,7 @@ class EngineWorker:
             except (EOFError, OSError):
                 logger.info("request queue closed; the engine loop stops")
                 return
-            for item in items:
-                self._handle(item)
+            self._handle_all(items)
             self._expire(time.monotonic())
             if not self.engine.has_unfinished() or self._refusals:
                 self._flush()  # refusals leave now; acks wait for the step's outputs (one message)
@@ -178,16 +179,35 @@ class EngineWorker:
             pass
         return items
 
-    def _handle(self, item: tuple) -> None:
+    def _handle_all(self, items: list[tuple]) -> None:
+        """Messages deferred by the last iteration first, then the new ones, in order (FIFO)."""
+        batch = [*self.deferred, *((item, False) for item in items)]
+        self.deferred.clear()
+        for k, (item, retried) in enumerate(batch):
+            if not self._handle(item, retried):
+                self.deferred.append((item, True))
+                self.deferred.extend(batch[k + 1 :])  # what came after it waits too: no overtaking
+                return
+
+    def _handle(self, item: tuple, retried: bool = False) -> bool:
+        """Apply one message; False: retry it after the next step (see _submit)."""
         rqid, uid, _, msg = item
         if isinstance(msg, Submit):
-            self._submit(rqid, uid, msg)
-        elif isinstance(msg, Abort):
+            return self._submit(rqid, uid, msg, retried)
+        if isinstance(msg, Abort):
             self._abort(msg.uid)
         else:
             logger.warning("ignoring unexpected message %r", type(msg).__name__)
+        return True
 
-    def _submit(self, rqid: int, uid: str, msg: Submit) -> None:
+    def _submit(self, rqid: int, uid: str, msg: Submit, retried: bool = False) -> bool:
+        """Add a request's choices to the engine; False when it should be retried after a step.
+
+        The engine counts a new request as waiting until its next step moves waiting requests
+        into free running slots, so a burst larger than TEXTGEN_MAX_WAITING would be refused
+        at an idle server. A request refused for a full queue while running slots are free is
+        therefore retried once, after the next step; refused again, it gets its 429.
+        """
         for i, params in enumerate(msg.params):
             try:
                 self.engine.add_request(
@@ -196,13 +216,20 @@ class EngineWorker:
             except Exception as e:
                 for j in range(i):
                     self.engine.abort(sub_id(uid, j))
+                if (
+                    isinstance(e, QueueFullError)
+                    and not retried
+                    and self.engine.num_running < self.max_running
+                ):
+                    return False
                 self.outbox[rqid].append(("err", uid, *_classify(e)))
                 self._refusals += 1
-                return
+                return True
         n = len(msg.params)
         self.active[uid] = _Active(rqid, len(msg.prompt_ids), set(range(n)), [0] * n)
         heapq.heappush(self.deadlines, (msg.deadline + EXPIRY_GRACE_S, uid))
         self.outbox[rqid].append(("ack", uid))
+        return True
 
     def _abort(self, uid: str) -> None:
         act = self.active.pop(uid, None)

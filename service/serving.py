@@ -96,7 +96,7 @@ def build_chat(req: ChatCompletionRequest, m: ModelInfo) -> Job:
     ids = m.encode_prompt(text)
     max_tokens = req.max_completion_tokens or req.max_tokens or max(1, m.context_length - len(ids))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = _params(req, m, len(ids), max_tokens, req.n, logprobs, chat_template.STOP)
+    params = _params(req, m, len(ids), max_tokens, req.n, logprobs, chat_template.STOP, "messages")
     return Job(
         new_id("chatcmpl"),
         ids,
@@ -154,6 +154,7 @@ def _params(
     n: int,
     logprobs: int | None,
     extra_stop: tuple[str, ...],
+    prompt_param: str = "prompt",
 ) -> tuple[SamplingParams, ...]:
     ctx = m.context_length
     if max_tokens > ctx:
@@ -162,7 +163,7 @@ def _params(
         )
     if prompt_len + max_tokens > ctx:
         raise ApiError(
-            "context_length_exceeded", str(PromptTooLongError(prompt_len, max_tokens, ctx)), "prompt"
+            "context_length_exceeded", str(PromptTooLongError(prompt_len, max_tokens, ctx)), prompt_param
         )
     for t in req.stop_token_ids:
         if not 0 <= t < m.vocab_size:

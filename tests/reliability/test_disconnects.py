@@ -6,7 +6,7 @@ counted as "length", and a client cannot tell: the server runs ahead of what the
 read (TCP buffers hold a whole response of this size). So the test makes finishing first
 impossible, on the server's side:
 
-- 12 greedy "holder" requests of 16 choices, 200 tokens each, are three generations of 64
+- 20 greedy "holder" requests of 16 choices, 200 tokens each, are five generations of 64
   sequences for the 64 running slots (TEXTGEN_MAX_RUNNING=64): while at least 4 of them are
   unfinished, no request queued behind them can start.
 - Behind them queue 50 mid-queue clients (40 streaming, 10 not), 50 mid-stream clients and
@@ -35,7 +35,7 @@ from relkit import finished, percentile, ready, scrape, wait_idle, wait_until
 from traffic import PROMPTS, ROUTES, Call, check, prompt_body, send
 
 MAX_RUNNING = 64
-HOLDERS, HOLDER_N = 12, 16  # 12 greedy requests of 16 choices: 3 generations of 64 sequences
+HOLDERS, HOLDER_N = 20, 16  # 20 greedy requests of 16 choices: 5 generations of 64 sequences
 HOLD_TOKENS = 200  # ... of 200 steps each (context 256)
 DROP_TOKENS = 200  # no dropped request can finish before its client leaves
 QUEUE_STREAMING, QUEUE_UNARY = 40, 10  # dropped while waiting
@@ -72,6 +72,8 @@ def alone(base_url: str, calls: list[Call]) -> dict[str, str]:
     refs = {}
     with httpx.Client(base_url=base_url, timeout=60) as http:
         for call in calls:
+            if key(call) in refs:
+                continue
             c = Call(call.route, {k: v for k, v in call.body.items() if k != "n"} | {"stream": False})
             r = http.post(c.route, json=c.body)
             assert r.status_code == 200, r.text
@@ -130,23 +132,13 @@ async def drop_queued_then_running(
     limits = httpx.Limits(max_connections=250)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as http:
         hold_tasks = [asyncio.create_task(send(http, c)) for c in holders]
-        holder_seqs = HOLDERS * HOLDER_N
         await in_thread(
             wait_until,
-            lambda: (g := ready(base_url))["running"] + g["waiting"] == holder_seqs,
+            lambda: (g := ready(base_url))["running"] + g["waiting"] == HOLDERS * HOLDER_N,
             30,
             "the holders to run and wait",
             0.002,
         )
-        queued = [Stream(http, doomed(i), drop_after=1) for i in range(QUEUE_STREAMING)]
-        running = [Stream(http, doomed(100 + i), drop_after=None) for i in range(MID_STREAM)]
-        tasks = [asyncio.create_task(s.run()) for s in queued + running]
-        unary = [
-            asyncio.create_task(http.post(c.route, json=c.body))
-            for c in (doomed(200 + i, stream=False) for i in range(QUEUE_UNARY))
-        ]
-        keep_tasks = [asyncio.create_task(send(http, c)) for c in keepers]
-        behind = QUEUE_STREAMING + QUEUE_UNARY + MID_STREAM + len(keepers)
 
         def holding() -> bool:
             """While 4 holders (64 sequences) are unfinished, nothing queued behind them started."""
@@ -156,12 +148,31 @@ async def drop_queued_then_running(
             )
             return True
 
-        # Every request sent is in the engine's FIFO queue (counted in flight by the HTTP process).
-        while (await in_thread(ready, base_url))["inflight"] + sum(
-            t.done() for t in hold_tasks
-        ) < HOLDERS + behind:
-            assert holding()
-            await asyncio.sleep(0.002)  # polling interval
+        async def wait_queued(n: int) -> None:
+            """Until the engine holds n requests behind the holders (a finished holder's 16
+            sequences leave the count at once, its response reaches us a moment later)."""
+            while True:
+                g = await in_thread(ready, base_url)
+                unfinished = sum(not t.done() for t in hold_tasks)
+                if g["running"] + g["waiting"] - unfinished * HOLDER_N >= n:
+                    return
+                assert holding()
+                await asyncio.sleep(0.002)  # polling interval
+
+        # The non-streaming clients first: once the engine holds them and then acknowledged a
+        # streaming request sent after them (its headers), their acknowledgements reached the
+        # HTTP process too, so the service knows they were accepted when their clients leave.
+        unary = [
+            asyncio.create_task(http.post(c.route, json=c.body))
+            for c in (doomed(200 + i, stream=False) for i in range(QUEUE_UNARY))
+        ]
+        await wait_queued(QUEUE_UNARY)
+        queued = [Stream(http, doomed(i), drop_after=1) for i in range(QUEUE_STREAMING)]
+        running = [Stream(http, doomed(100 + i), drop_after=None) for i in range(MID_STREAM)]
+        tasks = [asyncio.create_task(s.run()) for s in queued + running]
+        keep_tasks = [asyncio.create_task(send(http, c)) for c in keepers]
+        await asyncio.wait_for(asyncio.gather(*(s.acked.wait() for s in queued + running)), 60)
+        await wait_queued(QUEUE_UNARY + QUEUE_STREAMING + MID_STREAM + len(keepers))
         assert holding()
         t_drop = time.monotonic()
         for s in queued:
@@ -170,13 +181,13 @@ async def drop_queued_then_running(
             t.cancel()
         kinds_queued = await asyncio.gather(*tasks[:QUEUE_STREAMING])
         await asyncio.gather(*unary, return_exceptions=True)
-        await in_thread(
-            wait_until,
-            lambda: ready(base_url)["waiting"] <= holder_seqs + MID_STREAM + len(keepers),
-            10,
-            "the dropped requests to leave the waiting queue",
-            0.002,
-        )
+        while True:  # the dropped requests leave the engine's queue
+            g = await in_thread(ready, base_url)
+            unfinished = sum(not t.done() for t in hold_tasks)
+            if g["running"] + g["waiting"] - unfinished * HOLDER_N <= MID_STREAM + len(keepers):
+                break
+            assert time.monotonic() - t_drop < 10, f"the dropped requests are still queued: {g}"
+            await asyncio.sleep(0.002)  # polling interval
         queue_freed_s = time.monotonic() - t_drop
 
         # Mid-stream: the holders end and the 64 queued requests start within a few steps. Once

@@ -33,16 +33,20 @@ def bundle(tmp_path_factory):
     return load_bundle(make_fake_bundle(tmp_path_factory.mktemp("worker") / "bundle"))
 
 
-@pytest.fixture
-def worker(bundle, monkeypatch):
-    monkeypatch.setenv("TEXTGEN_FAKE_STEP_S", "0")
-    engine = FakeEngine(bundle, max_running=1, max_waiting=1)
+def make_worker(bundle, max_running: int = 1, max_waiting: int = 1) -> EngineWorker:
+    engine = FakeEngine(bundle, max_running=max_running, max_waiting=max_waiting)
     steps = []
     api = SimpleNamespace(engine=engine, metrics=SimpleNamespace(observe_step=steps.append),
-                          state=SharedState(1, os.getpid()))  # fmt: skip
+                          state=SharedState(1, os.getpid()), settings=SimpleNamespace(max_running=max_running))  # fmt: skip
     w = EngineWorker(api, Transport())
     w.steps = steps
     return w
+
+
+@pytest.fixture
+def worker(bundle, monkeypatch):
+    monkeypatch.setenv("TEXTGEN_FAKE_STEP_S", "0")
+    return make_worker(bundle)
 
 
 def submit(w: EngineWorker, uid: str, n: int = 1, max_tokens: int = 3, deadline: float = 1e12, rqid: int = 0):
@@ -76,12 +80,13 @@ def test_one_message_per_http_process_per_iteration(worker):
 
 
 def test_queue_full_refuses_and_undoes_earlier_choices(worker):
-    submit(worker, "a")
-    submit(worker, "b", n=2)  # b#0 takes the last waiting place, b#1 does not fit
+    submit(worker, "a", max_tokens=50)
+    worker._step()  # "a" runs: no free slot left
+    submit(worker, "b", n=2)  # b#0 takes the only waiting place, b#1 does not fit
     worker._flush()
     errors = [e for e in worker.transport.events() if e[0] == "err"]
     assert errors == [("err", "b", "queue_full", errors[0][3], None)]
-    assert "b" not in worker.active and worker.engine.num_waiting == 1  # only "a" waits
+    assert "b" not in worker.active and worker.engine.num_waiting == 0 and worker.engine.num_running == 1
 
 
 def test_abort_stops_the_outputs(worker):
@@ -106,3 +111,33 @@ def test_a_request_stuck_waiting_past_its_deadline_finishes_with_length(worker):
     assert len(final) == 1 and final[0].finished and final[0].finish_reason == "length"
     assert final[0].num_output_tokens == 0 and "b" not in worker.active
     assert worker.engine.num_waiting == 0
+
+
+def _msg(uid: str, max_tokens: int = 3) -> tuple:
+    params = (SamplingParams(max_tokens=max_tokens, temperature=0),)
+    return (0, uid, time.monotonic(), Submit([1, 5], params, time.monotonic(), 1e12))
+
+
+def test_a_burst_fills_free_running_slots_however_small_the_queue(bundle, monkeypatch):
+    """4 free slots, 1 waiting place, 4 simultaneous requests: all admitted, in order."""
+    monkeypatch.setenv("TEXTGEN_FAKE_STEP_S", "0")
+    w = make_worker(bundle, max_running=4, max_waiting=1)
+    w._handle_all([_msg(u, max_tokens=20) for u in "abcd"])
+    for _ in range(4):
+        w._step()
+        w._handle_all([])
+    events = w.transport.events()
+    assert [e[1] for e in events if e[0] == "ack"] == list("abcd")
+    assert not [e for e in events if e[0] == "err"] and not w.deferred
+
+
+def test_a_burst_beyond_running_and_waiting_capacity_is_refused(bundle, monkeypatch):
+    monkeypatch.setenv("TEXTGEN_FAKE_STEP_S", "0")
+    w = make_worker(bundle, max_running=1, max_waiting=1)
+    w._handle_all([_msg(u, max_tokens=20) for u in "abc"])  # a waits; b is retried after a step
+    w._step()
+    w._handle_all([])  # a runs, b waits, c finds no free slot: refused at once
+    w._flush()
+    events = w.transport.events()
+    assert [e[1] for e in events if e[0] == "ack"] == ["a", "b"]
+    assert [e[1] for e in events if e[0] == "err"] == ["c"] and not w.deferred
