@@ -212,13 +212,6 @@ def test_schemathesis_no_server_errors(fuzz):
     assert not _failures(fuzz, SERVER_ERRORS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/api.py _responses documents text/event-stream with schema {'type': 'string'}; "
-    "in OpenAPI 3.1 (FastAPI's) the schema of an event stream describes each event, an object "
-    "{event, data, id, retry}, so every SSE event fails it (schemathesis ST108 on the 3 "
-    "generation routes). Use itemSchema (OpenAPI 3.2) or an event object schema",
-)
 def test_schemathesis_responses_conform(fuzz):
     assert not _failures(fuzz, CONFORMANCE)
 

@@ -103,7 +103,9 @@ def test_body_too_large(server):
     error(post(server, "/v1/completions", chunks()), 413)
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"text"'])
+@pytest.mark.parametrize(
+    "body", [b"{not json", b"", b"\xff\xfe", b"[1, 2]", b'"text"', b"[" * 2000 + b"]" * 2000]
+)
 def test_malformed_json_is_400(server, body):
     err = error(
         post(server, "/v1/completions", body, headers={**AUTH, "Content-Type": "application/json"}), 400

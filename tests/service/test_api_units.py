@@ -100,6 +100,10 @@ def _error(model, data) -> tuple[str, str | None]:
         ({"prompt": "x", "seed": -1}, "seed", "greater than or equal to 0"),
         ({"prompt": "x", "logprobs": 6}, "logprobs", "5"),
         ({}, "prompt", "required"),
+        ({"prompt": ""}, "prompt", "must not be empty"),
+        ({"prompt": "a\ud800"}, "prompt", "valid Unicode"),
+        ({"prompt": "x", "stop": ["\udfff"]}, "stop.0", "valid Unicode"),
+        ({"prompt": "x", "max_tokens": 5.5}, "max_tokens", "valid integer"),
     ],
 )
 def test_completion_request_errors_name_the_field(data, param, needle):
@@ -114,6 +118,13 @@ def test_completion_request_errors_name_the_field(data, param, needle):
 )
 def test_prompt_forms(prompt, expected):
     assert CompletionRequest.model_validate({"prompt": prompt}).prompt == expected
+
+
+def test_integral_floats_are_integers_and_nulls_are_defaults():
+    req = CompletionRequest.model_validate(
+        {"prompt": [5.0, 6], "max_tokens": 4.0, "n": 2.0, "stop": None, "stop_token_ids": None}
+    )
+    assert (req.prompt, req.max_tokens, req.n, req.stop, req.stop_token_ids) == ([5, 6], 4, 2, [], [])
 
 
 def test_chat_request_errors():
@@ -197,6 +208,13 @@ def test_context_overflow_is_400_with_both_lengths(fake_bundle):
         serving.build_completion(CompletionRequest(prompt=[5] * 100, max_tokens=50), _model(fake_bundle))
     assert e.value.status == 400 and e.value.kind == "context_length_exceeded"
     assert "100" in e.value.message and "50" in e.value.message and str(FAKE_CONTEXT) in e.value.message
+
+
+def test_chat_context_overflow_names_messages(fake_bundle):
+    req = ChatCompletionRequest(messages=_messages(("user", "to be " * 100)), max_tokens=100)
+    with pytest.raises(ApiError) as e:
+        serving.build_chat(req, _model(fake_bundle))
+    assert e.value.kind == "context_length_exceeded" and e.value.param == "messages"
 
 
 def test_chat_default_max_tokens_fills_the_context(fake_bundle):
