@@ -82,10 +82,12 @@ def alone(base_url: str, calls: list[Call]) -> dict[str, str]:
 
 
 class Stream:
-    """A streaming client that reads token chunks and can be told to go away."""
+    """A streaming client that reads token chunks and can be told to go away. It leaves after
+    ``drop_after`` chunks, or when told; with ``follow=False`` it stops reading after its first
+    chunk (it keeps the client's event loop free, so that it leaves at once when told)."""
 
-    def __init__(self, http: httpx.AsyncClient, call: Call, drop_after: int | None):
-        self.http, self.call, self.drop_after = http, call, drop_after
+    def __init__(self, http: httpx.AsyncClient, call: Call, drop_after: int | None, follow: bool = True):
+        self.http, self.call, self.drop_after, self.follow = http, call, drop_after, follow
         self.acked = asyncio.Event()  # response headers received: the engine accepted it
         self.first_token = asyncio.Event()
         self.go = asyncio.Event()  # leave now
@@ -118,6 +120,9 @@ class Stream:
                 self.tokens += 1
                 self.first_token.set()
                 if self.drop_after is not None and self.tokens >= self.drop_after:
+                    return False
+                if not self.follow:
+                    await self.go.wait()
                     return False
         return True
 
@@ -168,7 +173,7 @@ async def drop_queued_then_running(
         ]
         await wait_queued(QUEUE_UNARY)
         queued = [Stream(http, doomed(i), drop_after=1) for i in range(QUEUE_STREAMING)]
-        running = [Stream(http, doomed(100 + i), drop_after=None) for i in range(MID_STREAM)]
+        running = [Stream(http, doomed(100 + i), None, follow=False) for i in range(MID_STREAM)]
         tasks = [asyncio.create_task(s.run()) for s in queued + running]
         keep_tasks = [asyncio.create_task(send(http, c)) for c in keepers]
         await asyncio.wait_for(asyncio.gather(*(s.acked.wait() for s in queued + running)), 60)
@@ -200,9 +205,15 @@ async def drop_queued_then_running(
             "the mid-stream clients and keepers to run",
             0.001,
         )
+        t_started = time.monotonic()
         for s in running:
             s.go.set()
         kinds_running = await asyncio.gather(*tasks[QUEUE_STREAMING:])
+        left_after = max(s.closed_at for s in running) - t_started
+        assert left_after < 0.15, (
+            f"the mid-stream clients left {left_after:.2f} s after their requests started "
+            "(200 tokens take longer, but not by much): the machine is too slow for this test"
+        )
         held = await asyncio.gather(*hold_tasks)
         kept = await asyncio.gather(*keep_tasks)
     assert all(k in ("queue", "stream") for k in kinds_queued + kinds_running), kinds_queued + kinds_running
@@ -219,6 +230,7 @@ async def drop_queued_then_running(
         "dropped_mid_stream": MID_STREAM,
         "mid_stream_with_tokens_read": sum(s.tokens > 0 for s in running),
         "queue_freed_s": queue_freed_s,
+        "mid_stream_left_after_start_s": left_after,
     }
 
 
@@ -269,6 +281,7 @@ def test_disconnects_abort_exactly_and_spare_the_others(servers, greedy_bundle, 
         kept_clients=len(holders) + len(keepers),
         kept_sequences=HOLDERS * HOLDER_N + len(keepers),
         queue_freed_s=out["queue_freed_s"],
+        mid_stream_left_after_start_s=out["mid_stream_left_after_start_s"],
         abort_latency_p50_s=percentile(latencies, 50),
         abort_latency_max_s=max(latencies),
         decode_step_s=step_s,
