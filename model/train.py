@@ -63,7 +63,7 @@ def evaluate_nats(model: GPT, data: np.ndarray, block: int, device: str, max_win
     model.eval()
     stride = max(1, block // 2)
     last = len(data) - block - 1
-    starts = list(range(0, last, stride)) + [last]
+    starts = [*range(0, last, stride), last]
     if max_windows:  # a quick, sampled estimate for periodic evaluation
         starts = starts[:: max(1, len(starts) // max_windows)][:max_windows]
     total, count, scored_until = 0.0, 0, 0  # targets at stream index <= scored_until are done

@@ -73,7 +73,7 @@ def test_bundle_errors_are_clear(tiny_bundle: Path, tmp_path: Path) -> None:
         load_bundle(b)
     b = _copy(tiny_bundle, tmp_path / "missing-config")
     (b / "config.json").unlink()
-    with pytest.raises(BundleError, match="no config.json"):
+    with pytest.raises(BundleError, match=r"no config\.json"):
         load_bundle(b)
     b = _copy(tiny_bundle, tmp_path / "bad-json")
     (b / "config.json").write_text("{not json")

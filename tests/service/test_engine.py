@@ -167,7 +167,7 @@ def test_request_errors(random_bundle) -> None:
 
 def test_batch_padding_is_trimmed_when_long_rows_leave(engine_and_model) -> None:
     engine, _ = engine_and_model
-    engine.add_request("long", [1] + list(range(10, 110)), SamplingParams(max_tokens=2, **GREEDY))
+    engine.add_request("long", [1, *range(10, 110)], SamplingParams(max_tokens=2, **GREEDY))
     engine.add_request("short", [1, 5], SamplingParams(max_tokens=20, **GREEDY))
     widths = []
     while engine.has_unfinished():

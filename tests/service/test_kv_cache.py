@@ -72,7 +72,7 @@ def test_released_rows_become_free_slots_and_newcomers_reuse_them() -> None:
     c.keep(list("abde"))  # 1 of 5 free: below the compaction threshold, no copy
     assert c.row_ids == ["a", "b", None, "d", "e"] and c.num_live == 4
     assert c.mask[2].tolist() == [0, 0, 0] and c.cached_tokens == 12
-    ids, mask, pos = c.decode_inputs(np.array([1, 1, 0, 1, 1]))
+    _, mask, _ = c.decode_inputs(np.array([1, 1, 0, 1, 1]))
     assert mask[:, -1].tolist() == [1, 1, 0, 1, 1]  # the free slot stays fully masked
     new = [[20, 21]]
     c.merge(["f"], kv(new, 2), mask_for(new, 2), np.array([2]))
