@@ -709,7 +709,7 @@ def targets(rep: Report) -> list[Target]:
 def _fmt(v: float | None, unit: str) -> str:
     if v is None:
         return "n/a"
-    return {"x": f"{v:.2f}x", "%": f"{100 * v:.0f}%", "bpc": f"{v:+.3f}"}[unit]
+    return {"x": f"{v:.2f}x", "%": f"{100 * v:.0f}%", "bpc": f"{v:+.4f}"}[unit]
 
 
 def _met(v: float | None, thr: float, unit: str) -> str:

@@ -149,7 +149,10 @@ def _end(fe: Frontend, route: str, p: Pending, status: int) -> None:
     now = time.monotonic()
     if p.error is not None and not p.acked and p.error.kind in REJECT_REASON:
         m.observe_rejected(REJECT_REASON[p.error.kind])
-    if p.acked:
+    # A client that left before the engine's acknowledgement was aborted all the same: count it once,
+    # here, as an abort (the engine's late answer for it is dropped), so no request goes uncounted.
+    gone_before_ack = not p.acked and p.error is None and status == CLIENT_CLOSED
+    if p.acked or gone_before_ack:
         for c in p.choices:
             reason = c.finish_reason or ("error" if p.error is not None else "abort")
             t = c.output.timings if c.output is not None else None
