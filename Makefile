@@ -73,7 +73,7 @@ $(GENAI_VENV)/.installed:
 	$(GENAI_VENV)/bin/pip install -q onnxruntime-genai==0.18.0 onnxruntime==1.31.1 numpy
 	@touch $@
 
-$(INT8_BUNDLE)/config.json: | $(BUNDLE)/config.json
+$(INT8_BUNDLE)/config.json: $(BUNDLE)/config.json
 	$(PY) -m model export --preset $(PRESET) --int8 --out $(INT8_BUNDLE)
 
 # Every runner side by side on one machine (a few minutes); writes the tables into docs/BENCHMARKS.md.

@@ -57,6 +57,8 @@ def _args(bundle: Path, checkpoint: Path, *extra: str):
             "engine,ortloop,nocache,torch",
             "--repeat",
             "1",
+            "--min-time",
+            "0",
             *extra,
         ]
     )
