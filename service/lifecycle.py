@@ -190,7 +190,14 @@ class TextGenServer(ls.LitServer):
         """Called by LitServer.run once everything runs: start serving and supervising."""
         if not self._stop_requested.is_set():
             self.state.phase = Phase.SERVING
-        logger.info("serving on http://%s:%d", self.settings.host, self.settings.http_port)
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::") else self.settings.host
+        url = f"http://{host}:{self.settings.http_port}"
+        logger.info(
+            "serving on %s — try:\n  curl %s/v1/completions -H 'Content-Type: application/json' "
+            "-d '{\"prompt\": \"ROMEO.\\n\", \"max_tokens\": 48, \"temperature\": 0.8}'",
+            url,
+            url,
+        )
         threading.Thread(
             target=self._supervise, args=(uvicorn_workers,), name="textgen-supervisor", daemon=True
         ).start()
