@@ -1,9 +1,6 @@
 """What-if measurements for proposed engine changes, without touching service/: each proposal is
 a drop-in replacement patched in for one run, side by side with the engine as it is.
 
-- ``kv-copies``: BatchCache.keep and merge with one copy of the cache each (today keep copies
-  twice through ``a[idx]`` then ``ascontiguousarray``; merge pads each group and concatenates);
-  same results, fewer bytes moved. Matters when requests join and leave (the mixed workload).
 - ``no-detok``: the detokenizer replaced by a stub (an upper bound for any detokenizer speed-up,
   e.g. a piece table for tokens that need no byte fallback).
 - ``greedy-fast``: the sampler short-circuits an all-greedy batch with no penalties and no logprobs
@@ -19,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,53 +24,6 @@ import numpy as np
 
 from bench.engine import EngineRunner, Workload, fixed_workload, measure, mixed_workload, text_tokens
 from bench.engine_profile import patched
-
-
-def keep_one_copy(self, keep_ids: list[str]) -> None:
-    """BatchCache.keep with a single copy: rows and the trimmed columns in one indexing operation."""
-    if keep_ids == self.row_ids:
-        return
-    keep = set(keep_ids)
-    idx = np.array([i for i, r in enumerate(self.row_ids) if r in keep], dtype=np.int64)
-    self.row_ids = [self.row_ids[i] for i in idx]
-    if len(idx) == 0:
-        self.past, self.mask, self.next_pos = [], np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
-        return
-    mask = self.mask[idx]
-    used = np.flatnonzero(mask.any(axis=0))
-    start = int(used[0]) if len(used) else mask.shape[1]
-    self.mask = np.ascontiguousarray(mask[:, start:])
-    self.past = [
-        a[idx, :, start:, :] for a in self.past
-    ]  # advanced + basic indexing: one new contiguous array
-    self.next_pos = self.next_pos[idx]
-
-
-def merge_one_copy(
-    self, row_ids: list[str], past: list[np.ndarray], mask: np.ndarray, next_pos: np.ndarray
-) -> None:
-    """BatchCache.merge writing both groups, left padded, into one new array per tensor."""
-    if not row_ids:
-        return
-    if not self.row_ids:
-        self.row_ids, self.past, self.mask, self.next_pos = list(row_ids), list(past), mask, next_pos
-        return
-    S = max(self.width, mask.shape[1])
-    B0 = len(self.row_ids)
-    merged = []
-    for a, b in zip(self.past, past, strict=True):
-        out = np.empty((B0 + b.shape[0], a.shape[1], S, a.shape[3]), a.dtype)  # (B, H, S, D)
-        out[:B0, :, : S - a.shape[2]] = 0
-        out[:B0, :, S - a.shape[2] :] = a
-        out[B0:, :, : S - b.shape[2]] = 0
-        out[B0:, :, S - b.shape[2] :] = b
-        merged.append(out)
-    m = np.zeros((B0 + mask.shape[0], S), self.mask.dtype)
-    m[:B0, S - self.width :] = self.mask
-    m[B0:, S - mask.shape[1] :] = mask
-    self.past, self.mask = merged, m
-    self.next_pos = np.concatenate([self.next_pos, next_pos])
-    self.row_ids += row_ids
 
 
 def _detok_stub(self, token_ids):
@@ -103,12 +53,7 @@ def _greedy_fast(original: Callable) -> Callable:
 def proposal(name: str) -> Iterator[Any]:
     import service.engine as se
     from service.detokenizer import IncrementalDetokenizer
-    from service.kv_cache import BatchCache
 
-    if name == "kv-copies":
-        return iter(
-            [patched(BatchCache, "keep", keep_one_copy), patched(BatchCache, "merge", merge_one_copy)]
-        )
     if name == "no-detok":
         return iter(
             [
@@ -118,7 +63,7 @@ def proposal(name: str) -> Iterator[Any]:
         )
     if name == "greedy-fast":
         return iter([patched(se, "sample", _greedy_fast(se.sample))])
-    raise ValueError(f"unknown proposal {name!r}; choose from kv-copies, no-detok, greedy-fast")
+    raise ValueError(f"unknown proposal {name!r}; choose from no-detok, greedy-fast")
 
 
 class PatchedEngine(EngineRunner):
@@ -136,11 +81,6 @@ class PatchedEngine(EngineRunner):
             return super().run(wl)
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.engine_whatif", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, default=Path("artifacts/small"))
@@ -148,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--mixed", type=int, default=64, metavar="N", help="mixed workload of N requests (0: none)"
     )
-    p.add_argument("--proposals", default="kv-copies,no-detok,greedy-fast")
+    p.add_argument("--proposals", default="no-detok,greedy-fast")
     p.add_argument("--repeat", type=int, default=3)
     a = p.parse_args(argv)
     from service.bundle import load_bundle

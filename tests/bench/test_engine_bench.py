@@ -112,6 +112,8 @@ def test_main_writes_docs_plot_and_json(random_bundle: Path, checkpoint: Path, t
         "engine,torch",
         "--repeat",
         "1",
+        "--min-time",
+        "0",
         "--out",
         str(doc),
         "--plot",
