@@ -255,17 +255,10 @@ class OrtLoopRunner:
         return clock.stop(), outputs
 
 
-class NoCacheRunner:
+class NoCacheRunner(OrtLoopRunner):
     """The same ONNX file, no KV cache: the whole (left padded) sequence with a zero-length past every step."""
 
     name = "nocache"
-
-    def __init__(self, bundle_dir: Path, threads: int):
-        from service.bundle import load_bundle
-        from service.runner import Runner as OrtRunner
-
-        self.bundle = load_bundle(bundle_dir)
-        self.runner = OrtRunner(self.bundle, "cpu", threads)
 
     def run(self, wl: Workload) -> tuple[Timing, list[list[int]]]:
         from service.kv_cache import left_pad_prompts

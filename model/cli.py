@@ -74,7 +74,7 @@ def cmd_train(a, prepared: Path | None = None, tok_path: Path | None = None):
     return train(mc, tc, train_data, val_data, meta["val_chars"], a.work_dir / a.preset, resume=a.resume, device=a.device)
 
 
-def cmd_export(a, result=None) -> Path:
+def cmd_export(a) -> Path:
     from model.export import export_onnx, quantize_int8, write_bundle
     from model.train import load_model
     from service.tokenizer import Tokenizer
@@ -172,7 +172,7 @@ def cmd_build(a) -> None:
     _step("4/5 export to ONNX and 5/5 verify parity")
     a.checkpoint, a.tokenizer = str(result.checkpoint), str(tok)
     a.corpus_desc = json.loads((prepared / "meta.json").read_text())["source"]
-    out = cmd_export(a, result)
+    out = cmd_export(a)
     print(f"\nbuilt {out} in {time.perf_counter() - t0:.0f}s: validation {result.val_bpc:.3f} bits/char "
           f"({result.val_loss:.3f} nats/token), {result.steps} steps", file=sys.stderr)
 

@@ -29,7 +29,6 @@ from service.types import (
     RequestTimings,
     SamplingParams,
     StepStats,
-    TopLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -254,5 +253,3 @@ class Engine:
         self._batch = BatchCache()
         return outs
 
-
-__all__ = ["Engine", "TopLogprob"]
