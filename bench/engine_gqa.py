@@ -1,5 +1,5 @@
-"""Prototype: the same GPT with an in-place KV cache (com.microsoft.GroupQueryAttention), against the
-exported graph whose attention concatenates past and new keys every step.
+"""The in-place KV cache decoder (model.kvinplace.onnx, com.microsoft.GroupQueryAttention) against the
+exported graph whose attention concatenates past and new keys every step, one decode step each.
 
 The exported decoder copies the whole cache into a new ``present`` at every step (an ONNX
 ``Concat`` per key and value per layer): at batch 32-64 that Concat is the largest kernel. ONNX
@@ -8,9 +8,10 @@ Runtime's GroupQueryAttention can instead write the new key/value into a preallo
 ``max_len`` positions per row) and attend over each row's own length (``seqlens_k``), so nothing
 is copied and rows need no left padding.
 
-This script builds such a graph from a checkpoint with onnx.helper (the weights of model.gpt.GPT;
-pre-LN, sinusoidal positions, tied head), checks its logits against the bundle's ONNX file, and
-times one decode step of both at the same batch size and cached length (thread CPU time).
+This script builds that graph from a checkpoint with the production builder
+(model.export_gqa.build_kv_inplace, the file `python -m model export` puts in the bundle), checks
+its logits against the bundle's model.onnx, and times one decode step of both at the same batch
+size and cached length (thread CPU time).
 
     python -m bench.engine_gqa --bundle artifacts/small --batches 1,32,64 --past 96
 """
@@ -18,7 +19,6 @@ times one decode step of both at the same batch size and cached length (thread C
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import tempfile
 import time
@@ -27,108 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def build_gqa_model(model: Any, out: Path) -> Path:
-    """ONNX decoder with GroupQueryAttention and a shared past/present buffer.
-
-    Inputs: input_ids, position_ids (B, T) int64; seqlens_k (B,) int32 = each row's total length - 1;
-    total_sequence_length () int32 = the longest total length; past_key_values.{i}.key/value
-    (B, H, M, D), M the buffer length. Outputs: logits (B, T, V); present.{i}.key/value (B, H, M, D).
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from model.gpt import sinusoidal_table
-
-    cfg = model.cfg
-    C, H, D, V, L = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.vocab_size, cfg.n_layer
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    inits = [
-        numpy_helper.from_array(sd["wte.weight"], "wte"),
-        numpy_helper.from_array(np.ascontiguousarray(sd["wte.weight"].T), "lm_head"),  # (C, V)
-        numpy_helper.from_array(sinusoidal_table(cfg.context_length, C).numpy(), "pe"),
-        numpy_helper.from_array(np.array(math.sqrt(C), np.float32), "emb_scale"),
-        numpy_helper.from_array(np.array([C, C, C], np.int64), "qkv_split"),
-    ]
-    nodes = [
-        helper.make_node("Gather", ["wte", "input_ids"], ["tok"]),
-        helper.make_node("Mul", ["tok", "emb_scale"], ["tok_scaled"]),
-        helper.make_node("Gather", ["pe", "position_ids"], ["pos"]),
-        helper.make_node("Add", ["tok_scaled", "pos"], ["x0"]),
-    ]
-
-    def linear(x: str, weight: str, y: str) -> None:  # y = x @ W^T, W (out, in)
-        name = f"{weight}.T"
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(sd[weight].T), name))
-        nodes.append(helper.make_node("MatMul", [x, name], [y]))
-
-    def layer_norm(x: str, prefix: str, y: str) -> None:
-        for part in ("weight", "bias"):
-            inits.append(numpy_helper.from_array(sd[f"{prefix}.{part}"], f"{prefix}.{part}"))
-        nodes.append(
-            helper.make_node(
-                "LayerNormalization", [x, f"{prefix}.weight", f"{prefix}.bias"], [y], axis=-1, epsilon=1e-5
-            )
-        )
-
-    x = "x0"
-    for i in range(L):
-        p = f"blocks.{i}"
-        layer_norm(x, f"{p}.ln1", f"h{i}")
-        linear(f"h{i}", f"{p}.attn.qkv.weight", f"qkv{i}")
-        nodes.append(helper.make_node("Split", [f"qkv{i}", "qkv_split"], [f"q{i}", f"k{i}", f"v{i}"], axis=2))
-        nodes.append(
-            helper.make_node(
-                "GroupQueryAttention",
-                [
-                    f"q{i}",
-                    f"k{i}",
-                    f"v{i}",
-                    f"past_key_values.{i}.key",
-                    f"past_key_values.{i}.value",
-                    "seqlens_k",
-                    "total_sequence_length",
-                ],
-                [f"att{i}", f"present.{i}.key", f"present.{i}.value"],
-                domain="com.microsoft",
-                num_heads=H,
-                kv_num_heads=H,
-                scale=1.0 / math.sqrt(D),
-            )
-        )
-        linear(f"att{i}", f"{p}.attn.proj.weight", f"ao{i}")
-        nodes.append(helper.make_node("Add", [x, f"ao{i}"], [f"x{i}a"]))
-        layer_norm(f"x{i}a", f"{p}.ln2", f"h{i}b")
-        linear(f"h{i}b", f"{p}.ffn.fc.weight", f"fc{i}")
-        nodes.append(helper.make_node("Gelu", [f"fc{i}"], [f"g{i}"], domain="com.microsoft"))
-        linear(f"g{i}", f"{p}.ffn.proj.weight", f"fo{i}")
-        nodes.append(helper.make_node("Add", [f"x{i}a", f"fo{i}"], [f"x{i + 1}"]))
-        x = f"x{i + 1}"
-    layer_norm(x, "ln_f", "hf")
-    nodes.append(helper.make_node("MatMul", ["hf", "lm_head"], ["logits"]))
-
-    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
-    cache = ["batch", H, "max_len", D]
-    inputs = [
-        helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
-        helper.make_tensor_value_info("position_ids", i64, ["batch", "seq"]),
-        helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
-        helper.make_tensor_value_info("total_sequence_length", i32, []),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "seq", V])]
-    for i in range(L):
-        for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, cache))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, cache))
-    graph = helper.make_graph(nodes, "gpt_gqa", inputs, outputs, inits)
-    m = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
-    )
-    m.ir_version = 9
-    onnx.checker.check_model(m)
-    onnx.save(m, str(out))
-    return out
 
 
 def _session(path: Path, threads: int = 1):
@@ -140,7 +38,7 @@ def _session(path: Path, threads: int = 1):
 
 
 class GQADecoder:
-    """Greedy decoding of equal-length prompts with one preallocated cache buffer per layer and kind."""
+    """Decode steps of the in-place graph with one preallocated cache buffer per layer and kind."""
 
     def __init__(self, path: Path, n_layer: int, n_head: int, head_dim: int, threads: int = 1):
         self.sess = _session(path, threads)
@@ -159,9 +57,8 @@ class GQADecoder:
         """ids, pos (B, T); lengths (B,) total tokens per row after this step. Returns logits (B, T, V)."""
         b = self.sess.io_binding()
         b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("attention_mask", (np.arange(lengths.max()) < lengths[:, None]).astype(np.int64))
         b.bind_cpu_input("position_ids", pos)
-        b.bind_cpu_input("seqlens_k", (lengths - 1).astype(np.int32))
-        b.bind_cpu_input("total_sequence_length", np.array(lengths.max(), np.int32))
         b.bind_output("logits")  # first: get_outputs() follows the binding order
         for n, v in zip(self.names, cache, strict=True):
             b.bind_ortvalue_input(n.format("past_key_values"), v)
@@ -199,13 +96,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("/tmp/gpt_gqa.onnx"))
     a = p.parse_args(argv)
+    from model.export_gqa import build_kv_inplace
     from model.train import load_model
     from service.bundle import load_bundle
 
     bundle = load_bundle(a.bundle)
     ckpt = a.checkpoint or Path("artifacts/.work") / bundle.config["training"]["preset"] / "checkpoint.pt"
     model, _ = load_model(ckpt)
-    build_gqa_model(model, a.out)
+    build_kv_inplace(model, a.out)
     cfg = model.cfg
     max_len = a.max_len or cfg.context_length
     gqa = GQADecoder(a.out, cfg.n_layer, cfg.n_head, cfg.head_dim)

@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 
-BUCKETS = {
+BUCKETS = {  # concat KV layout: BatchCache; inplace: SlotCache + InplaceRunner
     "schedule": "scheduler.schedule()",
-    "decode_inputs": "BatchCache.decode_inputs (mask concat, ids)",
-    "session.run": "InferenceSession.run",
-    "runner_rest": "Runner.run minus session.run (feed dict, logits slice copy)",
-    "advance": "BatchCache.advance",
-    "keep": "BatchCache.keep (drop finished rows, trim)",
-    "merge": "BatchCache.merge + left_pad_prompts",
+    "decode_inputs": "BatchCache / SlotCache .decode_inputs (mask, ids)",
+    "session.run": "InferenceSession.run / run_with_iobinding",
+    "runner_rest": "runner.run minus session.run (feed dict or binding, logits slice copy)",
+    "advance": "BatchCache / SlotCache .advance",
+    "keep": "BatchCache.keep (drop finished rows, trim) / SlotCache.keep + InplaceRunner.apply (fill holes)",
+    "merge": "BatchCache.merge + left_pad_prompts / SlotCache.join + right_pad_prompts",
     "sample": "sampler.sample",
     "check_stop": "sampler.check_stop (per row)",
     "detokenize": "IncrementalDetokenizer.add/flush (per row)",
@@ -74,17 +74,28 @@ def patched(obj: Any, attr: str, new: Any):
 def instrument(engine: Any, timers: Timers):
     """Context managers that route the engine's collaborators through timers."""
     import service.engine as se
+    import service.runner as sr
+    import service.runner_inplace as sri
     from service.detokenizer import IncrementalDetokenizer
     from service.kv_cache import BatchCache
+    from service.slot_cache import SlotCache
 
     w = timers.wrap
+    sess = engine.runner.session
     return [
         patched(engine.scheduler, "schedule", w("schedule", engine.scheduler.schedule)),
-        patched(engine.runner.session, "run", w("session.run", engine.runner.session.run)),
+        patched(sess, "run", w("session.run", sess.run)),
+        patched(sess, "run_with_iobinding", w("session.run", sess.run_with_iobinding)),
         patched(engine.runner, "run", w("runner", engine.runner.run)),
         patched(se, "sample", w("sample", se.sample)),
         patched(se, "check_stop", w("check_stop", se.check_stop)),
-        patched(se, "left_pad_prompts", w("merge", se.left_pad_prompts)),
+        patched(sr, "left_pad_prompts", w("merge", sr.left_pad_prompts)),
+        patched(sri, "right_pad_prompts", w("merge", sri.right_pad_prompts)),
+        patched(SlotCache, "join", w("merge", SlotCache.join)),
+        patched(SlotCache, "decode_inputs", w("decode_inputs", SlotCache.decode_inputs)),
+        patched(SlotCache, "advance", w("advance", SlotCache.advance)),
+        patched(SlotCache, "keep", w("keep", SlotCache.keep)),
+        patched(sri.InplaceRunner, "apply", w("keep", sri.InplaceRunner.apply)),
         patched(IncrementalDetokenizer, "add", w("detokenize", IncrementalDetokenizer.add)),
         patched(IncrementalDetokenizer, "flush", w("detokenize", IncrementalDetokenizer.flush)),
         patched(BatchCache, "decode_inputs", w("decode_inputs", BatchCache.decode_inputs)),
@@ -157,6 +168,8 @@ def ort_profile(
     engine: Any, prompts: list[list[int]], new_tokens: int, threads: int, tag: str
 ) -> dict[str, Any]:
     """Kernel time by op type vs session.run wall time, over the decode steps (ONNX Runtime profiler)."""
+    from contextlib import ExitStack
+
     import onnxruntime as ort
 
     from service.types import SamplingParams
@@ -168,8 +181,13 @@ def ort_profile(
     so.log_severity_level = 3
     so.enable_profiling = True
     so.profile_file_prefix = f"/tmp/ort-profile-{os.getpid()}-{tag}"
-    sess = ort.InferenceSession(str(engine.bundle.onnx_path), so, providers=["CPUExecutionProvider"])
-    with patched(engine.runner, "session", sess):
+    path = engine.bundle.kv_inplace_path if engine.kv_layout == "inplace" else engine.bundle.onnx_path
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    with ExitStack() as stack:
+        stack.enter_context(patched(engine.runner, "session", sess))
+        if engine.kv_layout == "inplace":  # the in-place runner's IO binding belongs to its session
+            stack.enter_context(patched(engine.runner, "_binding", sess.io_binding()))
+            stack.enter_context(patched(engine.runner, "_bound", None))
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         for i, p in enumerate(prompts):
             engine.add_request(f"{tag}-{i}", p, params)

@@ -163,12 +163,12 @@ class BenchmarkResult:
 # ----------------------------------------------------------------------------- pure measurements
 
 
-def spread_itl(chunk_times: list[float], n_tokens: int) -> list[float]:
+def spread_itl(chunk_times: list[float], n_tokens: int, chunk_chars: list[int] | None = None) -> list[float]:
     """Inter-token latencies from the arrival times of the content chunks of one stream.
 
     One token per chunk: the gaps between chunks. When the usage says there were more tokens
-    than chunks (``n_tokens > len(chunk_times)``), the tokens are spread evenly over the chunks
-    (``n // m`` each, the remainder going one apiece to the last chunks); a chunk's gap is split
+    than chunks (``n_tokens > len(chunk_times)``: a server that sends several tokens per event),
+    the tokens are shared out over the chunks (see ``tokens_per_chunk``); a chunk's gap is split
     equally among its tokens, and the extra tokens of the first chunk, which arrived with the
     first token, get gaps of 0. The result has ``n_tokens - 1`` entries and sums to the time
     from the first chunk to the last.
@@ -177,12 +177,37 @@ def spread_itl(chunk_times: list[float], n_tokens: int) -> list[float]:
     gaps = [b - a for a, b in itertools.pairwise(chunk_times)]
     if m == 0 or n_tokens <= m:
         return gaps
-    base, extra = divmod(n_tokens, m)
-    counts = [base + (1 if j >= m - extra else 0) for j in range(m)]
+    counts = tokens_per_chunk(n_tokens, m, chunk_chars)
     itl = [0.0] * (counts[0] - 1)
     for gap, k in zip(gaps, counts[1:], strict=True):
         itl.extend([gap / k] * k)
     return itl
+
+
+def tokens_per_chunk(n_tokens: int, m: int, chunk_chars: list[int] | None = None) -> list[int]:
+    """An estimate of how many of ``n_tokens`` tokens each of ``m`` chunks carried (n >= m).
+
+    A chunk's events do not say how many tokens it has, but its text does, roughly: with
+    ``chunk_chars`` (characters per chunk), chunk j is expected to carry n * chars_j / chars
+    tokens; each gets at least one, and the rest go by largest remainder in proportion to how
+    far each expectation exceeds one (ties to the later chunk). Without it (or without text),
+    evenly: ``n // m`` each, the remainder one apiece to the last chunks.
+    """
+    total = sum(chunk_chars) if chunk_chars else 0
+    if chunk_chars is None or len(chunk_chars) != m or total <= 0:
+        base, extra = divmod(n_tokens, m)
+        return [base + (1 if j >= m - extra else 0) for j in range(m)]
+    rest = n_tokens - m
+    if rest == 0:
+        return [1] * m
+    want = [max(n_tokens * c / total - 1.0, 0.0) for c in chunk_chars]
+    scale = rest / sum(want)  # > 0: n > m, so some chunk expects more than one token
+    shares = [w * scale for w in want]
+    counts = [1 + int(x) for x in shares]
+    by_remainder = sorted(range(m), key=lambda j: (shares[j] - int(shares[j]), j), reverse=True)
+    for j in by_remainder[: n_tokens - sum(counts)]:
+        counts[j] += 1
+    return counts
 
 
 def meets_slo(record: RequestRecord, slo: dict[str, float]) -> bool:
@@ -333,6 +358,7 @@ async def send_request(
     """Send one streaming request and time it. Never raises for a failed request."""
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     chunk_times: list[float] = []
+    chunk_chars: list[int] = []  # characters of text per chunk: how spread_itl shares tokens out
     usage: dict[str, Any] | None = None
     status: int | None = None
     error: str | None = None
@@ -361,21 +387,22 @@ async def send_request(
                         break
                     if chunk.get("usage"):
                         usage = chunk["usage"]
-                    got_text = False
+                    chars = 0
                     for choice in chunk.get("choices") or []:
                         piece = (
                             (choice.get("delta") or {}).get("content")
                             if endpoint == "chat"
                             else choice.get("text")
                         )
-                        got_text = got_text or bool(piece)
+                        chars += len(piece or "")
                         reason = choice.get("finish_reason")
                         if reason in ("error", "abort"):
                             error = f"finish_reason {reason!r}"
                         elif reason is not None:
                             finished = True
-                    if got_text:
+                    if chars:
                         chunk_times.append(now)
+                        chunk_chars.append(chars)
                     if error:
                         break
                 if error is None and not finished:
@@ -394,7 +421,7 @@ async def send_request(
     return RequestRecord(
         start=t0 - run_start,
         ttft=chunk_times[0] - t0 if chunk_times else None,
-        itl=spread_itl(chunk_times, n_out),
+        itl=spread_itl(chunk_times, n_out, chunk_chars),
         e2e=end - t0,
         output_tokens=n_out,
         prompt_tokens=n_prompt,

@@ -95,6 +95,16 @@ def cmd_export(a) -> Path:
         q = work / "model.int8.onnx"
         quantize_int8(tmp, q)
         tmp = q
+    kv_inplace = None
+    if fp16 and not getattr(a, "no_kv_inplace", False):  # fp16 bundles are for CUDA, which serves model.onnx
+        print("no in-place KV cache decoder for --fp16 (it is float32, for the CPU)", file=sys.stderr)
+    elif not getattr(a, "no_kv_inplace", False):
+        from model.export_gqa import build_kv_inplace
+
+        print("building the in-place KV cache decoder (GroupQueryAttention) ...", file=sys.stderr)
+        kv_inplace = build_kv_inplace(model, work / "model.kvinplace.fp32.onnx")
+        if int8:
+            kv_inplace = quantize_int8(kv_inplace, work / "model.kvinplace.int8.onnx")
     training = {
         "preset": a.preset, "steps": ck.get("step"), "train_seconds": round(ck.get("train_seconds", 0.0), 1),
         "val_loss_nats_per_token": ck.get("val_loss"), "val_bits_per_char": ck.get("val_bpc"),
@@ -102,7 +112,8 @@ def cmd_export(a) -> Path:
         "weights": "int8 dynamic quantization of MatMul weights" if int8 else dtype,
     }
     ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id}
-    out = write_bundle(Path(a.out), a.name or Path(a.out).name, model, tmp, tok_path, training, dtype, ids)
+    out = write_bundle(Path(a.out), a.name or Path(a.out).name, model, tmp, tok_path, training, dtype, ids,
+                       kv_inplace_file=kv_inplace)
     if not getattr(a, "no_verify", False):
         cmd_verify(a, bundle_dir=out, model=model)
     return out
@@ -110,7 +121,7 @@ def cmd_export(a) -> Path:
 
 def cmd_verify(a, bundle_dir: Path | None = None, model=None) -> None:
     from model.train import load_model
-    from model.verify import PARITY_PROMPTS, check_parity
+    from model.verify import PARITY_PROMPTS, check_parity, check_parity_kv_inplace
     from service.bundle import load_bundle
     from service.tokenizer import Tokenizer
 
@@ -120,18 +131,22 @@ def cmd_verify(a, bundle_dir: Path | None = None, model=None) -> None:
         model, _ = load_model(ckpt)
     tok = Tokenizer.load(b.tokenizer_path)
     prompts = [[b.bos_id, *tok.encode(p)] for p in PARITY_PROMPTS]
-    rep = check_parity(model, b.onnx_path, prompts, b.pad_id, steps=16)
     quantized = "int8" in str(b.config.get("training", {}).get("weights", ""))
     tol = 1e-4 if b.dtype == "float32" and not quantized else 5e-2
-    if quantized:  # int8 weights change logits by design: report, don't require parity
-        print(f"int8 bundle: max |logit diff| {rep.max_abs_diff:.3f}, greedy identical: {rep.greedy_identical}",
-              file=sys.stderr)
-        return
-    if not rep.ok(tol):
-        sys.exit(f"error: export verification failed: max |logit diff| {rep.max_abs_diff:.2e} (limit {tol:g}), "
-                 f"greedy identical: {rep.greedy_identical}")
-    print(f"verified: ONNX Runtime matches PyTorch (max |diff| {rep.max_abs_diff:.2e} <= {tol:g}, greedy identical)",
-          file=sys.stderr)
+    files = [(b.onnx_path, check_parity)]
+    if b.kv_inplace_path is not None:
+        files.append((b.kv_inplace_path, check_parity_kv_inplace))
+    for path, check in files:
+        rep = check(model, path, prompts, b.pad_id, steps=16)
+        if quantized:  # int8 weights change logits by design: report, don't require parity
+            print(f"int8 bundle, {path.name}: max |logit diff| {rep.max_abs_diff:.3f}, "
+                  f"greedy identical: {rep.greedy_identical}", file=sys.stderr)
+            continue
+        if not rep.ok(tol):
+            sys.exit(f"error: export verification of {path.name} failed: max |logit diff| {rep.max_abs_diff:.2e} "
+                     f"(limit {tol:g}), greedy identical: {rep.greedy_identical}")
+        print(f"verified {path.name}: ONNX Runtime matches PyTorch (max |diff| {rep.max_abs_diff:.2e} <= {tol:g}, "
+              f"greedy identical)", file=sys.stderr)
 
 
 def cmd_evaluate(a) -> dict:
@@ -205,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         sp.add_argument("--fp16", action="store_true", help="export fp16 weights and KV cache (for GPUs)")
         sp.add_argument("--int8", action="store_true", help="int8 dynamic quantization of the weights (for CPUs)")
         sp.add_argument("--no-verify", action="store_true", help="skip the PyTorch/ONNX Runtime parity check")
+        sp.add_argument("--no-kv-inplace", action="store_true",
+                        help="leave out model.kvinplace.onnx, the decoder with an in-place KV cache (the service "
+                             "then runs model.onnx only)")
 
     sp = sub.add_parser("build", help="prepare -> tokenizer -> train -> export -> verify")
     common(sp)

@@ -4,6 +4,9 @@ Inputs: input_ids [batch, seq], attention_mask [batch, past+seq], position_ids [
 past_key_values.{i}.key / .value [batch, heads, past, head_dim]. Outputs: logits [batch, seq, vocab],
 present.{i}.key / .value [batch, heads, past+seq, head_dim]. Batch, sequence and past are dynamic;
 a zero-length past is a prefill.
+
+The bundle may also carry model.kvinplace.onnx, the same decoder with an in-place KV cache
+(model/export_gqa.py), declared in config.json's ``onnx_kv_inplace`` section.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any
 
 import torch
 
+from model.export_gqa import KV_INPLACE_FILE, kv_inplace_config
 from model.gpt import GPT
-from service.bundle import CONFIG_FILE, DEFAULT_IO_NAMES, FORMAT_VERSION, sha256_file
+from service.bundle import CONFIG_FILE, DEFAULT_IO_NAMES, FORMAT_VERSION, KV_INPLACE_SECTION, sha256_file
 
 OPSET = 18
 
@@ -115,13 +119,23 @@ def write_bundle(
     training: dict[str, Any],
     dtype: str,
     tokenizer_ids: dict[str, int],
+    kv_inplace_file: Path | None = None,
 ) -> Path:
-    """Put model.onnx, tokenizer.model and config.json in out_dir; return it."""
+    """Put model.onnx, tokenizer.model, config.json and optionally model.kvinplace.onnx in out_dir; return it.
+
+    Args:
+        kv_inplace_file: the in-place decoder (model.export_gqa.build_kv_inplace), or None for a
+            bundle without one (a stale copy left in out_dir by an earlier export is removed).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    if onnx_file.resolve() != (out_dir / "model.onnx").resolve():
-        shutil.copyfile(onnx_file, out_dir / "model.onnx")
-    if tokenizer_file.resolve() != (out_dir / "tokenizer.model").resolve():
-        shutil.copyfile(tokenizer_file, out_dir / "tokenizer.model")
+    files = ["model.onnx", "tokenizer.model"]
+    for src, file in ((onnx_file, "model.onnx"), (tokenizer_file, "tokenizer.model"), (kv_inplace_file, KV_INPLACE_FILE)):
+        if src is not None and src.resolve() != (out_dir / file).resolve():
+            shutil.copyfile(src, out_dir / file)
+    if kv_inplace_file is not None:
+        files.append(KV_INPLACE_FILE)
+    else:
+        (out_dir / KV_INPLACE_FILE).unlink(missing_ok=True)
     cfg = model.cfg
     config = {
         "format_version": FORMAT_VERSION,
@@ -140,10 +154,11 @@ def write_bundle(
         "tokenizer": {"type": "sentencepiece", "file": "tokenizer.model", "vocab_size": cfg.vocab_size,
                       "add_bos": True, **tokenizer_ids},
         "onnx": {"file": "model.onnx", "opset": OPSET, "io_names": DEFAULT_IO_NAMES, "kv_dtype": dtype},
+        **({KV_INPLACE_SECTION: kv_inplace_config(model)} if kv_inplace_file is not None else {}),
         "training": training,
-        "files": {f: {"sha256": sha256_file(out_dir / f), "bytes": (out_dir / f).stat().st_size}
-                  for f in ("model.onnx", "tokenizer.model")},
+        "files": {f: {"sha256": sha256_file(out_dir / f), "bytes": (out_dir / f).stat().st_size} for f in files},
     }
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote bundle {out_dir} ({(out_dir / 'model.onnx').stat().st_size / 1e6:.1f} MB model.onnx)", file=sys.stderr)
+    sizes = ", ".join(f"{(out_dir / f).stat().st_size / 1e6:.1f} MB {f}" for f in files if f.endswith(".onnx"))
+    print(f"wrote bundle {out_dir} ({sizes})", file=sys.stderr)
     return out_dir

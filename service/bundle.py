@@ -1,6 +1,7 @@
 """Model bundle: the folder the service loads and nothing else.
 
-A bundle holds ``model.onnx``, ``tokenizer.model`` and ``config.json``. The format is
+A bundle holds ``model.onnx``, ``tokenizer.model`` and ``config.json``, and optionally
+``model.kvinplace.onnx`` (the decoder with an in-place KV cache, section ``onnx_kv_inplace``). The format is
 documented in docs/model-bundle.md; this module is its reader and validator. Loaders
 rebuild everything from ``config.json``, never from command-line defaults.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
+KV_INPLACE_SECTION = "onnx_kv_inplace"  # optional: the in-place decoder (model/export_gqa.py)
 
 # Names of the decoder convention used by ONNX Runtime GenAI and Hugging Face Optimum.
 DEFAULT_IO_NAMES: dict[str, str] = {
@@ -83,6 +85,20 @@ class Bundle:
         return self.path / self.config.get("onnx", {}).get("file", "model.onnx")
 
     @property
+    def kv_inplace(self) -> dict[str, Any] | None:
+        """The ``onnx_kv_inplace`` section, or None for a bundle without the in-place decoder."""
+        return self.config.get(KV_INPLACE_SECTION)
+
+    @property
+    def kv_inplace_path(self) -> Path | None:
+        section = self.kv_inplace
+        return None if section is None else self.path / section["file"]
+
+    @property
+    def kv_inplace_io_names(self) -> dict[str, str]:
+        return {**DEFAULT_IO_NAMES, **(self.kv_inplace or {}).get("io_names", {})}
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.path / self.config["tokenizer"].get("file", "tokenizer.model")
 
@@ -137,10 +153,13 @@ def load_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
         missing = [k for k in keys if k not in sec]
         if missing:
             raise BundleError(f"{cfg_path}: '{section}' lacks {', '.join(missing)}")
+    inplace = config.get(KV_INPLACE_SECTION)
+    if inplace is not None and not (isinstance(inplace, dict) and isinstance(inplace.get("file"), str)):
+        raise BundleError(f"{cfg_path}: '{KV_INPLACE_SECTION}' must be an object with a 'file' name")
     config.setdefault("name", path.name)
     bundle = Bundle(path=path, config=config)
-    for f in (bundle.onnx_path, bundle.tokenizer_path):
-        if not f.is_file():
+    for f in (bundle.onnx_path, bundle.tokenizer_path, bundle.kv_inplace_path):
+        if f is not None and not f.is_file():
             raise BundleError(f"model bundle {path} is missing {f.name}")
     if verify_hashes:
         for name, meta in config.get("files", {}).items():

@@ -4,6 +4,11 @@
 schedule -> run the model (decode the running batch, prefill the newcomers) -> sample ->
 update the sequences -> emit outputs. Text appears only through the per-request incremental
 detokenizer (stop strings are matched there). No HTTP, no threads: one caller owns the engine.
+
+The running batch and its KV cache take one of two layouts (``Engine.kv_layout``, logged at
+start-up): "inplace", the bundle's model.kvinplace.onnx over cache buffers allocated once
+(service/runner_inplace.py; CPU, when the bundle has the file), or "concat", the generic
+model.onnx whose cache goes in and comes out every step (service/runner.py; any bundle, CUDA).
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from service.bundle import Bundle
 from service.detokenizer import IncrementalDetokenizer
-from service.kv_cache import BatchCache, left_pad_prompts
-from service.runner import Runner
+from service.runner import ConcatBatch, Provider, Runner, want_cuda
+from service.runner_inplace import InplaceBatch, InplaceRunner
 from service.sampler import check_stop, sample
 from service.scheduler import Scheduler
 from service.tokenizer import Tokenizer
@@ -32,6 +38,8 @@ from service.types import (
 )
 
 log = logging.getLogger(__name__)
+
+KVInplace = Literal["auto", "off"]
 
 
 @dataclass
@@ -59,14 +67,19 @@ class Engine:
         max_prefill_tokens: prompt tokens prefilled per step (at least one request is always admitted),
             so a burst of long prompts cannot stall the running streams for long.
         seed: seeds the generators of requests that bring no seed of their own.
+        kv_inplace: "auto" runs the in-place KV cache when the bundle has it and the provider is
+            the CPU; "off" always runs the generic concat path.
     """
 
-    def __init__(self, bundle: Bundle, *, provider: str = "auto", intra_op_threads: int = 0,
+    def __init__(self, bundle: Bundle, *, provider: Provider = "auto", intra_op_threads: int = 0,
                  graph_opt_level: str = "all", max_running: int = 64, max_waiting: int = 256,
-                 kv_budget_tokens: int = 0, max_prefill_tokens: int = 512, seed: int = 0):
+                 kv_budget_tokens: int = 0, max_prefill_tokens: int = 512, seed: int = 0,
+                 kv_inplace: KVInplace = "auto"):
         self.bundle = bundle
         self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
-        self.runner = Runner(bundle, provider, intra_op_threads, graph_opt_level)
+        self._batch = _open_batch(bundle, provider, intra_op_threads, graph_opt_level, max_running, kv_inplace)
+        self.runner = self._batch.runner
+        self.kv_layout: Literal["inplace", "concat"] = self._batch.layout
         self.provider = self.runner.provider
         self.context_length = bundle.context_length
         self.model_name = bundle.name
@@ -78,7 +91,6 @@ class Engine:
         self.max_waiting = max_waiting
         self._seeds = np.random.default_rng(seed)
         self._seqs: dict[str, _Sequence] = {}
-        self._batch = BatchCache()
         self._finished_early: list[RequestOutput] = []  # aborted while waiting: reported at the next step
         self.last_step_stats: StepStats | None = None
 
@@ -116,7 +128,7 @@ class Engine:
         seq = self._seqs.get(request_id)
         if seq is None or not self.scheduler.abort(request_id):
             return
-        if request_id not in self._batch.row_ids:  # still waiting: gone from the scheduler already
+        if request_id not in self._batch:  # still waiting: gone from the scheduler already
             self._finished_early.append(self._finish(seq, "abort"))
 
     # ---- introspection -----------------------------------------------------------------------
@@ -142,13 +154,13 @@ class Engine:
         sched = self.scheduler.schedule()
         for rid in sched.aborted:
             outputs.append(self._finish(self._seqs[rid], "abort"))
-        self._keep_rows(sched.running)
+        self._batch.keep(sched.running)
         prefill_tokens = sum(len(self._seqs[r].prompt) for r in sched.admitted)
         try:
             logits, rows = self._run_model(sched.admitted, t0)
         except Exception as e:  # a failed run must not wedge the engine: fail the batch, keep serving
-            log.exception("model run failed; failing %d requests", len(self._batch) + len(sched.admitted))
-            return outputs + self._fail_all([*self._batch.row_ids, *sched.admitted], f"model run failed: {e}")
+            log.exception("model run failed; failing %d requests", self._batch.num_live + len(sched.admitted))
+            return outputs + self._fail_all([*self._batch.live_ids, *sched.admitted], f"model run failed: {e}")
         if rows:
             outputs += self._sample_and_update(logits, rows)
         self.last_step_stats = StepStats(
@@ -162,25 +174,12 @@ class Engine:
         parts: list[np.ndarray] = []
         rows: list[str] = []
         if self._batch.num_live:
-            pad = self.bundle.pad_id
-            last = np.array([pad if r is None else self._seqs[r].output[-1] for r in self._batch.row_ids], np.int64)
-            ids, mask, pos = self._batch.decode_inputs(last)
-            out = self.runner.run(ids, mask, pos, self._batch.past)
-            self._batch.advance(out.presents, mask)
-            live = self._batch.live_indices
-            parts.append(out.logits if len(live) == len(self._batch) else out.logits[live])
             rows += self._batch.live_ids
+            parts.append(self._batch.decode(np.array([self._seqs[r].output[-1] for r in rows], np.int64)))
         if admitted:
             for rid in admitted:
                 self._seqs[rid].timings.scheduled = now
-            prompts = [self._seqs[r].prompt for r in admitted]
-            ids, mask, pos = left_pad_prompts(prompts, self.bundle.pad_id)
-            out = self.runner.run(ids, mask, pos, self.runner.empty_past(len(admitted)))
-            next_pos = np.array([len(p) for p in prompts], np.int64)
-            self._batch.past = self.runner.to_host(self._batch.past)  # joins happen on the host (CUDA: a copy)
-            self._batch.merge(admitted, self.runner.to_host(out.presents), mask, next_pos)
-            self._batch.past = self.runner.to_device(self._batch.past)
-            parts.append(out.logits)
+            parts.append(self._batch.prefill(admitted, [self._seqs[r].prompt for r in admitted]))
             rows += admitted
         return (np.concatenate(parts) if len(parts) > 1 else parts[0]) if parts else np.zeros((0, 0)), rows
 
@@ -220,16 +219,8 @@ class Engine:
             for rid in finished:
                 self.scheduler.finish(rid)
             done = set(finished)
-            self._keep_rows([r for r in self._batch.live_ids if r not in done])
+            self._batch.keep([r for r in self._batch.live_ids if r not in done])
         return outputs
-
-    def _keep_rows(self, keep: list[str]) -> None:
-        """Drop rows that left the batch; on CUDA the cache visits the host only when membership changes."""
-        if keep == self._batch.live_ids:
-            return
-        self._batch.past = self.runner.to_host(self._batch.past)
-        self._batch.keep(keep)
-        self._batch.past = self.runner.to_device(self._batch.past)
 
     # ---- endings -----------------------------------------------------------------------------
     def _complete(self, s: _Sequence, out: RequestOutput, reason: FinishReason, stop_reason: str | int | None) -> None:
@@ -250,6 +241,26 @@ class Engine:
                 self.scheduler.abort(rid)
                 outs.append(self._finish(self._seqs[rid], "error", error))
         self.scheduler.schedule()  # reports the aborts and frees their reservations
-        self._batch = BatchCache()
+        self._batch.clear()
         return outs
+
+
+def _open_batch(bundle: Bundle, provider: Provider, intra_op_threads: int, graph_opt_level: str,
+                max_running: int, kv_inplace: KVInplace) -> ConcatBatch | InplaceBatch:
+    """The running batch on the in-place decoder where it can run, else on the generic one; logs which."""
+    if kv_inplace not in ("auto", "off"):
+        raise ValueError(f"kv_inplace must be 'auto' or 'off', got {kv_inplace!r}")
+    if kv_inplace == "off":
+        why = "TEXTGEN_KV_INPLACE=off"
+    elif bundle.kv_inplace_path is None:
+        why = "the bundle has no in-place decoder (config.json 'onnx_kv_inplace')"
+    elif want_cuda(provider):
+        why = "CUDA runs the generic decoder (the CUDA GroupQueryAttention kernel needs float16)"
+    else:
+        runner = InplaceRunner(bundle, max_running, intra_op_threads, graph_opt_level)
+        log.info("KV cache layout: inplace (%s, %d slots x %d positions, at most %.0f MB of cache)",
+                 bundle.kv_inplace_path.name, max_running, runner.max_len, runner.cache_bytes / 1e6)
+        return InplaceBatch(runner, bundle.pad_id)
+    log.info("KV cache layout: concat (%s)", why)
+    return ConcatBatch(Runner(bundle, provider, intra_op_threads, graph_opt_level), bundle.pad_id)
 

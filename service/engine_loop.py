@@ -101,6 +101,7 @@ class TextGenAPI(ls.LitAPI):
             provider=s.provider,
             intra_op_threads=s.intra_op_threads,
             graph_opt_level=s.graph_opt_level,
+            kv_inplace=s.kv_inplace,
             max_running=s.max_running,
             max_waiting=s.max_waiting,
             kv_budget_tokens=s.kv_budget_tokens,

@@ -3,8 +3,10 @@
 One ``Frontend`` exists per uvicorn process (created in the main process, started in each
 forked uvicorn process by the app's lifespan). It talks to the inference worker through
 LitServe's own queues: jobs go on LitServe's request queue (FIFO, shared by all HTTP
-processes), events come back through LitServe's transport into LitServe's response buffer
-under one mailbox key per process, from which ``_dispatch`` hands them to the waiting requests.
+processes), events come back through LitServe's transport (read in batches, see
+``BatchingTransport``) into LitServe's response buffer under one mailbox key per process, from
+which ``_dispatch`` hands them to the waiting requests. When the process fell behind, a stream's
+handler finds several outputs of a choice queued and sends them as one event (``Pending``).
 
 A request ends exactly once, in ``finish``: it leaves ``pending``, gives back its in-flight
 count (what a drain waits for), and, if it ended early (client gone, error), tells the worker
@@ -17,18 +19,22 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from queue import Empty
 from typing import Any
 
+from litserve.transport.process_transport import MPQueueTransport
 from litserve.utils import LitAPIStatus, ResponseBufferItem
 
 from service.engine_loop import ENGINE_PATH, MAILBOX, Abort, Submit
 from service.errors import ApiError
-from service.serving import Choice, Job, ModelInfo
+from service.serving import Choice, Job, ModelInfo, merge_outputs
 from service.settings import Settings
 from service.shared_state import Phase, SharedState
+from service.types import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +46,20 @@ class ClientGone(Exception):
 
 
 class Pending:
-    """One submitted job, as seen by the HTTP handler answering it."""
+    """One submitted job, as seen by the HTTP handler answering it.
 
-    def __init__(self, job: Job, arrival: float):
+    With ``max_tokens_per_event`` > 1 (streams), an output is joined with the later outputs of
+    the same choice that are already queued, up to that many tokens: when the HTTP side fell
+    behind the engine, one chunk carries what several steps produced. Nothing waits for a token
+    that has not arrived, so a handler that keeps up still sends each step's output at once.
+    """
+
+    def __init__(self, job: Job, arrival: float, max_tokens_per_event: int = 1):
         self.job = job
         self.arrival = arrival  # time.monotonic() when the HTTP request arrived
+        self.max_tokens_per_event = max_tokens_per_event
         self.events: asyncio.Queue[tuple] = asyncio.Queue()
+        self._ahead: deque[tuple] = deque()  # events taken off ``events`` early, still in order
         self.choices = [Choice(i) for i in range(len(job.params))]
         self.complete = False  # every choice finished
         self.ended = False  # finish() ran
@@ -57,14 +71,16 @@ class Pending:
 
     async def next_event(self) -> tuple:
         """The next event: ("ack",) | ("out", Choice, RequestOutput); raises ApiError or ClientGone."""
-        ev = await self.events.get()
+        ev = self._ahead.popleft() if self._ahead else await self.events.get()
         kind = ev[0]
         if kind == "out":
             _, _, index, out = ev
-            if out.finished and out.finish_reason in ("error", "abort"):
+            if _failed(out):
                 raise ApiError(
                     "generation_error", out.error or f"the engine ended the request ({out.finish_reason})"
                 )
+            if self.max_tokens_per_event > 1 and not out.finished:
+                out = self._join_queued(index, out)
             choice = self.choices[index]
             choice.add(out, time.monotonic())
             if all(c.finished for c in self.choices):
@@ -82,12 +98,46 @@ class Pending:
             raise ClientGone()
         raise RuntimeError(f"unexpected event {kind!r}")
 
+    def _join_queued(self, index: int, out: RequestOutput) -> RequestOutput:
+        """``out`` merged with the queued outputs of choice ``index`` that follow it.
+
+        The other choices' events keep their order; the scan stops at the first event that is
+        not a plain output (an error, a failure, a client gone): nothing is moved past it.
+        """
+        while not self.events.empty():
+            self._ahead.append(self.events.get_nowait())
+        outs, tokens = [out], len(out.new_token_ids)
+        skipped: deque[tuple] = deque()
+        while self._ahead:
+            ev = self._ahead[0]
+            if ev[0] != "out" or _failed(ev[3]):
+                break
+            if ev[2] != index:
+                skipped.append(self._ahead.popleft())
+                continue
+            nxt = ev[3]
+            if tokens + len(nxt.new_token_ids) > self.max_tokens_per_event:
+                break
+            self._ahead.popleft()
+            outs.append(nxt)
+            tokens += len(nxt.new_token_ids)
+            if nxt.finished:
+                break
+        if skipped:
+            skipped.extend(self._ahead)
+            self._ahead = skipped
+        return merge_outputs(outs)
+
     async def outputs(self) -> AsyncIterator[tuple[Choice, Any]]:
         """Every output until all choices finished (acks are skipped)."""
         while not self.complete:
             ev = await self.next_event()
             if ev[0] == "out":
                 yield ev[1], ev[2]
+
+
+def _failed(out: RequestOutput) -> bool:
+    return out.finished and out.finish_reason in ("error", "abort")
 
 
 class Frontend:
@@ -125,7 +175,7 @@ class Frontend:
         if status != "ready":
             self.state.add_inflight(self.rqid, -1)
             raise ApiError("unavailable", f"the server is not ready ({status})")
-        p = Pending(job, arrival)
+        p = Pending(job, arrival, self.settings.max_tokens_per_event if job.stream else 1)
         deadline = p.arrival + self.settings.request_timeout_s
         msg = Submit(job.prompt_ids, job.params, p.arrival, deadline)
         self.pending[job.id] = p
@@ -204,3 +254,94 @@ class Frontend:
     def _fail_all(self, err: ApiError) -> None:
         for p in list(self.pending.values()):
             p.put(("fail", err))
+
+
+class BatchingTransport(MPQueueTransport):
+    """LitServe's queue transport, read by one thread per HTTP process, in batches.
+
+    LitServe's delivery task asks the transport for one message at a time (one thread hop each)
+    and hands each to the event loop before it asks for the next, so an HTTP process that fell
+    behind still sees one engine step at a time. Here a reader thread takes messages as they
+    come, and a receive returns everything that arrived since the previous one, the mailbox
+    messages joined into one: the requests then find several steps' outputs queued at once (a
+    stream sends them as one event, see ``Pending``). A message that finds the event loop free
+    is handed over at once, alone.
+
+    The inference worker gets a plain ``MPQueueTransport`` (it only sends). The reader thread
+    starts in the HTTP process, at the first receive.
+    """
+
+    def __init__(self, manager: Any, queues: list[Any]):
+        super().__init__(manager, queues)
+        self._inbox: deque[Any] = deque()  # filled by the reader thread
+        self._ready: deque[Any] = deque()  # joined messages not yet returned
+        self._wake: asyncio.Event | None = None
+        self._signalled = False  # a wake-up is on its way to the event loop
+        self._failure: BaseException | None = None  # why the reader thread stopped
+
+    async def areceive(self, consumer_id: int, timeout: float | None = None, block: bool = True) -> Any:
+        if self._closed:
+            raise asyncio.CancelledError("Transport closed")
+        if self._wake is None:
+            self._start(consumer_id)
+        async with asyncio.timeout(timeout):
+            while not self._ready and not self._inbox:
+                if self._failure is not None:
+                    raise self._failure
+                self._wake.clear()
+                if not self._inbox:
+                    await self._wake.wait()
+        if not self._ready:
+            self._signalled = False  # before taking: what arrives next signals again
+            batch = []
+            while self._inbox:
+                batch.append(self._inbox.popleft())
+            self._ready.extend(join_mailbox_messages(batch))
+        return self._ready.popleft()
+
+    def _start(self, consumer_id: int) -> None:
+        self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        queue = self._queues[consumer_id]
+        threading.Thread(
+            target=self._read, args=(queue, loop), name=f"textgen-receive-{consumer_id}", daemon=True
+        ).start()
+
+    def _read(self, queue: Any, loop: asyncio.AbstractEventLoop) -> None:
+        while not self._closed:
+            try:
+                msg = queue.get(timeout=1.0)
+            except Empty:
+                continue
+            except BaseException as e:  # the manager is gone: the next receive raises it
+                self._failure = e
+                self._signal(loop)
+                return
+            self._inbox.append(msg)
+            if not self._signalled and not self._signal(loop):
+                return
+
+    def _signal(self, loop: asyncio.AbstractEventLoop) -> bool:
+        self._signalled = True
+        try:
+            loop.call_soon_threadsafe(self._wake.set)
+        except RuntimeError:  # the event loop is closed: this process is ending
+            return False
+        return True
+
+
+def join_mailbox_messages(messages: list[Any]) -> list[Any]:
+    """Consecutive mailbox messages (``(MAILBOX, (events, OK, type, worker))``) as one, their
+    event lists concatenated in order; anything else (a sentinel, another key) stays apart."""
+
+    def joinable(m: Any) -> bool:
+        return isinstance(m, tuple) and m[0] == MAILBOX and m[1][1] == LitAPIStatus.OK
+
+    out: list[Any] = []
+    for m in messages:
+        if out and joinable(m) and joinable(out[-1]):
+            uid, (events, status, kind, worker) = out[-1]
+            out[-1] = (uid, ([*events, *m[1][0]], status, kind, worker))
+        else:
+            out.append(m)
+    return out

@@ -1,8 +1,11 @@
-"""One ONNX Runtime session running the decoder, with its KV cache in and out.
+"""One ONNX Runtime session running the generic decoder (model.onnx), with its KV cache in and out.
 
 CPU: the cache lives in numpy arrays (ONNX Runtime's arena reuses the output buffers).
 CUDA: the cache stays on the device as OrtValues between steps through IO binding; only the
 logits of the last position come back to the host.
+
+``ConcatBatch`` is the running batch on this runner (the "concat" KV layout); the in-place
+layout, for bundles that carry model.kvinplace.onnx, is service/runner_inplace.py.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.bundle import Bundle
+from service.kv_cache import BatchCache, left_pad_prompts
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +52,35 @@ class RunnerOutput:
     presents: list[Any]  # 2L cache tensors (numpy on CPU, OrtValue on CUDA), each (B, H, S, D)
 
 
+def want_cuda(provider: Provider) -> bool:
+    """Whether to ask ONNX Runtime for CUDA: "cuda", or "auto" where CUDA is built in and a driver loads."""
+    # onnxruntime-gpu lists CUDA as available even with no GPU; only ask for it where a driver loads.
+    return provider == "cuda" or (
+        provider == "auto" and "CUDAExecutionProvider" in ort.get_available_providers() and cuda_driver_present())
+
+
+def session_options(intra_op_threads: int = 0, graph_opt_level: str = "all") -> ort.SessionOptions:
+    """The service's ONNX Runtime session options (shared by both KV cache layouts)."""
+    if graph_opt_level not in _OPT_LEVELS:
+        raise ValueError(f"graph_opt_level must be one of {sorted(_OPT_LEVELS)}, got {graph_opt_level!r}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = _OPT_LEVELS[graph_opt_level]
+    so.log_severity_level = 3
+    if intra_op_threads:
+        so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = 1
+    # Spinning intra-op threads burn the cores the HTTP process and the sampler need between runs;
+    # measured under load on 2 cores: 1.7x more tokens per CPU-second with spinning off.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
 class Runner:
     def __init__(self, bundle: Bundle, provider: Provider = "auto", intra_op_threads: int = 0,
                  graph_opt_level: str = "all"):
-        if graph_opt_level not in _OPT_LEVELS:
-            raise ValueError(f"graph_opt_level must be one of {sorted(_OPT_LEVELS)}, got {graph_opt_level!r}")
+        so = session_options(intra_op_threads, graph_opt_level)
         available = ort.get_available_providers()
-        # onnxruntime-gpu lists CUDA as available even with no GPU; only ask for it where a driver loads.
-        want_cuda = provider == "cuda" or (
-            provider == "auto" and "CUDAExecutionProvider" in available and cuda_driver_present())
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
-        so = ort.SessionOptions()
-        so.graph_optimization_level = _OPT_LEVELS[graph_opt_level]
-        so.log_severity_level = 3
-        if intra_op_threads:
-            so.intra_op_num_threads = intra_op_threads
-        so.inter_op_num_threads = 1
-        # Spinning intra-op threads burn the cores the HTTP process and the sampler need between runs;
-        # measured under load on 2 cores: 1.7x more tokens per CPU-second with spinning off.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda(provider) else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(bundle.onnx_path), so, providers=providers)
         # ONNX Runtime falls back to CPU silently when CUDA cannot start: check what really runs.
         self.provider = self.session.get_providers()[0]
@@ -136,3 +150,64 @@ class Runner:
         outs = binding.get_outputs()
         logits = outs[0].numpy()[:, -1, :].astype(np.float32)
         return RunnerOutput(logits, list(outs[1:]))
+
+
+class ConcatBatch:
+    """The running batch on the generic decoder (model.onnx): the model concatenates past and new keys.
+
+    Rows are left padded to a common width (service.kv_cache.BatchCache); the cache goes in and a
+    new one comes out every step. Works with any bundle and provider; on CUDA the cache stays on
+    the device and visits the host only when rows join or leave.
+    """
+
+    layout = "concat"
+
+    def __init__(self, runner: Runner, pad_id: int):
+        self.runner, self.pad_id = runner, pad_id
+        self.cache = BatchCache()
+
+    @property
+    def live_ids(self) -> list[str]:
+        return self.cache.live_ids
+
+    @property
+    def num_live(self) -> int:
+        return self.cache.num_live
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.cache.cached_tokens
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self.cache.row_ids
+
+    def decode(self, last_tokens: np.ndarray) -> np.ndarray:
+        """One decode step of every live row; last_tokens (n,) in live_ids order. Returns logits (n, V)."""
+        live = self.cache.live_indices
+        tokens = np.full(len(self.cache), self.pad_id, np.int64)  # free slots decode padding
+        tokens[live] = last_tokens
+        ids, mask, pos = self.cache.decode_inputs(tokens)
+        out = self.runner.run(ids, mask, pos, self.cache.past)
+        self.cache.advance(out.presents, mask)
+        return out.logits if len(live) == len(self.cache) else out.logits[live]
+
+    def prefill(self, request_ids: list[str], prompts: list[list[int]]) -> np.ndarray:
+        """Prefill the newcomers (one left-padded run) and add them to the batch. Returns logits (k, V)."""
+        ids, mask, pos = left_pad_prompts(prompts, self.pad_id)
+        out = self.runner.run(ids, mask, pos, self.runner.empty_past(len(prompts)))
+        next_pos = np.array([len(p) for p in prompts], np.int64)
+        self.cache.past = self.runner.to_host(self.cache.past)  # joins happen on the host (CUDA: a copy)
+        self.cache.merge(request_ids, self.runner.to_host(out.presents), mask, next_pos)
+        self.cache.past = self.runner.to_device(self.cache.past)
+        return out.logits
+
+    def keep(self, keep_ids: list[str]) -> None:
+        """Drop rows that left the batch; on CUDA the cache visits the host only when membership changes."""
+        if keep_ids == self.cache.live_ids:
+            return
+        self.cache.past = self.runner.to_host(self.cache.past)
+        self.cache.keep(keep_ids)
+        self.cache.past = self.runner.to_device(self.cache.past)
+
+    def clear(self) -> None:
+        self.cache = BatchCache()

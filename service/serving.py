@@ -4,7 +4,7 @@ Pure functions and plain state (no sockets, no processes), used by the HTTP proc
 
 - ``build_*`` renders the prompt (chat template), tokenizes it, checks the limits that depend on
   the model (context length, vocabulary) and builds one ``SamplingParams`` per choice;
-- ``Choice`` accumulates one choice's engine outputs;
+- ``Choice`` accumulates one choice's engine outputs (``merge_outputs`` joins queued ones);
 - ``*_body`` / ``*_chunk`` write the OpenAI and native response shapes.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -253,6 +254,35 @@ class Choice:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def merge_outputs(outs: Sequence[RequestOutput]) -> RequestOutput:
+    """One output standing for several consecutive outputs of one choice, oldest first.
+
+    Token ids, logprobs and top logprobs are concatenated and the text deltas joined, so a
+    stream chunk of the merged output carries one logprobs entry per token; the counts, the
+    finish fields and the timings are the last output's (``num_output_tokens`` is a running
+    total). Logprobs are ``None`` only when every output had none.
+    """
+    if len(outs) == 1:
+        return outs[0]
+    last = outs[-1]
+    lps = [o.new_logprobs for o in outs]
+    tops = [o.new_top_logprobs for o in outs]
+    return RequestOutput(
+        request_id=last.request_id,
+        new_token_ids=[t for o in outs for t in o.new_token_ids],
+        text_delta="".join(o.text_delta for o in outs),
+        finished=last.finished,
+        finish_reason=last.finish_reason,
+        stop_reason=last.stop_reason,
+        new_logprobs=None if all(x is None for x in lps) else [v for x in lps for v in x or ()],
+        new_top_logprobs=None if all(x is None for x in tops) else [v for x in tops for v in x or ()],
+        num_prompt_tokens=next((o.num_prompt_tokens for o in reversed(outs) if o.num_prompt_tokens), 0),
+        num_output_tokens=max(o.num_output_tokens for o in outs),
+        timings=last.timings,
+        error=last.error,
+    )
 
 
 def usage(prompt_tokens: int, choices: list[Choice]) -> dict:

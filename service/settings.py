@@ -42,6 +42,11 @@ class Settings(BaseModel):
     graph_opt_level: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimizations."
     )
+    kv_inplace: Literal["auto", "off"] = Field(
+        "auto",
+        description="In-place KV cache (the bundle's model.kvinplace.onnx) on CPU: auto = when present; "
+        "off = always the generic concat path.",
+    )
     max_running: int = Field(64, ge=1, le=4096, description="Sequences in the running batch.")
     max_waiting: int = Field(256, ge=1, le=1_000_000, description="Bounded waiting queue; beyond: 429.")
     kv_budget_tokens: int = Field(0, ge=0, description="Cached-token budget; 0 = max_running x context.")
@@ -50,6 +55,12 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body limit (413 beyond).")
     drain_timeout_s: float = Field(30.0, ge=0, description="Grace period for running requests at shutdown.")
     http_workers: int = Field(1, ge=1, le=64, description="uvicorn processes.")
+    max_tokens_per_event: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Streaming: most tokens one SSE event carries when outputs queued up; 1 = one each.",
+    )
     log_prompts: bool = Field(False, description="Log prompt and output text (off: counts only).")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."

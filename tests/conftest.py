@@ -3,6 +3,7 @@
 ``tiny_bundle`` is a real end-to-end build through the command line (corpus -> tokenizer ->
 training -> export -> verify); ``random_bundle`` is an untrained, seeded model with the tiny
 tokenizer whose greedy continuations vary, which makes token-for-token parity tests meaningful.
+Both carry the optional in-place decoder (model.kvinplace.onnx) next to model.onnx.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def random_model_and_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPath
 
     from model.config import GPTConfig
     from model.export import export_onnx, write_bundle
+    from model.export_gqa import KV_INPLACE_FILE, build_kv_inplace
     from model.gpt import GPT
     from service.tokenizer import Tokenizer
 
@@ -65,7 +67,7 @@ def random_model_and_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPath
     onnx_file = export_onnx(model, out / "model.onnx")
     ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id}
     write_bundle(out, "random", model, onnx_file, tiny_bundle / "tokenizer.model", {"note": "random weights"},
-                 "float32", ids)
+                 "float32", ids, kv_inplace_file=build_kv_inplace(model, out / KV_INPLACE_FILE))
     return model, out
 
 

@@ -18,6 +18,7 @@ ENGINE_SETTINGS = (
     "provider",
     "intra_op_threads",
     "graph_opt_level",
+    "kv_inplace",
     "max_running",
     "max_waiting",
     "kv_budget_tokens",

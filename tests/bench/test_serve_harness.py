@@ -34,6 +34,7 @@ from bench.serve import (
     run_benchmark,
     spread_itl,
     summarize,
+    tokens_per_chunk,
 )
 from bench.workload import parse_range, poisson_arrivals, sample_requests
 
@@ -212,6 +213,20 @@ def test_spread_itl_arithmetic():
     assert spread_itl([1.0, 1.5, 2.5], 3) == [0.5, 1.0]
     assert spread_itl([1.0, 2.0], 5) == [0.0, 1 / 3, 1 / 3, 1 / 3]  # 2 tokens, then 3
     assert spread_itl([1.0], 3) == [0.0, 0.0]
+
+
+def test_tokens_are_shared_out_by_text_length():
+    # 10 tokens over chunks of 2, 2, 14 and 2 characters: expected 1, 1, 7 and 1 tokens
+    assert tokens_per_chunk(10, 4, [2, 2, 14, 2]) == [1, 1, 7, 1]
+    assert tokens_per_chunk(10, 4, [3, 3, 12, 3]) == [1, 1, 6, 2]  # 1.43, 1.43, 5.71, 1.43
+    assert tokens_per_chunk(5, 2, [4, 4]) == tokens_per_chunk(5, 2) == [2, 3]  # equal: as evenly
+    assert tokens_per_chunk(6, 3, [0, 0, 0]) == [2, 2, 2]  # no text: evenly
+    for n, chars in ((7, [1, 9, 2]), (50, [5, 1, 1, 30, 2]), (4, [1, 1, 1, 1])):
+        counts = tokens_per_chunk(n, len(chars), chars)
+        assert sum(counts) == n and min(counts) >= 1
+    # a stream of one-token chunks with one joined chunk of 4 tokens: its gap is split 4 ways
+    itl = spread_itl([0.0, 0.1, 0.2, 0.6, 0.7], 8, [4, 4, 4, 16, 4])
+    assert itl == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
 
 
 def test_chat_endpoint_skips_the_role_chunk(serve_stub):

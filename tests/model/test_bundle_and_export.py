@@ -24,7 +24,8 @@ def test_tiny_build_through_the_cli(tiny_bundle: Path) -> None:
     assert {"bos_id", "eos_id", "pad_id", "unk_id"} <= set(cfg["tokenizer"])
     assert cfg["training"]["val_bits_per_char"] > 0
     assert cfg["training"]["steps"] > 0
-    assert set(cfg["files"]) == {"model.onnx", "tokenizer.model"}
+    assert set(cfg["files"]) == {"model.onnx", "tokenizer.model", "model.kvinplace.onnx"}
+    assert cfg["onnx_kv_inplace"]["file"] == "model.kvinplace.onnx" and cfg["onnx_kv_inplace"]["max_len"] == 256
     assert (tiny_bundle.parent / "work" / "tiny" / "loss.png").is_file()
 
 
@@ -44,6 +45,60 @@ def test_export_parity_left_padded_batch(random_model_and_bundle) -> None:
     assert rep.max_abs_diff <= 1e-4
     assert rep.greedy_identical
     assert len(set(map(tuple, rep.onnx_tokens))) > 1  # continuations differ: the check is not vacuous
+
+
+def test_export_parity_kv_inplace_right_padded_batch(random_model_and_bundle) -> None:
+    from model.verify import check_parity_kv_inplace
+
+    model, bundle_dir = random_model_and_bundle
+    b = load_bundle(bundle_dir)
+    prompts = [[1, 10, 20, 30, 40, 50, 60], [1, 70], [1, 80, 90, 100]]  # one prefill, three lengths
+    rep = check_parity_kv_inplace(model, b.kv_inplace_path, prompts, pad_id=b.pad_id, steps=16)
+    assert rep.max_abs_diff <= 1e-4
+    assert rep.greedy_identical
+    assert len(set(map(tuple, rep.onnx_tokens))) > 1
+
+
+def test_kv_inplace_io_follows_the_genai_convention(random_bundle: Path) -> None:
+    import onnx
+
+    m = onnx.load(str(random_bundle / "model.kvinplace.onnx"))
+    ins = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in m.graph.output}
+    assert list(ins)[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert ins["attention_mask"] == ["batch", "total_len"]
+    assert ins["past_key_values.1.value"] == outs["present.1.value"] == ["batch", 2, "max_len", 32]
+    assert outs["logits"] == ["batch", "seq", 512]
+    ops = [(n.domain, n.op_type) for n in m.graph.node]
+    assert ops.count(("com.microsoft", "GroupQueryAttention")) == 2 and ("", "Concat") not in ops
+    gqa = next(n for n in m.graph.node if n.op_type == "GroupQueryAttention")
+    assert list(gqa.input[5:]) == ["seqlens_k", "total_sequence_length"]  # from ReduceSum / Shape of the mask
+
+
+def test_a_bundle_without_the_in_place_file_loads_and_serves(random_model_and_bundle, tmp_path: Path) -> None:
+    from model.export import write_bundle
+    from model.gpt import generate_greedy
+    from service.engine import Engine
+    from service.types import SamplingParams
+
+    model, bundle_dir = random_model_and_bundle
+    b = _copy(bundle_dir, tmp_path / "no-inplace")
+    old = load_bundle(b)
+    # Rewritten without the in-place file (as `python -m model export --no-kv-inplace` does): the stale copy goes.
+    write_bundle(b, "no-inplace", model, b / "model.onnx", b / "tokenizer.model", {}, "float32",
+                 {k: old.config["tokenizer"][k] for k in ("bos_id", "eos_id", "pad_id", "unk_id")})
+    assert not (b / "model.kvinplace.onnx").exists()
+    bundle = load_bundle(b)
+    assert set(bundle.config["files"]) == {"model.onnx", "tokenizer.model"}
+    assert bundle.kv_inplace is None and bundle.kv_inplace_path is None
+    engine = Engine(bundle, max_running=2)
+    assert engine.kv_layout == "concat"
+    prompt = [1, 40, 50, 60]
+    engine.add_request("r", prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    assert tokens == generate_greedy(model, prompt, 12)
 
 
 def test_onnx_io_follows_the_decoder_convention(random_bundle: Path) -> None:
@@ -83,6 +138,16 @@ def test_bundle_errors_are_clear(tiny_bundle: Path, tmp_path: Path) -> None:
     with (b / "tokenizer.model").open("ab") as f:
         f.write(b"garbage")
     with pytest.raises(BundleError, match="sha256"):
+        load_bundle(b)
+    b = _copy(tiny_bundle, tmp_path / "missing-inplace")
+    (b / "model.kvinplace.onnx").unlink()
+    with pytest.raises(BundleError, match=r"missing model\.kvinplace\.onnx"):
+        load_bundle(b)
+    b = _copy(tiny_bundle, tmp_path / "bad-inplace-section")
+    cfg = json.loads((b / "config.json").read_text())
+    cfg["onnx_kv_inplace"] = "model.kvinplace.onnx"
+    (b / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match="'onnx_kv_inplace' must be an object"):
         load_bundle(b)
     b = _copy(tiny_bundle, tmp_path / "no-arch")
     cfg = json.loads((b / "config.json").read_text())

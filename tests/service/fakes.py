@@ -5,6 +5,9 @@ The server loads the fake engine with ``TEXTGEN_ENGINE_CLASS=fakes:FakeEngine`` 
 on PYTHONPATH). Its tokens are deterministic: greedy (temperature 0) continues a fixed cycle from
 the last token, seeded sampling draws from ``random.Random(seed)``. ``TEXTGEN_FAKE_STEP_S`` sets
 the duration of one step, to keep requests running while a test disconnects or drains.
+``TEXTGEN_FAKE_BURST=k`` makes one step emit k tokens per request as k outputs, in the order k
+consecutive steps would (request by request, round after round): the HTTP process then finds
+several outputs of a stream queued at once, as when it falls behind the engine.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ class FakeEngine:
     """service.engine.Engine's interface, with deterministic tokens and no model."""
 
     def __init__(self, bundle, *, provider="auto", intra_op_threads=0, graph_opt_level="all", max_running=64,
-                 max_waiting=256, kv_budget_tokens=0, max_prefill_tokens=512):  # fmt: skip
+                 max_waiting=256, kv_budget_tokens=0, max_prefill_tokens=512, kv_inplace="auto"):  # fmt: skip
         self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
         self.context_length = bundle.context_length
         self.vocab_size = bundle.vocab_size
@@ -114,6 +117,7 @@ class FakeEngine:
         self.model_name = bundle.name
         self.max_running, self.max_waiting = max_running, max_waiting
         self.step_s = float(os.environ.get("TEXTGEN_FAKE_STEP_S", "0.002"))
+        self.burst = int(os.environ.get("TEXTGEN_FAKE_BURST", "1"))
         self.waiting: deque[_Req] = deque()
         self.running: dict[str, _Req] = {}
         self.last_step_stats: StepStats | None = None
@@ -168,11 +172,15 @@ class FakeEngine:
         if self.step_s:
             time.sleep(self.step_s)
         now = time.monotonic()
-        outputs = [self._advance(r, now) for r in list(self.running.values())]
-        for out in outputs:
-            if out.finished:
-                del self.running[out.request_id]
-        self.last_step_stats = StepStats(len(outputs), prefill, len(self.running), len(self.waiting),
+        outputs = []
+        for _ in range(self.burst):
+            round_ = [self._advance(r, now) for r in list(self.running.values())]
+            for out in round_:
+                if out.finished:
+                    del self.running[out.request_id]
+            outputs.extend(round_)
+        batch = len({o.request_id for o in outputs})
+        self.last_step_stats = StepStats(batch, prefill, len(self.running), len(self.waiting),
                                          self.kv_cache_usage, now - t0)  # fmt: skip
         return outputs
 

@@ -55,6 +55,7 @@ def test_cli_flags_override_env():
         ({"TEXTGEN_PROVIDER": "tpu"}, "TEXTGEN_PROVIDER"),
         ({"TEXTGEN_REQUEST_TIMEOUT_S": "soon"}, "TEXTGEN_REQUEST_TIMEOUT_S"),
         ({"TEXTGEN_HOST": "example.com"}, "TEXTGEN_HOST"),
+        ({"TEXTGEN_MAX_TOKENS_PER_EVENT": "0"}, "TEXTGEN_MAX_TOKENS_PER_EVENT"),
     ],
 )
 def test_bad_settings_name_the_variable(env, needle):

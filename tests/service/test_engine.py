@@ -1,4 +1,8 @@
-"""The engine against the PyTorch model: continuous batching must not change a single token."""
+"""The engine against the PyTorch model: continuous batching must not change a single token.
+
+Every engine test runs on both KV cache layouts: "inplace" (model.kvinplace.onnx over buffers
+allocated once) and "concat" (model.onnx, the cache concatenated every step).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,26 @@ from service.engine import Engine
 from service.types import InvalidRequestError, PromptTooLongError, QueueFullError, SamplingParams
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
+KV_INPLACE = {"inplace": "auto", "concat": "off"}  # layout -> the Engine's kv_inplace setting
+
+
+@pytest.fixture(scope="module", params=list(KV_INPLACE))
+def layout(request) -> str:
+    return request.param
+
+
+def make_engine(bundle_dir, layout: str, **kwargs) -> Engine:
+    if layout == "inplace":
+        kwargs.setdefault("provider", "cpu")  # "auto" would choose CUDA, and so concat, on a GPU machine
+    engine = Engine(load_bundle(bundle_dir), kv_inplace=KV_INPLACE[layout], **kwargs)
+    assert engine.kv_layout == layout
+    return engine
 
 
 @pytest.fixture(scope="module")
-def engine_and_model(random_model_and_bundle):
+def engine_and_model(random_model_and_bundle, layout):
     model, bundle_dir = random_model_and_bundle
-    return Engine(load_bundle(bundle_dir), max_running=8, max_prefill_tokens=64), model
+    return make_engine(bundle_dir, layout, max_running=8, max_prefill_tokens=64), model
 
 
 def run_to_completion(engine: Engine, schedule: dict[int, list] | None = None) -> dict[str, dict]:
@@ -45,7 +63,7 @@ def check_idle(engine: Engine) -> None:
     engine.scheduler.check_invariants()
     assert engine.num_running == engine.num_waiting == 0
     assert engine.kv_cache_usage == 0
-    assert len(engine._batch) == 0 and not engine._seqs
+    assert engine._batch.num_live == 0 and not engine._seqs
 
 
 def test_greedy_batch_with_joins_and_aborts_equals_each_prompt_alone(engine_and_model) -> None:
@@ -89,9 +107,9 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(engine_and_model)
     assert run_to_completion(engine)["other-seed"]["tokens"] != alone
 
 
-def test_no_leaks_after_thousands_of_requests_with_random_aborts(random_bundle) -> None:
-    engine = Engine(load_bundle(random_bundle), max_running=16, max_waiting=64, kv_budget_tokens=1500,
-                    max_prefill_tokens=128)
+def test_no_leaks_after_thousands_of_requests_with_random_aborts(random_bundle, layout) -> None:
+    engine = make_engine(random_bundle, layout, max_running=16, max_waiting=64, kv_budget_tokens=1500,
+                         max_prefill_tokens=128)
     rng = random.Random(7)
     submitted, finished, live = 0, {}, set()
     while submitted < 2000 or engine.has_unfinished():
@@ -111,6 +129,8 @@ def test_no_leaks_after_thousands_of_requests_with_random_aborts(random_bundle) 
         engine.scheduler.check_invariants()
         assert engine._batch.num_live == engine.num_running  # every running sequence has exactly one cache row
         assert engine._batch.cached_tokens <= engine.kv_budget_tokens
+        if layout == "inplace":
+            engine._batch.slots.check_invariants()  # live rows hold slots 0..n-1
     assert len(finished) == 2000
     assert set(finished.values()) <= {"length", "abort", "stop"}
     assert "abort" in finished.values()
@@ -147,8 +167,8 @@ def test_deadline_finishes_as_length(engine_and_model) -> None:
     check_idle(engine)
 
 
-def test_request_errors(random_bundle) -> None:
-    engine = Engine(load_bundle(random_bundle), max_running=1, max_waiting=1)
+def test_request_errors(random_bundle, layout) -> None:
+    engine = make_engine(random_bundle, layout, max_running=1, max_waiting=1)
     with pytest.raises(PromptTooLongError, match="250 tokens and max_tokens is 10"):
         engine.add_request("long", [1] * 250, SamplingParams(max_tokens=10))
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
@@ -168,12 +188,14 @@ def test_request_errors(random_bundle) -> None:
 
 def test_batch_padding_is_trimmed_when_long_rows_leave(engine_and_model) -> None:
     engine, _ = engine_and_model
+    if engine.kv_layout != "concat":
+        pytest.skip("the in-place layout has no padding columns: each row has its own length")
     engine.add_request("long", [1, *range(10, 110)], SamplingParams(max_tokens=2, **GREEDY))
     engine.add_request("short", [1, 5], SamplingParams(max_tokens=20, **GREEDY))
     widths = []
     while engine.has_unfinished():
         engine.step()
-        widths.append(engine._batch.width)
+        widths.append(engine._batch.cache.width)
     assert max(widths) >= 101
     assert min(w for w in widths if w) < 30  # after "long" left, its padding went with it
     check_idle(engine)
@@ -183,3 +205,31 @@ def test_logits_dtype_and_provider(engine_and_model) -> None:
     engine, _ = engine_and_model
     assert engine.provider == "CPUExecutionProvider"
     assert engine.runner.kv_dtype == np.float32
+
+
+def test_inplace_rows_stay_contiguous_and_leavers_hand_their_slot_to_the_last_row(random_bundle) -> None:
+    engine = make_engine(random_bundle, "inplace", max_running=4)
+    lengths = {"a": 2, "b": 9, "c": 5}
+    for rid, n in lengths.items():
+        engine.add_request(rid, [1, 10 + len(rid), 20], SamplingParams(max_tokens=n, **GREEDY))
+    slots = engine._batch.slots
+    engine.step()
+    assert slots.live_ids == ["a", "b", "c"]
+    engine.step()  # "a" finishes: "c", the last row, moves into slot 0
+    assert slots.live_ids == ["c", "b"] and list(slots.lengths[:3]) == [4, 4, 0]
+    engine.abort("b")
+    engine.step()
+    assert slots.live_ids == ["c"]
+    run_to_completion(engine)
+    check_idle(engine)
+    with pytest.raises(ValueError, match="kv_inplace must be"):
+        Engine(load_bundle(random_bundle), kv_inplace="on")  # type: ignore[arg-type]
+
+
+def test_kv_inplace_setting_is_validated() -> None:
+    from service.settings import Settings, SettingsError
+
+    assert Settings.from_env({}).kv_inplace == "auto"
+    assert Settings.from_env({"TEXTGEN_KV_INPLACE": "off"}).kv_inplace == "off"
+    with pytest.raises(SettingsError, match="TEXTGEN_KV_INPLACE"):
+        Settings.from_env({"TEXTGEN_KV_INPLACE": "on"})

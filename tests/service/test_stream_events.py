@@ -1,0 +1,301 @@
+"""Joining queued outputs into one stream event: ``serving.merge_outputs`` (pure), ``Pending``
+(the HTTP side's per-request queue, no server), the chunks written from a joined output, and
+``BatchingTransport``, whose receive hands over together what arrived while the loop was busy."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import queue
+
+import pytest
+from fakes import make_fake_bundle
+from litserve.utils import LitAPIStatus, LoopResponseType
+
+from service import formatting as fmt
+from service.engine_loop import MAILBOX
+from service.errors import ApiError
+from service.frontend import BatchingTransport, Pending, join_mailbox_messages
+from service.serving import Choice, Job, ModelInfo, merge_outputs
+from service.tokenizer import Tokenizer
+from service.types import RequestOutput, RequestTimings, SamplingParams, TopLogprob
+
+UID = "cmpl-1"
+
+
+def _out(
+    index: int, n: int, total: int, *, text: str | None = None, logprobs: bool = False, **kw
+) -> RequestOutput:
+    """The output of step ``total`` (1-based) of choice ``index``: one token, ``n + total``."""
+    tok = 10 * n + total
+    return RequestOutput(
+        request_id=f"{UID}#{index}",
+        new_token_ids=[tok],
+        text_delta=f"<{tok}>" if text is None else text,
+        new_logprobs=[-float(total)] if logprobs else None,
+        new_top_logprobs=[[TopLogprob(tok, -float(total)), TopLogprob(7, -9.0)]] if logprobs else None,
+        num_prompt_tokens=3,
+        num_output_tokens=total,
+        **kw,
+    )
+
+
+def _ev(index: int, out: RequestOutput) -> tuple:
+    return ("out", UID, index, out)
+
+
+def _one_choice(steps: int) -> list[tuple]:
+    """The events of ``steps`` steps of a one-choice request, the last one finishing it."""
+    last = {"finished": True, "finish_reason": "length"}
+    return [_ev(0, _out(0, 0, t, **(last if t == steps else {}))) for t in range(1, steps + 1)]
+
+
+def _pending(n: int, cap: int) -> Pending:
+    job = Job(UID, [1, 2, 3], tuple(SamplingParams(max_tokens=8) for _ in range(n)), stream=True)
+    return Pending(job, arrival=0.0, max_tokens_per_event=cap)
+
+
+def _drain(p: Pending, events: list[tuple]) -> list[tuple[int, RequestOutput]]:
+    """Queue every event at once (as the dispatcher does with a backlog), then read the
+    outputs until the request is complete; never waits for an event that is not there."""
+
+    async def go() -> list[tuple[int, RequestOutput]]:
+        for ev in events:
+            p.put(ev)
+        got = []
+        async with asyncio.timeout(5):  # a bug that waits for a missing event fails, not hangs
+            async for c, out in p.outputs():
+                got.append((c.index, out))
+        return got
+
+    return asyncio.run(go())
+
+
+# -- merge_outputs -------------------------------------------------------------------------------
+
+
+def test_merge_concatenates_tokens_text_and_logprobs_and_keeps_the_last_finish():
+    timings = RequestTimings(arrival=0.0)
+    outs = [
+        _out(0, 0, 1, logprobs=True),
+        _out(0, 0, 2, text="", logprobs=True),  # held back by the detokenizer
+        _out(0, 0, 3, logprobs=True, finished=True, finish_reason="stop", stop_reason=2, timings=timings),
+    ]
+    m = merge_outputs(outs)
+    assert m.new_token_ids == [1, 2, 3] and m.text_delta == "<1><3>"
+    assert m.new_logprobs == [-1.0, -2.0, -3.0]
+    assert [[t.token_id for t in alts] for alts in m.new_top_logprobs] == [[1, 7], [2, 7], [3, 7]]
+    assert (m.finished, m.finish_reason, m.stop_reason, m.timings) == (True, "stop", 2, timings)
+    assert (m.num_prompt_tokens, m.num_output_tokens, m.request_id) == (3, 3, f"{UID}#0")
+    assert outs[0].new_token_ids == [1]  # the inputs are not modified
+
+
+def test_merge_without_logprobs_has_none_and_one_output_is_itself():
+    outs = [_out(0, 0, 1), _out(0, 0, 2)]
+    m = merge_outputs(outs)
+    assert m.new_logprobs is None and m.new_top_logprobs is None and not m.finished
+    assert merge_outputs(outs[:1]) is outs[0]
+
+
+# -- Pending: what is joined, what is not ----------------------------------------------------------
+
+
+def test_queued_outputs_of_a_stream_become_one_output():
+    p = _pending(1, cap=16)
+    got = _drain(p, _one_choice(5))
+    assert [out.new_token_ids for _, out in got] == [[1, 2, 3, 4, 5]]
+    c = p.choices[0]
+    assert c.num_output_tokens == 5 and c.finish_reason == "length" and "".join(c.text) == "<1><2><3><4><5>"
+    assert len(c.itl) == 4  # tokens - 1 gaps, as if they had come one by one
+
+
+def test_the_cap_splits_a_backlog_and_one_disables_joining():
+    events = _one_choice(5)
+    sizes = [len(out.new_token_ids) for _, out in _drain(_pending(1, cap=2), events)]
+    assert sizes == [2, 2, 1]
+    assert [len(out.new_token_ids) for _, out in _drain(_pending(1, cap=1), events)] == [1] * 5
+
+
+def test_choices_are_joined_separately_and_keep_their_order():
+    """Three steps of two choices, interleaved as the worker sends them; choice 1 finishes first."""
+    events = [
+        _ev(0, _out(0, 0, 1)),
+        _ev(1, _out(1, 5, 1)),
+        _ev(0, _out(0, 0, 2)),
+        _ev(1, _out(1, 5, 2, finished=True, finish_reason="stop")),
+        _ev(0, _out(0, 0, 3, finished=True, finish_reason="length")),
+    ]
+    p = _pending(2, cap=16)
+    got = _drain(p, events)
+    assert [(i, out.new_token_ids, out.finished) for i, out in got] == [
+        (0, [1, 2, 3], True),
+        (1, [51, 52], True),
+    ]
+    assert [c.finish_reason for c in p.choices] == ["length", "stop"] and p.complete
+
+
+def test_a_lone_output_is_returned_at_once():
+    """Nothing waits for a token that has not arrived: one queued output comes out alone."""
+
+    async def go() -> tuple[list[int], list[int]]:
+        p = _pending(1, cap=16)
+        p.put(_ev(0, _out(0, 0, 1)))
+        async with asyncio.timeout(5):
+            _, _, first = await p.next_event()
+            p.put(_ev(0, _out(0, 0, 2)))
+            _, _, second = await p.next_event()
+        return first.new_token_ids, second.new_token_ids
+
+    assert asyncio.run(go()) == ([1], [2])
+
+
+def test_nothing_is_joined_across_an_error():
+    """Outputs queued after a failed choice stay behind the error, which is raised as today."""
+    events = [
+        _ev(0, _out(0, 0, 1)),
+        _ev(0, _out(0, 0, 2)),
+        _ev(1, _out(1, 5, 1, finished=True, finish_reason="error", error="boom")),
+        _ev(0, _out(0, 0, 3)),
+    ]
+    p = _pending(2, cap=16)
+
+    async def go() -> list[int]:
+        for ev in events:
+            p.put(ev)
+        _, _, out = await p.next_event()
+        with pytest.raises(ApiError, match="boom"):
+            await p.next_event()
+        return out.new_token_ids
+
+    assert asyncio.run(go()) == [1, 2]
+
+
+def test_nothing_is_joined_across_a_failure_event():
+    p = _pending(1, cap=16)
+
+    async def go() -> list[int]:
+        p.put(_ev(0, _out(0, 0, 1)))
+        p.put(("fail", ApiError("unavailable", "the server is shutting down")))
+        p.put(_ev(0, _out(0, 0, 2)))
+        _, _, out = await p.next_event()
+        with pytest.raises(ApiError, match="shutting down"):
+            await p.next_event()
+        return out.new_token_ids
+
+    assert asyncio.run(go()) == [1]
+
+
+def test_itl_of_a_joined_output_spreads_its_gap():
+    c = Choice(0)
+    c.add(_out(0, 0, 1), now=1.0)
+    c.add(merge_outputs([_out(0, 0, 2), _out(0, 0, 3), _out(0, 0, 4)]), now=1.3)
+    assert c.itl == pytest.approx([0.1, 0.1, 0.1]) and c.num_output_tokens == 4
+
+
+# -- chunks written from a joined output -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_info(tmp_path_factory) -> ModelInfo:
+    bundle = make_fake_bundle(tmp_path_factory.mktemp("fake") / "bundle")
+    return ModelInfo("fake", 128, Tokenizer.load(bundle / "tokenizer.model"), add_bos=True)
+
+
+def _joined(m: ModelInfo, text: str, logprobs: int) -> tuple[Choice, RequestOutput, list[int]]:
+    """A choice that already got "So", then a joined output with the tokens of ``text``."""
+    ids = m.tokenizer.encode(text)
+    outs = [
+        RequestOutput(
+            request_id=f"{UID}#0",
+            new_token_ids=[t],
+            text_delta=m.tokenizer.decode([t]),
+            new_logprobs=[-0.25 * (k + 1)],
+            new_top_logprobs=[[TopLogprob(t, -0.25 * (k + 1)), TopLogprob(5, -4.0)][:logprobs]],
+            num_output_tokens=k + 2,
+        )
+        for k, t in enumerate(ids)
+    ]
+    merged = merge_outputs(outs)
+    merged.text_delta = text  # the detokenizer's exact text for these tokens
+    c = Choice(0)
+    c.add(RequestOutput(f"{UID}#0", [9], "So", num_output_tokens=1), now=0.0)
+    c.add(merged, now=1.0)
+    return c, merged, ids
+
+
+def test_completion_chunk_has_one_logprobs_entry_per_token(model_info):
+    m = model_info
+    job = Job(UID, [1], (SamplingParams(logprobs=2),), stream=True, logprobs="completion")
+    c, out, ids = _joined(m, " fair summer", logprobs=2)
+    chunk = json.loads(fmt.completion_chunk(job, m, c, out, c.prev_text_len).removeprefix("data: "))
+    choice = chunk["choices"][0]
+    lp = choice["logprobs"]
+    assert len(ids) > 1 and choice["text"] == " fair summer"
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids)
+    assert lp["token_logprobs"] == [-0.25 * (k + 1) for k in range(len(ids))]
+    assert "".join(lp["tokens"]) == " fair summer"
+    # each token's offset in the choice's whole text, which starts with "So"
+    assert lp["text_offset"][0] == 2
+    gaps = [b - a for a, b in itertools.pairwise(lp["text_offset"])]
+    assert gaps == [len(t) for t in lp["tokens"][:-1]]
+
+
+def test_chat_chunk_has_one_logprobs_entry_per_token(model_info):
+    m = model_info
+    job = Job(UID, [1], (SamplingParams(logprobs=1),), stream=True, logprobs="chat")
+    c, out, ids = _joined(m, " fair summer", logprobs=1)
+    chunk = json.loads(fmt.chat_chunk(job, m, c, out).removeprefix("data: "))
+    choice = chunk["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert choice["delta"]["content"] == " fair summer" and len(content) == len(ids)
+    assert "".join(e["token"] for e in content) == " fair summer"
+    assert [e["logprob"] for e in content] == [-0.25 * (k + 1) for k in range(len(ids))]
+    assert all(len(e["top_logprobs"]) == 1 for e in content)
+
+
+# -- the HTTP process's receive: what arrived while it was busy comes in one message ------------------
+
+
+def _msg(*events: str, status=LitAPIStatus.OK) -> tuple:
+    return (MAILBOX, (list(events), status, LoopResponseType.STREAMING, 0))
+
+
+def test_mailbox_messages_are_joined_in_order_and_nothing_else_is():
+    err = _msg("x", status=LitAPIStatus.ERROR)
+    joined = join_mailbox_messages([_msg("a", "b"), _msg("c"), None, _msg("d"), err, _msg("e"), _msg("f")])
+    assert joined == [_msg("a", "b", "c"), None, _msg("d"), err, _msg("e", "f")]
+    assert join_mailbox_messages([]) == []
+
+
+def test_the_receive_hands_over_at_once_and_joins_what_queued_meanwhile():
+    q: queue.Queue = queue.Queue()
+    transport = BatchingTransport(None, [q])
+
+    async def go() -> list:
+        got = []
+        async with asyncio.timeout(10):
+            q.put(_msg("a"))
+            got.append(await transport.areceive(0))  # alone: nothing waits for more
+            for m in (_msg("b"), _msg("c"), None, _msg("d")):
+                q.put(m)
+            while len(transport._inbox) < 4:  # the reader thread took them while we were "busy"
+                await asyncio.sleep(0.001)
+            got.extend([await transport.areceive(0) for _ in range(3)])
+        transport.close(send_sentinel=False)  # the reader thread ends
+        return got
+
+    assert asyncio.run(go()) == [_msg("a"), _msg("b", "c"), None, _msg("d")]
+
+
+def test_a_broken_queue_ends_the_receive():
+    class Broken:
+        def get(self, timeout: float):
+            raise EOFError("the manager is gone")
+
+    async def go() -> None:
+        async with asyncio.timeout(10):
+            await BatchingTransport(None, [Broken()]).areceive(0)
+
+    with pytest.raises(EOFError, match="manager"):
+        asyncio.run(go())
