@@ -4,13 +4,20 @@ One command, one machine, one model; every runner decodes the same prompts greed
 produce exactly ``max_tokens`` tokens per request (EOS never ends a request early):
 
 - ``engine``: service.engine.Engine (continuous batching, ONNX Runtime, KV cache), end to end
-  through add_request/step, detokenizer and all;
-- ``nocache``: the same ONNX file with a zero-length past: the whole sequence every step;
+  through add_request/step, detokenizer and all, on the file it picks: on CPU the bundle's
+  ``model.kvinplace.onnx`` (in-place KV cache, GroupQueryAttention) when there is one, else
+  ``model.onnx`` (``Engine.kv_layout``, reported in the notes);
+- ``engine-concat``: the same engine with ``kv_inplace="off"``: ``model.onnx``, whose cache grows
+  by a Concat every step; what the in-place layout buys (only for a bundle with the in-place file);
+- ``ortloop``: ``model.onnx`` with a KV cache in a bare loop over ``session.run``;
+- ``nocache``: ``model.onnx`` with a zero-length past: the whole sequence every step;
 - ``torch``: PyTorch eager with a KV cache (model.gpt.GPT from the checkpoint, inference_mode);
 - ``hf``: Hugging Face ``GPT2LMHeadModel`` of the same width, depth, heads, vocabulary and
   context with random weights (nothing downloaded), ``generate()`` greedy;
-- ``genai``: onnxruntime-genai 0.18 on the same ONNX file (``"type": "decoder"``), run by
+- ``genai``: onnxruntime-genai 0.18 on the file the engine runs (``"type": "decoder"``; for
+  ``model.kvinplace.onnx`` with ``"past_present_share_buffer": true``), run by
   bench/genai_runner.py in ``.venv-genai`` (``make bench-env``);
+- ``genai-concat``: onnxruntime-genai on ``model.onnx`` (only for a bundle with the in-place file);
 - ``int8``: this engine on the int8 bundle (``python -m model export --int8``).
 
 Workloads: ``B`` requests of ``--prompt-len`` prompt tokens and ``--new-tokens`` new tokens for
@@ -41,29 +48,33 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNERS = ("engine", "ortloop", "nocache", "torch", "hf", "genai", "int8")
+RUNNERS = ("engine", "engine-concat", "ortloop", "nocache", "torch", "hf", "genai", "genai-concat", "int8")
 LABELS = {
     "engine": "this engine (ONNX Runtime + KV cache, continuous batching)",
-    "ortloop": "same ONNX file + KV cache, bare Python loop over session.run",
-    "nocache": "same ONNX file, no KV cache (full recompute)",
+    "engine-concat": "this engine on model.onnx (concat KV cache, kv_inplace=off)",
+    "ortloop": "model.onnx + KV cache, bare Python loop over session.run",
+    "nocache": "model.onnx, no KV cache (full recompute)",
     "torch": "PyTorch eager + KV cache",
     "hf": "HF transformers GPT2LMHeadModel.generate()",
-    "genai": "onnxruntime-genai 0.18, same ONNX file",
+    "genai": "onnxruntime-genai 0.18, the engine's ONNX file",
+    "genai-concat": "onnxruntime-genai 0.18, model.onnx (concat KV cache)",
     "int8": "this engine, int8 bundle",
 }
 GENAI_MAX_BATCH = 32  # onnxruntime-genai 0.18's Generator: "batch_size (64) must be in [1, 32]"
 SHORT = {
     "engine": "this engine",
+    "engine-concat": "this engine, concat KV cache",
     "ortloop": "bare session.run loop",
     "nocache": "no KV cache",
     "torch": "PyTorch eager",
     "hf": "HF generate()",
     "genai": "onnxruntime-genai",
+    "genai-concat": "onnxruntime-genai, model.onnx",
     "int8": "this engine, int8",
 }
 SECTION = "## Engine (offline, CPU)"
@@ -172,16 +183,28 @@ class Runner(Protocol):
 
 
 class EngineRunner:
-    """service.engine.Engine: every request added at once, then step() until done."""
+    """service.engine.Engine: every request added at once, then step() until done.
 
-    def __init__(self, bundle_dir: Path, threads: int, max_prefill_tokens: int, name: str = "engine"):
+    kv_inplace is the Engine's: "auto" (the in-place decoder when the bundle has it) or "off"
+    (model.onnx); ``layouts`` collects the ``Engine.kv_layout`` of every engine it made.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: Path,
+        threads: int,
+        max_prefill_tokens: int,
+        name: str = "engine",
+        kv_inplace: Literal["auto", "off"] = "auto",
+    ):
         from service.bundle import load_bundle
 
         self.name = name
         self.bundle = load_bundle(bundle_dir)
-        self.threads, self.max_prefill_tokens = threads, max_prefill_tokens
+        self.threads, self.max_prefill_tokens, self.kv_inplace = threads, max_prefill_tokens, kv_inplace
         self._engines: dict[int, Any] = {}
         self._count = 0
+        self.layouts: set[str] = set()
 
     def engine(self, max_running: int):
         """One engine per concurrency, reused across runs (it holds nothing between them)."""
@@ -195,7 +218,9 @@ class EngineRunner:
                 max_running=max_running,
                 max_waiting=4096,
                 max_prefill_tokens=self.max_prefill_tokens,
+                kv_inplace=self.kv_inplace,
             )
+            self.layouts.add(self._engines[max_running].kv_layout)
         return self._engines[max_running]
 
     def run(self, wl: Workload) -> tuple[Timing, list[list[int]]]:
@@ -377,9 +402,20 @@ class HFRunner:
         return clock.stop(), outputs
 
 
-def genai_config(bundle: Any, threads: int) -> dict[str, Any]:
-    """A genai_config.json of type "decoder" for a bundle (the Optimum/GenAI io names are the bundle's)."""
-    names = bundle.io_names
+def genai_config(bundle: Any, threads: int, inplace: bool = False) -> dict[str, Any]:
+    """A genai_config.json of type "decoder" for a bundle (the Optimum/GenAI io names are the bundle's).
+
+    Args:
+        bundle: service.bundle.Bundle.
+        threads: intra-op threads of GenAI's session.
+        inplace: describe the bundle's in-place decoder (``model.kvinplace.onnx``: one buffer per
+            layer bound as past and present, ``"past_present_share_buffer": true``) instead of
+            ``model.onnx``.
+    """
+    if inplace and bundle.kv_inplace_path is None:
+        raise ValueError(f"bundle {bundle.path} has no in-place decoder (config.json 'onnx_kv_inplace')")
+    names = bundle.kv_inplace_io_names if inplace else bundle.io_names
+    onnx_path = bundle.kv_inplace_path if inplace else bundle.onnx_path
     arch = bundle.arch
     return {
         "model": {
@@ -390,7 +426,7 @@ def genai_config(bundle: Any, threads: int) -> dict[str, Any]:
             "context_length": bundle.context_length,
             "vocab_size": bundle.vocab_size,
             "decoder": {
-                "filename": "model.onnx",
+                "filename": onnx_path.name,
                 "session_options": {
                     "log_id": "onnxruntime-genai",
                     "intra_op_num_threads": threads,
@@ -430,25 +466,40 @@ def genai_config(bundle: Any, threads: int) -> dict[str, Any]:
             "top_p": 1.0,
             "no_repeat_ngram_size": 0,
             "diversity_penalty": 0.0,
-            # A shared past/present buffer needs an attention op that writes in place (GroupQueryAttention).
-            "past_present_share_buffer": False,
+            # One buffer as past and present: the in-place file's GroupQueryAttention writes into it;
+            # model.onnx returns a new, longer present (Concat) and needs separate buffers.
+            "past_present_share_buffer": inplace,
         },
     }
 
 
 class GenAIRunner:
-    """onnxruntime-genai in its own environment: bench/genai_runner.py as a subprocess per workload."""
+    """onnxruntime-genai in its own environment: bench/genai_runner.py as a subprocess per workload.
 
-    name = "genai"
+    inplace: run the bundle's in-place decoder (model.kvinplace.onnx, a shared past/present
+    buffer) instead of model.onnx; see genai_config.
+    """
 
-    def __init__(self, bundle_dir: Path, python: Path, threads: int, repeat: int = 1):
+    def __init__(
+        self,
+        bundle_dir: Path,
+        python: Path,
+        threads: int,
+        repeat: int = 1,
+        inplace: bool = False,
+        name: str = "genai",
+    ):
         from service.bundle import load_bundle
 
+        self.name = name
         self.bundle = load_bundle(bundle_dir)
         self.python, self.repeat = python, repeat
+        config = genai_config(self.bundle, threads, inplace)
+        self.file = config["model"]["decoder"]["filename"]
         self.dir = Path(tempfile.mkdtemp(prefix="genai-model-"))
-        shutil.copyfile(self.bundle.onnx_path, self.dir / "model.onnx")
-        (self.dir / "genai_config.json").write_text(json.dumps(genai_config(self.bundle, threads), indent=2))
+        src = self.bundle.kv_inplace_path if inplace else self.bundle.onnx_path
+        shutil.copyfile(src, self.dir / self.file)
+        (self.dir / "genai_config.json").write_text(json.dumps(config, indent=2))
         self.versions: dict[str, str] = {}
 
     def run(self, wl: Workload) -> tuple[Timing, list[list[int]]]:
@@ -535,7 +586,7 @@ def measure(
     ``repeat``.
     """
     for r in runners:
-        if r.name != "genai":  # genai warms up inside its subprocess
+        if not isinstance(r, GenAIRunner):  # genai warms up inside its subprocess
             r.run(wl.shortened(warmup_tokens))
     ms = {r.name: Measurement(r.name, wl.name, wl.batch, wl.output_tokens) for r in runners}
     outputs: dict[str, list[list[int]]] = {}
@@ -669,13 +720,14 @@ def targets(rep: Report) -> list[Target]:
             "x",
         ),
         (
-            "vs onnxruntime-genai, batch 1",
+            "vs onnxruntime-genai (same ONNX file), batch 1",
             *both(lambda c: rep.ratio("engine", "genai", "batch 1", c)),
             1.0,
             "x",
         ),
         (
-            f"vs onnxruntime-genai, mixed workload ({rep.settings['mixed_concurrency']} concurrent)",
+            f"vs onnxruntime-genai (same ONNX file), mixed workload ({rep.settings['mixed_concurrency']} "
+            "concurrent)",
             *both(lambda c: rep.ratio("engine", "genai", "mixed", c)),
             1.1,
             "x",
@@ -693,6 +745,17 @@ def targets(rep: Report) -> list[Target]:
             "x",
         ),
     ]
+    # What the in-place KV cache buys inside the engine: it is the default, so it must not lose.
+    workloads = [f"batch {b}" for b in rep.settings["batches"]] + ["mixed"] * bool(rep.settings.get("mixed"))
+    for wl in workloads:
+        rows.append(
+            (
+                f"in-place vs concat KV cache (this engine), {wl}",
+                *both(lambda c, wl=wl: rep.ratio("engine", "engine-concat", wl, c)),
+                1.0,
+                "x",
+            )
+        )
     if "fp32" in rep.bpc and "int8" in rep.bpc:
         lost = rep.bpc["int8"] - rep.bpc["fp32"]
         rows.append(("int8 bits/char lost", lost, lost, 0.05, "bpc"))
@@ -795,6 +858,25 @@ def markdown(rep: Report) -> str:
             f"Greedy tokens identical to this engine's ({workloads[0]}): "
             + ", ".join(f"{x.runner} {100 * x.match_engine:.0f}%" for x in matches)
             + ".",
+        ]
+    differ = [
+        x for x in rep.measurements if x.match_engine is not None and x.match_engine < 1 and x not in matches
+    ]
+    if differ:
+        why = {
+            "genai": "onnxruntime-genai positions a left-padded row from its padding, bench/genai_runner.py",
+            "int8": "int8 weights",
+            "other": "rounding at near ties",
+        }
+        kinds = dict.fromkeys(
+            "genai" if x.runner.startswith("genai") else x.runner if x.runner == "int8" else "other"
+            for x in differ
+        )
+        lines += [
+            "",
+            "Elsewhere, requests whose greedy tokens equal this engine's: "
+            + ", ".join(f"{x.runner} {100 * x.match_engine:.0f}% ({x.workload})" for x in differ)
+            + f" ({'; '.join(why[k] for k in kinds)}).",
         ]
     if rep.versions:
         lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in rep.versions.items()) + "."]
@@ -996,9 +1078,17 @@ def build_runners(
     a: argparse.Namespace, bundle: Any, notes: list[str], log: Callable[[str], None]
 ) -> list[Runner]:
     runners: list[Runner] = []
+    inplace = bundle.kv_inplace_path is not None  # the engine runs it on CPU (Engine kv_inplace="auto")
     for name in a.runners:
+        if name in ("engine-concat", "genai-concat") and not inplace:
+            notes.append(f"{name}: skipped, the bundle has no in-place decoder: the engine runs model.onnx.")
+            continue
         if name == "engine":
             runners.append(EngineRunner(a.bundle, a.threads, a.max_prefill_tokens))
+        elif name == "engine-concat":
+            runners.append(
+                EngineRunner(a.bundle, a.threads, a.max_prefill_tokens, name=name, kv_inplace="off")
+            )
         elif name == "ortloop":
             runners.append(OrtLoopRunner(a.bundle, a.threads))
         elif name == "nocache":
@@ -1025,11 +1115,15 @@ def build_runners(
             )
             runners.append(r)
             a.versions["transformers"] = transformers.__version__
-        elif name == "genai":
+        elif name in ("genai", "genai-concat"):
             if not a.genai_python.is_file():
-                notes.append(f"genai: skipped, {a.genai_python} not found (`make bench-env`).")
+                notes.append(f"{name}: skipped, {a.genai_python} not found (`make bench-env`).")
                 continue
-            runners.append(GenAIRunner(a.bundle, a.genai_python, a.threads))
+            on_inplace = inplace and name == "genai"
+            g = GenAIRunner(a.bundle, a.genai_python, a.threads, inplace=on_inplace, name=name)
+            share = str(on_inplace).lower()
+            notes.append(f'{name}: {g.file}, genai_config `"past_present_share_buffer": {share}`.')
+            runners.append(g)
         elif name == "int8":
             path = a.int8_bundle or a.bundle.with_name(a.bundle.name + "-int8")
             if not (path / "config.json").is_file():
@@ -1099,34 +1193,39 @@ def run(
         skipped = [w.name for w in workloads if w.batch is None or w.batch > a.nocache_max_batch]
         if skipped:
             notes.append(f"nocache: not run on {', '.join(skipped)} (quadratic; --nocache-max-batch).")
-    if any(r.name == "genai" for r in runners):
+    genai = [r.name for r in runners if isinstance(r, GenAIRunner)]
+    if genai:
         skipped = [w.name for w in workloads if w.concurrency > GENAI_MAX_BATCH]
         if skipped:
             notes.append(
-                f"genai: not run on {', '.join(skipped)}: its Generator takes at most {GENAI_MAX_BATCH} sequences "
-                "(`batch_size (64) must be in [1, 32]`)."
+                f"{', '.join(genai)}: not run on {', '.join(skipped)}: its Generator takes at most "
+                f"{GENAI_MAX_BATCH} sequences (`batch_size (64) must be in [1, 32]`)."
             )
 
     def applies(r: Runner, wl: Workload) -> bool:
         if r.name == "nocache":
             return wl.batch is not None and wl.batch <= a.nocache_max_batch
-        return not (r.name == "genai" and wl.concurrency > GENAI_MAX_BATCH)
+        return not (isinstance(r, GenAIRunner) and wl.concurrency > GENAI_MAX_BATCH)
 
     for wl in workloads:
         active = [r for r in runners if applies(r, wl)]
         results = measure(active, wl, a.repeat, min_time=a.min_time)
         engine_out = next((outs for m, outs in results if m.runner == "engine"), None)
         for m, outs in results:
-            if engine_out is not None and m.runner in ("ortloop", "nocache", "torch", "genai", "int8"):
+            if engine_out is not None and m.runner not in ("engine", "hf"):  # hf: random weights
                 m.match_engine = float(np.mean([o == e for o, e in zip(outs, engine_out, strict=True)]))
             rep.measurements.append(m)
             log(
-                f"{wl.name:>9} {m.runner:>8}: {m.tokens_per_s:9,.0f} tokens/s, {m.tokens_per_cpu_s:9,.0f} per CPU "
-                f"second ({m.output_tokens} tokens in {min(m.wall):.2f} s; slowest run {m.spread:.2f}x)"
+                f"{wl.name:>9} {m.runner:>13}: {m.tokens_per_s:9,.0f} tokens/s, {m.tokens_per_cpu_s:9,.0f} per "
+                f"CPU second ({m.output_tokens} tokens in {min(m.wall):.2f} s; slowest run {m.spread:.2f}x)"
             )
     end = gemm_gflops(a.threads)  # best of the start and the end of the run
     rep.gemm_gflops, rep.gemm_gflops_cpu = max(gflops[0], end[0]), max(gflops[1], end[1])
     for r in runners:
+        if isinstance(r, EngineRunner) and r.layouts:
+            files = {"inplace": r.bundle.kv_inplace_path, "concat": r.bundle.onnx_path}
+            used = ", ".join(f"{x} ({files[x].name if files[x] else '?'})" for x in sorted(r.layouts))
+            notes.append(f"{r.name}: KV cache layout {used}.")
         if isinstance(r, GenAIRunner):
             rep.versions.update(r.versions)
             r.close()

@@ -8,14 +8,23 @@ and imports nothing from the project: only numpy and onnxruntime_genai.
 
 JOB.json::
 
-    {"model_dir": "folder with model.onnx and genai_config.json", "pad_id": 0, "repeat": 1,
+    {"model_dir": "folder with genai_config.json and the ONNX file it names", "pad_id": 0, "repeat": 1,
      "batches": [{"prompts": [[1, 5, 9], [1, 7]], "max_tokens": [128, 64]}, ...]}
+
+The folder is bench.engine.genai_config's: ``model.onnx``, or the in-place decoder
+``model.kvinplace.onnx`` with ``"past_present_share_buffer": true`` (genai then binds one
+buffer per layer as past and present); this script is the same for both.
 
 Each batch is one static batch: prompts left padded with ``pad_id`` to the longest (genai
 derives the attention mask and position ids from the padding), decoded until every row has
 ``max(max_tokens)`` new tokens; row i keeps its first ``max_tokens[i]``. ``min_length`` is
 set to ``max_length``, so EOS never ends a row early (the other runners use ``ignore_eos``).
 One warm-up batch runs first; the time is the best of ``repeat`` passes over all batches.
+
+genai numbers positions by column: a row with k pads starts at position k, where the other
+runners start every row at 0. Rows of equal prompt length are unaffected; in a padded batch
+(bench.engine's mixed workload) a padded row's logits differ slightly, and its greedy tokens can
+part from the engine's at a near tie.
 
 RESULT.json: ``{"seconds": wall, "cpu_seconds": process CPU time, "outputs": [[token ids] per request, in job order],
 "onnxruntime_genai": version, "onnxruntime": version}``.

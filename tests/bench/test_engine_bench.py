@@ -1,13 +1,15 @@
 """Smoke test of the offline engine benchmark (bench/engine.py) at tiny sizes.
 
-Runs this engine, the bare session.run loop, the no-cache runner and PyTorch eager on the seeded
-random bundle; the transformers and onnxruntime-genai runners need packages outside the test
-environment and are left to ``make bench-engine``.
+Runs this engine (on the in-place decoder and, as ``engine-concat``, on model.onnx), the bare
+session.run loop, the no-cache runner and PyTorch eager on the seeded random bundle, which carries
+both files. The onnxruntime-genai runners run when ``.venv-genai`` exists (``make bench-env``);
+the transformers runner is left to ``make bench-engine``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from bench.engine import (
     SECTION,
     Request,
     Workload,
+    build_runners,
     genai_config,
     main,
     markdown,
@@ -54,7 +57,7 @@ def _args(bundle: Path, checkpoint: Path, *extra: str):
             "--new-tokens",
             "4",
             "--runners",
-            "engine,ortloop,nocache,torch",
+            "engine,engine-concat,ortloop,nocache,torch",
             "--repeat",
             "1",
             "--min-time",
@@ -62,6 +65,9 @@ def _args(bundle: Path, checkpoint: Path, *extra: str):
             *extra,
         ]
     )
+
+
+GENAI_PYTHON = Path(__file__).resolve().parents[2] / ".venv-genai" / "bin" / "python"
 
 
 def test_runners_agree_and_report(random_bundle: Path, checkpoint: Path) -> None:
@@ -79,19 +85,61 @@ def test_runners_agree_and_report(random_bundle: Path, checkpoint: Path) -> None
     )
     rep = run(a, log=lambda s: None)
     got = {(m.runner, m.workload) for m in rep.measurements}
-    for runner in ("engine", "ortloop", "nocache", "torch"):
+    for runner in ("engine", "engine-concat", "ortloop", "nocache", "torch"):
         for wl in ("batch 1", "batch 2"):
             assert (runner, wl) in got
     assert ("engine", "mixed") in got and ("nocache", "mixed") not in got  # no-cache skips the mixed workload
+    assert ("engine-concat", "mixed") in got
     for m in rep.measurements:
         assert m.tokens_per_s > 0 and m.tokens_per_cpu_s > 0 and len(m.wall) == 1
     # Same model, same greedy decoding: every runner produces the engine's tokens at batch 1.
-    for runner in ("ortloop", "nocache", "torch"):
+    for runner in ("engine-concat", "ortloop", "nocache", "torch"):
         assert rep.get(runner, "batch 1").match_engine == 1.0
+    assert rep.get("engine-concat", "mixed").match_engine == 1.0  # both layouts batch alike
     assert rep.ceiling_tokens_per_s > 0
+    # The engine ran the in-place file, engine-concat model.onnx; the report says so.
+    assert "engine: KV cache layout inplace (model.kvinplace.onnx)." in rep.notes
+    assert "engine-concat: KV cache layout concat (model.onnx)." in rep.notes
     text = markdown(rep)
     assert "| this engine (ONNX Runtime + KV cache, continuous batching) |" in text
+    assert "| this engine on model.onnx (concat KV cache, kv_inplace=off) |" in text
     assert "KV cache vs full recompute, batch 1" in text
+    for wl in ("batch 1", "batch 2", "mixed"):
+        assert f"| in-place vs concat KV cache (this engine), {wl} |" in text
+
+
+@pytest.mark.skipif(not GENAI_PYTHON.is_file(), reason=".venv-genai not found (make bench-env)")
+def test_genai_runs_the_engines_file_and_matches_its_tokens(random_bundle: Path, checkpoint: Path) -> None:
+    a = _args(random_bundle, checkpoint, "--genai-python", str(GENAI_PYTHON))
+    a.runners = ["engine", "genai", "genai-concat"]
+    rep = run(a, log=lambda s: None)
+    assert 'genai: model.kvinplace.onnx, genai_config `"past_present_share_buffer": true`.' in rep.notes
+    assert 'genai-concat: model.onnx, genai_config `"past_present_share_buffer": false`.' in rep.notes
+    for runner in ("genai", "genai-concat"):
+        for wl in ("batch 1", "batch 2"):  # equal prompt lengths: no padding
+            assert rep.get(runner, wl).match_engine == 1.0, (runner, wl)
+    assert "onnxruntime_genai" in rep.versions
+    assert "| vs onnxruntime-genai (same ONNX file), batch 1 |" in markdown(rep)
+
+
+def test_concat_runners_need_the_inplace_file(random_bundle: Path, checkpoint: Path, tmp_path: Path) -> None:
+    """Without model.kvinplace.onnx the engine runs model.onnx: engine-concat would repeat it."""
+    bundle = tmp_path / "concat-only"
+    shutil.copytree(random_bundle, bundle)
+    cfg = json.loads((bundle / "config.json").read_text())
+    file = cfg.pop("onnx_kv_inplace")["file"]
+    cfg.get("files", {}).pop(file, None)
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    (bundle / file).unlink()
+    a = _args(bundle, checkpoint)
+    a.runners = ["engine", "engine-concat", "genai-concat"]
+    notes: list[str] = []
+    runners = build_runners(a, load_bundle(bundle), notes, log=lambda s: None)
+    assert [r.name for r in runners] == ["engine"]
+    assert notes == [
+        f"{name}: skipped, the bundle has no in-place decoder: the engine runs model.onnx."
+        for name in ("engine-concat", "genai-concat")
+    ]
 
 
 def test_main_writes_docs_plot_and_json(random_bundle: Path, checkpoint: Path, tmp_path: Path) -> None:
@@ -158,10 +206,16 @@ def test_genai_config_names_follow_the_bundle(random_bundle: Path) -> None:
     cfg = genai_config(b, threads=1)
     dec = cfg["model"]["decoder"]
     assert cfg["model"]["type"] == "decoder" and cfg["search"]["past_present_share_buffer"] is False
+    assert dec["filename"] == "model.onnx"
     assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert dec["outputs"]["present_value_names"] == "present.%d.value"
     assert dec["num_hidden_layers"] == b.num_layers and dec["head_size"] == b.head_dim
     assert dec["session_options"]["intra_op_num_threads"] == 1
+    # The in-place decoder: the same names, one buffer as past and present.
+    cfg = genai_config(b, threads=1, inplace=True)
+    dec = cfg["model"]["decoder"]
+    assert dec["filename"] == "model.kvinplace.onnx" and cfg["search"]["past_present_share_buffer"] is True
+    assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
 
 
 def test_profile_buckets_add_up(random_bundle: Path) -> None:
