@@ -10,7 +10,11 @@ first piece(s) of a decode, so the anchor must itself decode to non-empty text (
 pieces keep their spaces); at the very start there is no anchor, which reproduces the stripping
 that ``decode(all)`` does. Tokens whose text ends in U+FFFD may be an unfinished character: the
 last ≤ 3 of them are held back until it completes (text before them is released at once).
-Per-token work is bounded by the anchor and held tokens, never the whole output.
+Per-token work is bounded by the anchor and held tokens, never the whole output. Fast path:
+with a tokenizer that offers ``plain_texts`` (service.tokenizer.Tokenizer: the text of each
+ordinary piece after other text, checked against ``decode``), pending tokens that are all
+ordinary pieces are rendered by table lookup once an anchor exists, with no decode at all; the
+anchor stays where it was (it only has to be earlier text ending on a character boundary).
 
 Stop strings: text whose tail is a prefix of a stop string is held back; when a stop string
 completes, the text before it is emitted, and it and everything after it never are.
@@ -61,6 +65,7 @@ class IncrementalDetokenizer:
         context_ids: Sequence[int] = (),
     ):
         self._tokenizer = tokenizer
+        self._plain: dict[int, str] = getattr(tokenizer, "plain_texts", None) or {}
         self._special = frozenset(special_ids)
         self._stops = sorted({s for s in stop if s})  # sorted, for prefix lookups by bisection
         self._stop_set = frozenset(self._stops)
@@ -109,6 +114,15 @@ class IncrementalDetokenizer:
         """Render pending tokens to text, holding back an unfinished trailing character."""
         if not self._pending:
             return ""
+        if self._anchor and self._plain:
+            plain = self._plain
+            try:
+                text = "".join([plain[t] for t in self._pending])
+            except KeyError:  # a byte or other piece: decode
+                pass
+            else:
+                self._pending = []
+                return text
         text = self._decode_after_anchor(self._pending)
         if text.endswith(_FFFD) and not final:
             # Release what precedes the (at most 3) tokens of an unfinished character.

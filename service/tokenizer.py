@@ -6,6 +6,7 @@ inference worker (detokenization of streams). No torch.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import sentencepiece as spm
@@ -48,3 +49,29 @@ class Tokenizer:
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)
+
+    @functools.cached_property
+    def plain_texts(self) -> dict[int, str]:
+        """Text of each ordinary piece when it follows other text: the detokenizer's fast path.
+
+        Byte-fallback, control and unknown pieces are left out (their text depends on their
+        neighbours). Each entry is checked against ``decode`` once, after a reference piece, and
+        kept only if it equals the piece with '▁' as a space, so the table never disagrees with
+        the tokenizer; an empty table just means no fast path.
+        """
+        sp = self._sp
+        ref = next((i for i in range(self.vocab_size) if self._ordinary(i) and sp.decode([i]).strip()), None)
+        if ref is None:
+            return {}
+        ref_text = sp.decode([ref])
+        table = {}
+        for i in range(self.vocab_size):
+            if self._ordinary(i) and i not in self.special_ids:
+                text = sp.id_to_piece(i).replace("\u2581", " ")
+                if sp.decode([ref, i]) == ref_text + text:
+                    table[i] = text
+        return table
+
+    def _ordinary(self, i: int) -> bool:
+        sp = self._sp
+        return not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i))

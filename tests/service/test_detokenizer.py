@@ -257,3 +257,29 @@ def test_per_token_decode_work_is_bounded(sp: spm.SentencePieceProcessor) -> Non
     detok = IncrementalDetokenizer(tok, context_ids=context)
     assert "".join(stream(detok, ids)) == sp.decode(context + ids)[len(sp.decode(context)) :]
     assert tok.longest <= 16  # a short window, never the whole output
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_table_fast_path_renders_exactly_what_decode_does(sp, seed):
+    """service.tokenizer.Tokenizer offers plain_texts: the deltas must not change at all."""
+    from service.tokenizer import Tokenizer
+
+    tok = Tokenizer(sp)
+    assert len(tok.plain_texts) >= 30  # the fast path is really taken for ordinary pieces
+
+    class DecodeOnly:  # the same tokenizer without the table: the decode path
+        decode = staticmethod(tok.decode)
+
+    rnd = random.Random(seed)
+    text = rnd.choice(UNICODE_TEXTS) + " the quick  brown fox " + rnd.choice(UNICODE_TEXTS)
+    ids = sp.encode(text) + [rnd.randrange(sp.get_piece_size()) for _ in range(40)]
+    context = sp.encode(rnd.choice(UNICODE_TEXTS))
+    stops = ["fox", "🤖"] if seed % 2 else []
+    fast = IncrementalDetokenizer(tok, stops, SPECIAL, context)
+    slow = IncrementalDetokenizer(DecodeOnly(), stops, SPECIAL, context)
+    chunks = [ids[i : i + 1 + seed % 3] for i in range(0, len(ids), 1 + seed % 3)]
+    for chunk in chunks:
+        a, b = fast.add(chunk), slow.add(chunk)
+        assert (a.text_delta, a.stop_string) == (b.text_delta, b.stop_string)
+    assert fast.flush() == slow.flush()
+    assert fast.text == slow.text
