@@ -249,7 +249,10 @@ def _responses(model: type[BaseModel], stream: bool = False) -> dict:
     errors = {code: {"model": p.ErrorResponse} for code in (400, 401, 413, 422, 429, 503)}
     ok: dict[str, Any] = {"model": model}
     if stream:  # "stream": true answers server-sent events
-        events = "server-sent events: `data: {chunk}` per step, then `data: [DONE]` (docs/api.md)"
+        events = (
+            "server-sent events: `data: {chunk}` with the new tokens (several when the stream fell behind), "
+            "then `data: [DONE]` (docs/api.md)"
+        )
         ok["content"] = {"text/event-stream": {"schema": {"description": events}}}
     return {200: ok, **errors}
 
