@@ -31,16 +31,6 @@ def server(request, tmp_path_factory):
     assert srv.stop() == 0, srv.log()
 
 
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
-
-
 def _tokenize(server, text: str) -> list[int]:
     return httpx.post(server.url("/tokenize"), json={"text": text}).json()["tokens"]
 

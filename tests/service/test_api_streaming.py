@@ -16,7 +16,6 @@ import math
 import time
 
 import httpx
-import openai
 import pytest
 from fakes import make_fake_bundle
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,16 +33,6 @@ def server(tmp_path_factory):
     )
     yield srv
     assert srv.stop() == 0, srv.log()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(client) -> str:
-    return client.models.list().data[0].id
 
 
 def _seeded(model: str, **kw) -> dict:
