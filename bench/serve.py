@@ -54,6 +54,7 @@ class BenchmarkConfig:
     endpoint: Endpoint = "completions"
     model: str | None = None  # None: the first id from GET /v1/models
     concurrency: int | None = None  # closed loop; 1 when request_rate is None too
+    ramp_up: float = 0.0  # closed loop: client k starts at k * ramp_up / concurrency seconds
     request_rate: float | None = None  # open loop, requests/s (math.inf: all at t=0)
     max_concurrency: int | None = None  # open loop only: cap on requests in flight
     num_requests: int = 100
@@ -86,6 +87,11 @@ class BenchmarkConfig:
                 raise ValueError(f"request_rate must be > 0, got {self.request_rate}")
         elif self.max_concurrency is not None:
             raise ValueError("max_concurrency applies to the open loop only (set request_rate)")
+        if self.ramp_up:
+            if self.request_rate is not None:
+                raise ValueError("ramp_up applies to the closed loop only (set concurrency, not request_rate)")
+            if not 0 <= self.ramp_up < math.inf:
+                raise ValueError(f"ramp_up must be >= 0 seconds, got {self.ramp_up}")
         for name in ("concurrency", "max_concurrency"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -518,11 +524,17 @@ async def run_benchmark(config: BenchmarkConfig) -> BenchmarkResult:
             if config.mode == "closed":
                 pending = iter(range(config.num_requests))
 
-                async def user() -> None:
+                clients = config.concurrency or 1
+
+                async def user(k: int) -> None:
+                    # A load shape, not synchronization: spread the first requests over ramp_up
+                    # seconds instead of sending all of them in the same millisecond.
+                    if (delay := run_start + k * config.ramp_up / clients - time.perf_counter()) > 0:
+                        await asyncio.sleep(delay)
                     while time.perf_counter() < deadline and (i := next(pending, None)) is not None:
                         await one(i)
 
-                await asyncio.gather(*(user() for _ in range(config.concurrency or 1)))
+                await asyncio.gather(*(user(k) for k in range(clients)))
             else:
                 assert config.request_rate is not None
                 arrivals = poisson_arrivals(config.num_requests, config.request_rate, config.seed)
@@ -579,6 +591,8 @@ def markdown_table(result: BenchmarkResult) -> str:
     """The summary as a markdown table (latencies in milliseconds)."""
     s, c = result.summary, result.config
     load = f"closed loop, {c.get('concurrency') or 1} clients"
+    if c.get("ramp_up"):
+        load += f" started over {c['ramp_up']:g} s"
     if c.get("mode") == "open":
         cap = c.get("max_concurrency")
         load = f"Poisson, {c.get('request_rate')} req/s" + (f", at most {cap} in flight" if cap else "")
@@ -779,6 +793,12 @@ def build_parser() -> argparse.ArgumentParser:
     load = p.add_argument_group("load")
     load.add_argument("--concurrency", type=int, default=None, help="closed loop: N clients (default 1)")
     load.add_argument(
+        "--ramp-up",
+        type=float,
+        default=0.0,
+        help="closed loop: start the clients evenly over this many seconds (default: 0, all at once)",
+    )
+    load.add_argument(
         "--request-rate",
         type=float,
         default=None,
@@ -822,6 +842,7 @@ def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
         endpoint=args.endpoint,
         model=args.model,
         concurrency=args.concurrency,
+        ramp_up=args.ramp_up,
         request_rate=args.request_rate,
         max_concurrency=args.max_concurrency,
         num_requests=args.num_requests,

@@ -287,6 +287,16 @@ def test_closed_loop_never_exceeds_concurrency(serve_stub):
     assert stub.max_in_flight == 3 and result.summary["max_in_flight"] == 3
 
 
+def test_ramp_up_starts_the_clients_evenly(serve_stub):
+    stub, url = serve_stub(ttft=0.01, chunk_delay=0.1)  # a request lasts longer than the ramp-up
+    result = run(url=url, concurrency=4, ramp_up=0.3, num_requests=8, prompt_len=(8, 8), output_len=(5, 5))
+    assert result.summary["completed"] == 8
+    first = sorted(r.start for r in result.requests)[:4]  # each client's first request
+    for k, start in enumerate(first):
+        assert k * 0.075 - 0.002 <= start <= k * 0.075 + 0.05
+    assert result.summary["max_in_flight"] == 4
+
+
 def test_open_loop_max_concurrency_caps_in_flight(serve_stub):
     stub, url = serve_stub(ttft=0.02, chunk_delay=0.005)
     result = run(
@@ -345,6 +355,10 @@ def test_bad_arguments_name_the_field():
     assert parse_range("64", "--output-len") == (64, 64)
     with pytest.raises(ValueError, match="max_concurrency"):
         BenchmarkConfig(url="http://127.0.0.1:1", concurrency=2, request_rate=1.0).validate()
+    with pytest.raises(ValueError, match="ramp_up"):
+        BenchmarkConfig(url="http://127.0.0.1:1", request_rate=1.0, ramp_up=1.0).validate()
+    with pytest.raises(ValueError, match="ramp_up"):
+        BenchmarkConfig(url="http://127.0.0.1:1", concurrency=2, ramp_up=-1.0).validate()
 
 
 def test_cli_writes_json_table_and_plots(serve_stub, tmp_path, capsys):
