@@ -27,7 +27,6 @@ every result as JSON (``--json-out``). See docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -50,7 +49,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.serve import BenchmarkConfig, BenchmarkResult, run_benchmark
+from bench.serve import BenchmarkConfig, BenchmarkResult, run_sync
 from bench.workload import parse_range
 
 REPO = Path(__file__).resolve().parents[1]
@@ -360,7 +359,7 @@ def _bench_config(cfg: CompareConfig, url: str, **kw: Any) -> BenchmarkConfig:
 def measure(server: ManagedServer, bench: BenchmarkConfig) -> BenchmarkResult:
     """One harness run, with the CPU seconds of each server process and of the client."""
     before = server.cpu_times()
-    result = asyncio.run(run_benchmark(bench))
+    result = run_sync(bench)
     split = cpu_split(before, server.cpu_times())
     split["client"] = float(result.summary.get("client_cpu_s") or 0.0)
     result.summary["cpu_s"] = split
@@ -371,7 +370,7 @@ def warm_up(server: ManagedServer, cfg: CompareConfig) -> None:
     bench = _bench_config(
         cfg, server.url, concurrency=4, num_requests=4, output_len=(8, 8), seed=cfg.seed + 1, progress=False
     )
-    asyncio.run(run_benchmark(bench))
+    run_sync(bench)
 
 
 def run_http(

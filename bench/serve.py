@@ -780,6 +780,20 @@ def _parse_header(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
+def run_sync(config: BenchmarkConfig) -> BenchmarkResult:
+    """``run_benchmark`` on uvloop when it is installed (it comes with uvicorn's standard extra).
+
+    The load generator shares the machine with the server it measures: every CPU-second it spends
+    parsing chunks is taken from the server. uvloop's event loop costs less per chunk.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(run_benchmark(config))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(run_benchmark(config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.serve",
@@ -871,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         config.validate()
     except ValueError as e:
         parser.error(str(e))
-    result = asyncio.run(run_benchmark(config))
+    result = run_sync(config)
     print(markdown_table(result))
     if args.out:
         result.write_json(args.out)

@@ -290,7 +290,7 @@ def test_closed_loop_never_exceeds_concurrency(serve_stub):
 def test_ramp_up_starts_the_clients_evenly(serve_stub):
     stub, url = serve_stub(ttft=0.01, chunk_delay=0.1)  # a request lasts longer than the ramp-up
     result = run(url=url, concurrency=4, ramp_up=0.3, num_requests=8, prompt_len=(8, 8), output_len=(5, 5))
-    assert result.summary["completed"] == 8
+    assert result.summary["completed"] == 8 == len(stub.bodies)
     first = sorted(r.start for r in result.requests)[:4]  # each client's first request
     for k, start in enumerate(first):
         assert k * 0.075 - 0.002 <= start <= k * 0.075 + 0.05
