@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -25,13 +26,13 @@ def cmd_prepare(a) -> Path:
 
 
 def cmd_train_tokenizer(a, prepared: Path | None = None) -> Path:
-    from model.tokenizer_train import train_tokenizer
+    from model.tokenizer_train import RECIPE_VERSION, train_tokenizer
 
     prepared = prepared or cmd_prepare(a)
     out = a.work_dir / a.preset / "tokenizer.model"
     preset = PRESETS[a.preset]
     vocab = a.vocab_size or preset.vocab_size
-    cache = prepared / f"tokenizer-{vocab}-{preset.tokenizer_sentences}.model"
+    cache = prepared / f"tokenizer-v{RECIPE_VERSION}-{vocab}-{preset.tokenizer_sentences}.model"
     if not cache.is_file():  # tokenizers are cached per corpus and vocabulary size
         train_tokenizer(prepared / "train.txt", cache, vocab, preset.tokenizer_sentences)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,8 @@ def cmd_train(a, prepared: Path | None = None, tok_path: Path | None = None):
     tok = Tokenizer.load(tok_path)
     mc, tc = _configs(a)
     mc.pad_id = tok.pad_id
-    cache = prepared / f"tokens-{tok_path.stat().st_size}-{mc.vocab_size}.npz"
+    # Keyed by the tokenizer's content: a retrained tokenizer never reuses another's token stream.
+    cache = prepared / f"tokens-{hashlib.sha256(tok_path.read_bytes()).hexdigest()[:16]}.npz"
     if cache.is_file():
         z = np.load(cache)
         train_data, val_data = z["train"], z["val"]

@@ -1,26 +1,45 @@
-"""Train the SentencePiece tokenizer (BPE, byte fallback) on the training text."""
+"""Train the SentencePiece tokenizer (BPE, byte fallback) on the training text.
+
+The tokenizer is trained on the text exactly as it is encoded later: whole paragraphs (blank-line
+separated blocks, newlines inside), no dummy '▁' prefix, '\\n' an ordinary character. SentencePiece's
+defaults (one sentence per line, a '▁' added before each) trained pieces like '▁Where' that never
+occur when a whole play is encoded, where the first word of every line follows '\\n' without a
+space: such words fell apart into 'W' 'he' 're'. Measured on the held-out plays, vocabulary 2048:
+2.46 characters per token with the defaults, 2.56 with paragraphs, 2.72 when '\\n' may also merge
+('.\\n', '?\\n') — about 10% fewer tokens for the same text, at the same cost per token.
+"""
 
 from __future__ import annotations
 
 import io
+import re
 import sys
 from pathlib import Path
 
 import sentencepiece as spm
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+# Bump when the training recipe changes: cached tokenizers and token streams are keyed by it.
+RECIPE_VERSION = 2
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+
+
+def paragraphs(text: str) -> list[str]:
+    """Blank-line separated blocks, each ending in the blank line that closes it."""
+    return [p + "\n\n" for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
 
 
 def train_tokenizer(train_txt: Path, out_model: Path, vocab_size: int, max_sentences: int = 0) -> Path:
     """Train a BPE model with byte fallback so any UTF-8 text round-trips exactly."""
     out_model.parent.mkdir(parents=True, exist_ok=True)
-    lines = [ln for ln in train_txt.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
+    sentences = paragraphs(train_txt.read_text(encoding="utf-8"))
+    if not sentences:
         raise ValueError(f"{train_txt} is empty: nothing to train a tokenizer on")
     buf = io.BytesIO()
-    print(f"training SentencePiece BPE tokenizer (vocab {vocab_size}) on {len(lines):,} lines ...", file=sys.stderr)
+    print(f"training SentencePiece BPE tokenizer (vocab {vocab_size}) on {len(sentences):,} paragraphs ...",
+          file=sys.stderr)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
+        sentence_iterator=iter(sentences),
         model_writer=buf,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -33,9 +52,10 @@ def train_tokenizer(train_txt: Path, out_model: Path, vocab_size: int, max_sente
         # Keep whitespace faithful: the model must reproduce line structure and indentation.
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
+        add_dummy_prefix=False,
         split_digits=True,
         allow_whitespace_only_pieces=True,
-        user_defined_symbols=["\n"],
+        max_sentence_length=1 << 20,  # a paragraph is a sentence; some are long (prose, sonnets)
         input_sentence_size=max_sentences,
         shuffle_input_sentence=True,
         num_threads=2,
