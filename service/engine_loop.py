@@ -99,7 +99,7 @@ class TextGenAPI(ls.LitAPI):
         self.engine = import_string(s.engine_class)(
             bundle,
             provider=s.provider,
-            intra_op_threads=s.intra_op_threads,
+            intra_op_threads=s.onnx_threads,
             graph_opt_level=s.graph_opt_level,
             kv_inplace=s.kv_inplace,
             max_running=s.max_running,

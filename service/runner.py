@@ -88,7 +88,8 @@ class Runner:
         if provider == "cuda" and not self.on_cuda:
             raise ProviderError(f"TEXTGEN_PROVIDER=cuda but ONNX Runtime runs {self.provider} "
                                 f"(available: {available}); is a GPU and CUDA 13 + cuDNN 9 present?")
-        log.info("ONNX Runtime %s running %s on %s", ort.__version__, bundle.onnx_path.name, self.provider)
+        log.info("ONNX Runtime %s running %s on %s, intra-op threads: %s", ort.__version__, bundle.onnx_path.name,
+                 self.provider, intra_op_threads or "ONNX Runtime's default")
 
         names = bundle.io_names
         self.num_layers, self.num_heads, self.head_dim = bundle.num_layers, bundle.num_kv_heads, bundle.head_dim

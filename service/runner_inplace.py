@@ -42,7 +42,8 @@ class InplaceRunner:
         so = session_options(intra_op_threads, graph_opt_level)
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.provider = self.session.get_providers()[0]
-        log.info("ONNX Runtime %s running %s on %s", ort.__version__, path.name, self.provider)
+        log.info("ONNX Runtime %s running %s on %s, intra-op threads: %s", ort.__version__, path.name,
+                 self.provider, intra_op_threads or "ONNX Runtime's default")
         names = bundle.kv_inplace_io_names
         L = self.num_layers = bundle.num_layers
         self.num_heads, self.head_dim = bundle.num_kv_heads, bundle.head_dim

@@ -38,7 +38,10 @@ class Settings(BaseModel):
         None, description="Bearer key for the API routes (not /health, /ready, /metrics)."
     )
     provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime execution provider.")
-    intra_op_threads: int = Field(0, ge=0, le=1024, description="ONNX Runtime threads; 0 = its default.")
+    intra_op_threads: int = Field(
+        0, ge=0, le=1024,
+        description="ONNX Runtime intra-op threads; 0 = auto: the usable cores minus one, at least 1.",
+    )
     graph_opt_level: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimizations."
     )
@@ -82,6 +85,17 @@ class Settings(BaseModel):
         return (
             "PROMETHEUS_MULTIPROC_DIR" if field == "prometheus_multiproc_dir" else ENV_PREFIX + field.upper()
         )
+
+    @property
+    def onnx_threads(self) -> int:
+        """``intra_op_threads`` resolved: 0 means one core fewer than this process may use, at least 1.
+
+        The HTTP process (and LitServe's queue manager) need a core too. With as many ONNX Runtime
+        threads as cores, a parallel operator waits for whichever of its threads the OS gave away
+        to them: on 2 cores, 16 streaming clients saw a TTFT p99 of 190-290 ms with 2 threads and
+        33-66 ms with 1, at the same output tokens/s (docs/BENCHMARKS.md).
+        """
+        return self.intra_op_threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -34,6 +34,7 @@ def engine_kwargs(bundle_dir: str | Path, **overrides: Any) -> dict[str, Any]:
     """
     settings = Settings.from_env(model_dir=str(bundle_dir))
     kwargs = {name: getattr(settings, name) for name in ENGINE_SETTINGS}
+    kwargs["intra_op_threads"] = settings.onnx_threads  # 0 resolved as the service resolves it
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return kwargs
 

@@ -156,7 +156,8 @@ def test_cpu_overlay_requests_no_gpu():
     assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
     assert "tolerations" not in one(docs, "Deployment")["spec"]["template"]["spec"]
     assert c["image"].endswith("-cpu")
-    assert config_env(docs)["TEXTGEN_INTRA_OP_THREADS"] == str(c["resources"]["requests"]["cpu"])
+    # One ONNX Runtime thread per requested core but one: the HTTP process needs a core.
+    assert config_env(docs)["TEXTGEN_INTRA_OP_THREADS"] == str(int(c["resources"]["requests"]["cpu"]) - 1)
 
 
 def test_selectors_match(overlay):

@@ -38,6 +38,16 @@ def test_settings_defaults_and_env():
     assert s.max_running == 8 and s.log_prompts is True and s.api_key.get_secret_value() == "k"
 
 
+def test_onnx_threads_leave_a_core_for_the_http_process(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert Settings.from_env({}).onnx_threads == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert Settings.from_env({}).onnx_threads == 1  # never 0: that would mean ONNX Runtime's default
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert Settings.from_env({}).onnx_threads == 15
+    assert Settings.from_env({"TEXTGEN_INTRA_OP_THREADS": "4"}).onnx_threads == 4  # explicit wins
+
+
 def test_settings_ignores_kubernetes_port_variable():
     assert Settings.from_env({"TEXTGEN_PORT": "tcp://10.0.0.1:8000"}).http_port == 8000
 
