@@ -22,11 +22,27 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # Bump when the training recipe changes: cached tokenizers and token streams are keyed by it.
 RECIPE_VERSION = 2
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+MAX_SENTENCE_CHARS = 1 << 16  # SentencePiece drops longer sentences: long blocks are cut at lines
 
 
-def paragraphs(text: str) -> list[str]:
-    """Blank-line separated blocks, each ending in the blank line that closes it."""
-    return [p + "\n\n" for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
+def paragraphs(text: str, max_chars: int = MAX_SENTENCE_CHARS) -> list[str]:
+    """Blank-line separated blocks, each ending in the blank line that closes it.
+
+    A block longer than ``max_chars`` (a corpus without blank lines) is cut into runs of whole
+    lines of at most ``max_chars`` (a single longer line is cut anywhere).
+    """
+    out = []
+    for block in _PARAGRAPH_BREAK.split(text):
+        if not block.strip():
+            continue
+        block += "\n\n"
+        while len(block) > max_chars:
+            cut = block.rfind("\n", 0, max_chars) + 1 or max_chars
+            out.append(block[:cut])
+            block = block[cut:]
+        if block.strip():
+            out.append(block)
+    return out
 
 
 def train_tokenizer(train_txt: Path, out_model: Path, vocab_size: int, max_sentences: int = 0) -> Path:
@@ -55,7 +71,7 @@ def train_tokenizer(train_txt: Path, out_model: Path, vocab_size: int, max_sente
         add_dummy_prefix=False,
         split_digits=True,
         allow_whitespace_only_pieces=True,
-        max_sentence_length=1 << 20,  # a paragraph is a sentence; some are long (prose, sonnets)
+        max_sentence_length=4 * MAX_SENTENCE_CHARS,  # bytes: a paragraph is a sentence; some are long
         input_sentence_size=max_sentences,
         shuffle_input_sentence=True,
         num_threads=2,

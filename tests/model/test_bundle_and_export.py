@@ -161,6 +161,18 @@ def _run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "model", *args], cwd=cwd, capture_output=True, text=True)
 
 
+def test_tokenizer_sentences_are_paragraphs_of_bounded_length() -> None:
+    from model.tokenizer_train import paragraphs
+
+    text = "A.\nWhere art thou?\n\n  \nB.\nHere.\n"
+    assert paragraphs(text) == ["A.\nWhere art thou?\n\n", "  \nB.\nHere.\n\n\n"]
+    long_block = "".join(f"line {i}\n" for i in range(1000))  # no blank line at all
+    parts = paragraphs(long_block, max_chars=100)
+    assert "".join(parts) == long_block + "\n\n" and all(len(p) <= 100 for p in parts)
+    assert all(p.endswith("\n") for p in parts)  # cut at line ends
+    assert paragraphs("x" * 250, max_chars=100) == ["x" * 100, "x" * 100, "x" * 50 + "\n\n"]
+
+
 def test_missing_and_empty_corpus_are_clear_errors(tmp_path: Path) -> None:
     r = _run_cli("prepare", "--corpus", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path / "d"))
     assert r.returncode != 0 and "does not exist" in r.stderr
