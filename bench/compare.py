@@ -509,7 +509,8 @@ def ratios(results: dict[str, BenchmarkResult]) -> dict[str, float | None]:
     def eff(k: str) -> float | None:
         return median_efficiency(results, k)
 
-    c16 = next((k for k in results if k.startswith("service-c") and k != "service-c1" and "burst" not in k), None)
+    c16 = next((k for k in results if k.startswith("service-c") and k != "service-c1" and not k.endswith("-burst")),
+               None)
     burst = next((k for k in results if k.startswith("service-c") and k.endswith("-burst")), None)
     return {
         "eff_vs_static": div(eff("service"), eff("static")),

@@ -781,7 +781,7 @@ def _parse_header(text: str) -> tuple[str, str]:
 
 
 def run_sync(config: BenchmarkConfig) -> BenchmarkResult:
-    """``run_benchmark`` on uvloop when it is installed (it comes with uvicorn's standard extra).
+    """``run_benchmark`` on uvloop when it is installed (the dev extra installs it).
 
     The load generator shares the machine with the server it measures: every CPU-second it spends
     parsing chunks is taken from the server. uvloop's event loop costs less per chunk.

@@ -33,7 +33,7 @@ def cmd_train_tokenizer(a, prepared: Path | None = None) -> Path:
     preset = PRESETS[a.preset]
     vocab = a.vocab_size or preset.vocab_size
     cache = prepared / f"tokenizer-v{RECIPE_VERSION}-{vocab}-{preset.tokenizer_sentences}.model"
-    if not cache.is_file():  # tokenizers are cached per corpus and vocabulary size
+    if not cache.is_file():  # tokenizers are cached per corpus, recipe and vocabulary size
         train_tokenizer(prepared / "train.txt", cache, vocab, preset.tokenizer_sentences)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(cache.read_bytes())
@@ -97,10 +97,10 @@ def cmd_export(a) -> Path:
         q = work / "model.int8.onnx"
         quantize_int8(tmp, q)
         tmp = q
-    kv_inplace = None
-    if fp16 and not getattr(a, "no_kv_inplace", False):  # fp16 bundles are for CUDA, which serves model.onnx
+    kv_inplace, want_inplace = None, not getattr(a, "no_kv_inplace", False)
+    if want_inplace and fp16:  # fp16 bundles are for CUDA, which serves model.onnx
         print("no in-place KV cache decoder for --fp16 (it is float32, for the CPU)", file=sys.stderr)
-    elif not getattr(a, "no_kv_inplace", False):
+    elif want_inplace:
         from model.export_gqa import build_kv_inplace
 
         print("building the in-place KV cache decoder (GroupQueryAttention) ...", file=sys.stderr)

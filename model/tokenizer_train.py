@@ -19,7 +19,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
-# Bump when the training recipe changes: cached tokenizers and token streams are keyed by it.
+# Bump when the training recipe changes: cached tokenizers are keyed by it (token streams by the
+# tokenizer's own hash, model/cli.py).
 RECIPE_VERSION = 2
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 MAX_SENTENCE_CHARS = 1 << 16  # SentencePiece drops longer sentences: long blocks are cut at lines
