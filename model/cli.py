@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from model.config import PRESETS, GPTConfig, TrainConfig
+from model.config import ACTIVATIONS, PRESETS, GPTConfig, TrainConfig
 
 DEFAULT_WORK = Path("artifacts/.work")
 
@@ -42,9 +42,10 @@ def cmd_train_tokenizer(a, prepared: Path | None = None) -> Path:
 
 def _configs(a) -> tuple[GPTConfig, TrainConfig]:
     preset = PRESETS[a.preset]
-    mc = dataclasses.replace(preset.model, vocab_size=a.vocab_size or preset.vocab_size)
+    mc = dataclasses.replace(preset.model, vocab_size=a.vocab_size or preset.vocab_size,
+                             activation=getattr(a, "activation", None) or preset.model.activation)
     tc = dataclasses.replace(preset.train)
-    for field in ("max_steps", "time_limit_s", "batch_size", "lr", "seed", "threads"):
+    for field in ("max_steps", "time_limit_s", "batch_size", "lr", "seed", "threads", "optimizer"):
         v = getattr(a, field, None)
         if v is not None:
             setattr(tc, field, v)
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         if preset:
             sp.add_argument("--preset", choices=sorted(PRESETS), default="small")
             sp.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
+            sp.add_argument("--activation", choices=ACTIVATIONS, default=None,
+                            help="override the preset's feed-forward activation")
 
     def training(sp):
         sp.add_argument("--max-steps", type=int, default=None)
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         sp.add_argument("--lr", type=float, default=None)
         sp.add_argument("--seed", type=int, default=None)
         sp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+        sp.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
+                        help="override the preset's optimizer (muon: Muon for hidden matrices, AdamW for the rest)")
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         sp.add_argument("--resume", action="store_true", help="continue from the checkpoint in the work dir")
 

@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
+ACTIVATIONS = ("gelu", "relu", "relu2")
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 2048
@@ -17,8 +20,11 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False  # biases in Linear layers (LayerNorm always has them)
     pad_id: int = 0
+    activation: str = "gelu"  # of the feed-forward: "gelu" (exact), "relu" (the original transformer's), "relu2" (relu squared)
 
     def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_embd % 2:
@@ -55,6 +61,9 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast on CUDA; weights stay fp32
     time_limit_s: float = 0.0  # 0: none; otherwise stop (and decay to min lr) at this wall time
     threads: int = 0  # torch intra-op threads; 0 = torch default
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for hidden matrices, AdamW for the rest (model/muon.py)
+    muon_momentum: float = 0.95
+    muon_lr_scale: float = 1.0  # Muon's learning rate = lr * this (its updates are RMS-matched to AdamW's)
 
 
 @dataclass

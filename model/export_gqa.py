@@ -98,6 +98,17 @@ def build_kv_inplace(model: GPT, out: Path) -> Path:
         b = const(f"{prefix}.bias", sd[f"{prefix}.bias"])
         nodes.append(helper.make_node("LayerNormalization", [x, w, b], [y], axis=-1, epsilon=1e-5))
 
+    def activation(x: str, y: str) -> None:  # model.gpt.ACTIVATION_FNS
+        if cfg.activation == "gelu":
+            nodes.append(helper.make_node("Gelu", [x], [y], domain="com.microsoft"))  # exact (erf)
+        elif cfg.activation == "relu":
+            nodes.append(helper.make_node("Relu", [x], [y]))
+        elif cfg.activation == "relu2":
+            nodes.append(helper.make_node("Relu", [x], [y + "r"]))
+            nodes.append(helper.make_node("Mul", [y + "r", y + "r"], [y]))
+        else:
+            raise ValueError(f"no ONNX form for activation {cfg.activation!r}")
+
     x = "x0"
     for i in range(L):
         p = f"blocks.{i}"
@@ -127,7 +138,7 @@ def build_kv_inplace(model: GPT, out: Path) -> Path:
         nodes.append(helper.make_node("Add", [x, f"ao{i}"], [f"x{i}a"]))
         layer_norm(f"x{i}a", f"{p}.ln2", f"h{i}b")
         linear(f"h{i}b", f"{p}.ffn.fc", f"fc{i}")
-        nodes.append(helper.make_node("Gelu", [f"fc{i}"], [f"g{i}"], domain="com.microsoft"))  # exact (erf)
+        activation(f"fc{i}", f"g{i}")
         linear(f"g{i}", f"{p}.ffn.proj", f"fo{i}")
         nodes.append(helper.make_node("Add", [f"x{i}a", f"fo{i}"], [f"x{i + 1}"]))
         x = f"x{i + 1}"

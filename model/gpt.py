@@ -68,15 +68,25 @@ class MultiHeadAttention(nn.Module):
         return self.resid_drop(self.proj(y)), (k, v)
 
 
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+ACTIVATION_FNS = {"gelu": F.gelu, "relu": F.relu, "relu2": relu2}
+
+
 class FeedForward(nn.Module):
+    """Position-wise feed-forward: Linear(d, 4d) -> activation -> Linear(4d, d)."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, cfg.ffn_mult * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.ffn_mult * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.act = ACTIVATION_FNS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        return self.drop(self.proj(self.act(self.fc(x))))
 
 
 class Block(nn.Module):

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from model.config import GPTConfig, TrainConfig
 from model.gpt import GPT
+from model.muon import Muon, OptimizerPair
 
 LN2 = math.log(2)
 
@@ -50,6 +51,25 @@ def get_batch(data: np.ndarray, block: int, batch: int, rng: np.random.Generator
     x = np.stack([data[i : i + block] for i in ix]).astype(np.int64)
     y = np.stack([data[i + 1 : i + 1 + block] for i in ix]).astype(np.int64)
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+
+
+def make_optimizer(model: GPT, tc: TrainConfig, device: str):
+    """AdamW on everything, or Muon on the blocks' matrices and AdamW on embeddings and LayerNorms."""
+    params = dict(model.named_parameters())  # the tied head appears once, as wte.weight
+    muon_names = [n for n, p in params.items() if tc.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]
+    decay = [p for n, p in params.items() if p.dim() >= 2 and n not in muon_names]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}],
+                              lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.startswith("cuda"))
+    if tc.optimizer == "adamw":
+        return adamw
+    if tc.optimizer != "muon":
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', got {tc.optimizer!r}")
+    groups = [{"params": [params[n]], "split": 3 if n.endswith("attn.qkv.weight") else 1, "lr_scale": tc.muon_lr_scale}
+              for n in muon_names]
+    muon = Muon(groups, lr=tc.lr, momentum=tc.muon_momentum, weight_decay=tc.weight_decay)
+    return OptimizerPair(muon, adamw)
 
 
 @torch.no_grad()
@@ -143,10 +163,7 @@ def train(
         raise ValueError(f"corpus too small for block size {block}: {len(train_data)} train / {len(val_data)} val tokens")
 
     model = GPT(model_cfg).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.startswith("cuda"))
+    opt = make_optimizer(model, tc, device)
     step, history, elapsed_before = 0, [], 0.0
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -175,7 +192,7 @@ def train(
             break
         lr = lr_at(progress, tc, warmup_frac)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         x, y = get_batch(train_data, block, tc.batch_size, rng, device)
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
             loss = model.loss(x, y)

@@ -59,6 +59,27 @@ def test_export_parity_kv_inplace_right_padded_batch(random_model_and_bundle) ->
     assert len(set(map(tuple, rep.onnx_tokens))) > 1
 
 
+@pytest.mark.parametrize("activation", ["relu", "relu2"])
+def test_export_parity_of_each_activation(activation: str, tmp_path: Path) -> None:
+    import torch
+
+    from model.config import GPTConfig
+    from model.export import export_onnx
+    from model.export_gqa import build_kv_inplace
+    from model.gpt import GPT
+    from model.verify import check_parity, check_parity_kv_inplace
+
+    torch.manual_seed(7)
+    model = GPT(GPTConfig(vocab_size=128, context_length=64, n_layer=2, n_head=2, n_embd=32,
+                          activation=activation)).eval()
+    prompts = [[1, 10, 20, 30, 40], [1, 70], [1, 80, 90]]
+    for rep in (check_parity(model, export_onnx(model, tmp_path / "model.onnx"), prompts, pad_id=0, steps=8),
+                check_parity_kv_inplace(model, build_kv_inplace(model, tmp_path / "inplace.onnx"), prompts,
+                                        pad_id=0, steps=8)):
+        assert rep.max_abs_diff <= 1e-4
+        assert rep.greedy_identical
+
+
 def test_kv_inplace_io_follows_the_genai_convention(random_bundle: Path) -> None:
     import onnx
 

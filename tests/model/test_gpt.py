@@ -83,6 +83,8 @@ def test_generate_greedy_is_deterministic(model: GPT) -> None:
 def test_config_rejects_bad_heads() -> None:
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="activation"):
+        GPTConfig(activation="swish")
 
 
 @torch.no_grad()
