@@ -1,4 +1,5 @@
-"""Training: AdamW, warm-up + cosine decay, gradient clipping, periodic validation, checkpoints, resume.
+"""Training: AdamW (or Muon + AdamW, model/muon.py), warm-up + cosine decay, gradient clipping,
+periodic validation, checkpoints, resume.
 
 The learning-rate schedule runs on progress = max(step / max_steps, elapsed / time_limit), so a
 time-limited run still warms up, decays fully and ends on schedule on a slower machine.
@@ -167,6 +168,10 @@ def train(
     step, history, elapsed_before = 0, [], 0.0
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        was = ck.get("train_config", {}).get("optimizer", "adamw")
+        if was != tc.optimizer:
+            raise ValueError(f"{ckpt_path} was trained with optimizer {was!r}, not {tc.optimizer!r}: "
+                             f"resume with --optimizer {was} or start a new work dir")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, history, elapsed_before = ck["step"], ck.get("history", []), ck.get("train_seconds", 0.0)
@@ -201,7 +206,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         step += 1
-        lv = float(loss)
+        lv = loss.item()
         smooth = lv if smooth is None else 0.95 * smooth + 0.05 * lv
         tok_s = step * tc.batch_size * block / max(1e-9, time.perf_counter() - t0)
         bar.set_postfix(loss=f"{smooth:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")

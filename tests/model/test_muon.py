@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -86,3 +87,19 @@ def test_muon_state_survives_a_checkpoint() -> None:
     opt.step()
     opt2.step()
     np.testing.assert_array_equal(w.detach().numpy(), w2.detach().numpy())
+
+
+def test_training_with_muon_resumes_and_refuses_a_different_optimizer(tmp_path) -> None:
+    from model.train import train
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(4, 64, size=4000).astype(np.int64)
+    mc = GPTConfig(vocab_size=64, context_length=32, n_layer=1, n_head=2, n_embd=32)
+    tc = TrainConfig(max_steps=4, batch_size=2, block_size=32, warmup_steps=1, eval_interval=2, optimizer="muon")
+    first = train(mc, tc, data, data[:600], 1000, tmp_path, device="cpu")
+    assert first.steps == 4
+    more = train(mc, dataclasses.replace(tc, max_steps=6), data, data[:600], 1000, tmp_path, resume=True, device="cpu")
+    assert more.steps == 6
+    with pytest.raises(ValueError, match="trained with optimizer 'muon'"):
+        train(mc, dataclasses.replace(tc, max_steps=8, optimizer="adamw"), data, data[:600], 1000, tmp_path,
+              resume=True, device="cpu")
