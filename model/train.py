@@ -56,21 +56,20 @@ def get_batch(data: np.ndarray, block: int, batch: int, rng: np.random.Generator
 
 def make_optimizer(model: GPT, tc: TrainConfig, device: str):
     """AdamW on everything, or Muon on the blocks' matrices and AdamW on embeddings and LayerNorms."""
+    if tc.optimizer not in ("adamw", "muon"):
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', got {tc.optimizer!r}")
     params = dict(model.named_parameters())  # the tied head appears once, as wte.weight
-    muon_names = [n for n, p in params.items() if tc.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]
-    decay = [p for n, p in params.items() if p.dim() >= 2 and n not in muon_names]
+    on_muon = [n for n, p in params.items() if p.dim() == 2 and n.startswith("blocks.")] if tc.optimizer == "muon" else []
+    decay = [p for n, p in params.items() if p.dim() >= 2 and n not in on_muon]
     no_decay = [p for p in params.values() if p.dim() < 2]
     adamw = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}],
                               lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.startswith("cuda"))
     if tc.optimizer == "adamw":
         return adamw
-    if tc.optimizer != "muon":
-        raise ValueError(f"optimizer must be 'adamw' or 'muon', got {tc.optimizer!r}")
     groups = [{"params": [params[n]], "split": 3 if n.endswith("attn.qkv.weight") else 1, "lr_scale": tc.muon_lr_scale}
-              for n in muon_names]
-    muon = Muon(groups, lr=tc.lr, momentum=tc.muon_momentum, weight_decay=tc.weight_decay)
-    return OptimizerPair(muon, adamw)
+              for n in on_muon]
+    return OptimizerPair(Muon(groups, lr=tc.lr, momentum=tc.muon_momentum, weight_decay=tc.weight_decay), adamw)
 
 
 @torch.no_grad()
