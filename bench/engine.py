@@ -7,6 +7,8 @@ produce exactly ``max_tokens`` tokens per request (EOS never ends a request earl
   through add_request/step, detokenizer and all, on the file it picks: on CPU the bundle's
   ``model.kvinplace.onnx`` (in-place KV cache, GroupQueryAttention) when there is one, else
   ``model.onnx`` (``Engine.kv_layout``, reported in the notes);
+- ``engine-nospec``: the same engine with ``speculative_tokens=0``: one token per step even when
+  one greedy request runs alone (the engine's default checks n-gram drafts then, service/ngram.py);
 - ``engine-concat``: the same engine with ``kv_inplace="off"``: ``model.onnx``, whose cache grows
   by a Concat every step; what the in-place layout buys (only for a bundle with the in-place file);
 - ``ortloop``: ``model.onnx`` with a KV cache in a bare loop over ``session.run``;
@@ -53,9 +55,10 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNERS = ("engine", "engine-concat", "ortloop", "nocache", "torch", "hf", "genai", "genai-concat", "int8")
+RUNNERS = ("engine", "engine-nospec", "engine-concat", "ortloop", "nocache", "torch", "hf", "genai", "genai-concat", "int8")
 LABELS = {
     "engine": "this engine (ONNX Runtime + KV cache, continuous batching)",
+    "engine-nospec": "this engine, one token per step (speculative_tokens=0)",
     "engine-concat": "this engine on model.onnx (concat KV cache, kv_inplace=off)",
     "ortloop": "model.onnx + KV cache, bare Python loop over session.run",
     "nocache": "model.onnx, no KV cache (full recompute)",
@@ -68,6 +71,7 @@ LABELS = {
 GENAI_MAX_BATCH = 32  # onnxruntime-genai 0.18's Generator: "batch_size (64) must be in [1, 32]"
 SHORT = {
     "engine": "this engine",
+    "engine-nospec": "this engine, no speculation",
     "engine-concat": "this engine, concat KV cache",
     "ortloop": "bare session.run loop",
     "nocache": "no KV cache",
@@ -196,12 +200,15 @@ class EngineRunner:
         max_prefill_tokens: int,
         name: str = "engine",
         kv_inplace: Literal["auto", "off"] = "auto",
+        speculative_tokens: int | None = None,
     ):
         from service.bundle import load_bundle
 
         self.name = name
         self.bundle = load_bundle(bundle_dir)
         self.threads, self.max_prefill_tokens, self.kv_inplace = threads, max_prefill_tokens, kv_inplace
+        # None: the Engine's default
+        self.engine_options = {} if speculative_tokens is None else {"speculative_tokens": speculative_tokens}
         self._engines: dict[int, Any] = {}
         self._count = 0
         self.layouts: set[str] = set()
@@ -219,6 +226,7 @@ class EngineRunner:
                 max_waiting=4096,
                 max_prefill_tokens=self.max_prefill_tokens,
                 kv_inplace=self.kv_inplace,
+                **self.engine_options,
             )
             self.layouts.add(self._engines[max_running].kv_layout)
         return self._engines[max_running]
@@ -726,6 +734,12 @@ def targets(rep: Report) -> list[Target]:
             "x",
         ),
         (
+            "  without speculation (engine-nospec vs onnxruntime-genai), batch 1",
+            *both(lambda c: rep.ratio("engine-nospec", "genai", "batch 1", c)),
+            1.0,
+            "x",
+        ),
+        (
             f"vs onnxruntime-genai (same ONNX file), mixed workload ({rep.settings['mixed_concurrency']} "
             "concurrent)",
             *both(lambda c: rep.ratio("engine", "genai", "mixed", c)),
@@ -1085,6 +1099,8 @@ def build_runners(
             continue
         if name == "engine":
             runners.append(EngineRunner(a.bundle, a.threads, a.max_prefill_tokens))
+        elif name == "engine-nospec":
+            runners.append(EngineRunner(a.bundle, a.threads, a.max_prefill_tokens, name=name, speculative_tokens=0))
         elif name == "engine-concat":
             runners.append(
                 EngineRunner(a.bundle, a.threads, a.max_prefill_tokens, name=name, kv_inplace="off")

@@ -9,6 +9,13 @@ The running batch and its KV cache take one of two layouts (``Engine.kv_layout``
 start-up): "inplace", the bundle's model.kvinplace.onnx over cache buffers allocated once
 (service/runner_inplace.py; CPU, when the bundle has the file), or "concat", the generic
 model.onnx whose cache goes in and comes out every step (service/runner.py; any bundle, CUDA).
+
+When a single greedy sequence runs on the in-place cache, a step is speculative: its last token
+goes in with up to ``speculative_tokens`` draft tokens looked up from earlier in the sequence
+(service/ngram.py), and the step keeps the drafts the model agrees with plus the model's own
+next token, so it emits 1..k+1 tokens, the same tokens one-token steps would. A run over a few
+positions costs little more than over one at batch 1 (overhead-bound), so each kept draft is
+most of a step saved.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import numpy as np
 
 from service.bundle import Bundle
 from service.detokenizer import IncrementalDetokenizer
+from service.ngram import NgramIndex
 from service.runner import ConcatBatch, Provider, Runner, want_cuda
 from service.runner_inplace import InplaceBatch, InplaceRunner
 from service.sampler import check_stop, sample
@@ -35,6 +43,7 @@ from service.types import (
     RequestTimings,
     SamplingParams,
     StepStats,
+    TopLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,7 @@ class _Sequence:
     timings: RequestTimings
     deadline: float | None
     output: list[int] = field(default_factory=list)
+    ngram: NgramIndex | None = None  # prompt + output, for speculative drafts (greedy requests only)
 
 
 class Engine:
@@ -69,17 +79,29 @@ class Engine:
         seed: seeds the generators of requests that bring no seed of their own.
         kv_inplace: "auto" runs the in-place KV cache when the bundle has it and the provider is
             the CPU; "off" always runs the generic concat path.
+        speculative_tokens: most draft tokens a step checks when a single greedy sequence runs on
+            the in-place cache (n-gram drafts, service/ngram.py; the output does not change);
+            0 turns speculation off.
+        speculative_ngram: longest suffix n-gram that drafts are looked up by.
     """
 
     def __init__(self, bundle: Bundle, *, provider: Provider = "auto", intra_op_threads: int = 0,
                  graph_opt_level: str = "all", max_running: int = 64, max_waiting: int = 256,
                  kv_budget_tokens: int = 0, max_prefill_tokens: int = 512, seed: int = 0,
-                 kv_inplace: KVInplace = "auto"):
+                 kv_inplace: KVInplace = "auto", speculative_tokens: int = 3, speculative_ngram: int = 3):
+        if speculative_tokens < 0 or speculative_ngram < 1:
+            raise ValueError(f"speculative_tokens must be >= 0 and speculative_ngram >= 1, "
+                             f"got {speculative_tokens} and {speculative_ngram}")
         self.bundle = bundle
         self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
         self._batch = _open_batch(bundle, provider, intra_op_threads, graph_opt_level, max_running, kv_inplace)
         self.runner = self._batch.runner
         self.kv_layout: Literal["inplace", "concat"] = self._batch.layout
+        # Multi-token steps need the in-place cache (the concat path has no way to drop rejected positions).
+        self.speculative_tokens = speculative_tokens if isinstance(self._batch, InplaceBatch) else 0
+        self.speculative_ngram = speculative_ngram
+        if speculative_tokens and not self.speculative_tokens:
+            log.info("speculative decoding: off (it needs the in-place KV cache)")
         self.provider = self.runner.provider
         self.context_length = bundle.context_length
         self.model_name = bundle.name
@@ -121,6 +143,8 @@ class Engine:
             detok=IncrementalDetokenizer(self.tokenizer, params.stop, self.tokenizer.special_ids, prompt_token_ids),
             timings=RequestTimings(arrival=arrival_time if arrival_time is not None else time.monotonic()),
             deadline=deadline,
+            ngram=NgramIndex(prompt_token_ids, self.speculative_ngram)
+            if self.speculative_tokens and params.temperature == 0 else None,
         )
 
     def abort(self, request_id: str) -> None:
@@ -156,18 +180,64 @@ class Engine:
             outputs.append(self._finish(self._seqs[rid], "abort"))
         self._batch.keep(sched.running)
         prefill_tokens = sum(len(self._seqs[r].prompt) for r in sched.admitted)
+        seq, draft = self._draft(sched.admitted)
         try:
-            logits, rows = self._run_model(sched.admitted, t0)
+            if draft:
+                logits = self._batch.decode_chunk(np.array([seq.output[-1], *draft], np.int64))  # (1 + k, V)
+            else:
+                logits, rows = self._run_model(sched.admitted, t0)
         except Exception as e:  # a failed run must not wedge the engine: fail the batch, keep serving
             log.exception("model run failed; failing %d requests", self._batch.num_live + len(sched.admitted))
             return outputs + self._fail_all([*self._batch.live_ids, *sched.admitted], f"model run failed: {e}")
-        if rows:
+        accepted = 0
+        if draft:
+            rows = [seq.request_id]
+            out, accepted = self._verify(seq, logits, draft)
+            outputs.append(out)
+        elif rows:
             outputs += self._sample_and_update(logits, rows)
         self.last_step_stats = StepStats(
             batch_size=len(rows), num_prefill_tokens=prefill_tokens,
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-            kv_cache_usage=self.scheduler.kv_usage, step_time=time.monotonic() - t0)
+            kv_cache_usage=self.scheduler.kv_usage, step_time=time.monotonic() - t0,
+            num_draft_tokens=len(draft), num_accepted_draft_tokens=accepted)
         return outputs
+
+    # ---- speculative steps (one greedy sequence, n-gram drafts) --------------------------------
+    def _draft(self, admitted: list[str]) -> tuple[_Sequence | None, list[int]]:
+        """The only running sequence and the draft to check with its last token, when this step
+        can be speculative: nobody is joining, the sequence is greedy and a draft is found."""
+        if not self.speculative_tokens or admitted or self._batch.num_live != 1:
+            return None, []
+        s = self._seqs[self._batch.live_ids[0]]
+        if s.ngram is None:
+            return None, []
+        # Room: the step emits up to k + 1 tokens, all within max_tokens and the context.
+        room = min(s.params.max_tokens - len(s.output), self.context_length - len(s.prompt) - len(s.output) + 1) - 1
+        return s, s.ngram.propose(min(self.speculative_tokens, room))
+
+    def _verify(self, s: _Sequence, logits: np.ndarray, draft: list[int]) -> tuple[RequestOutput, int]:
+        """Greedy choices at the 1 + k positions, kept up to and including the first that differs
+        from the draft; the sampler runs per position on the history as it grows, so penalties
+        and logprobs are what one token per step would give. Returns the output and how many
+        draft tokens were kept."""
+        picks: list[tuple[int, float | None, list[TopLogprob] | None]] = []
+        history = list(s.output)
+        for j in range(len(draft) + 1):
+            res = sample(logits[j : j + 1], [s.params], [s.rng], [s.prompt], [history])
+            tok = int(res.token_ids[0])
+            picks.append((tok, None if res.logprobs is None else float(res.logprobs[0]),
+                          res.top_logprobs[0] if res.top_logprobs else None))
+            history.append(tok)
+            if j == len(draft) or tok != draft[j]:
+                break
+        out = self._update(s, picks, time.monotonic())
+        if out.finished:
+            self.scheduler.finish(s.request_id)
+            self._batch.keep([])
+        else:
+            self._batch.advance(len(picks))  # the last token and the kept draft tokens are now cached
+        return out, len(picks) - 1
 
     def _run_model(self, admitted: list[str], now: float) -> tuple[np.ndarray, list[str]]:
         """Decode the running rows, prefill the admitted ones; logits (B, V) in the order of rows."""
@@ -190,29 +260,10 @@ class Engine:
         now = time.monotonic()
         outputs, finished = [], []
         for i, s in enumerate(seqs):
-            tok = int(res.token_ids[i])
-            s.output.append(tok)
-            s.timings.token_times.append(now)
-            if s.timings.first_token is None:
-                s.timings.first_token = now
-            reason, stop_reason = check_stop(tok, len(s.output), s.params, self.tokenizer.eos_id)
-            is_stop_token = reason == "stop"
-            upd = s.detok.add([] if is_stop_token else [tok])  # a stop token is never rendered
-            text = upd.text_delta
-            if upd.stop_string is not None:
-                reason, stop_reason = "stop", upd.stop_string
-            elif reason is None and s.deadline is not None and now >= s.deadline:
-                reason = "length"  # the server-side time limit: finish like a max_tokens cut
-            out = RequestOutput(
-                request_id=s.request_id, new_token_ids=[tok], text_delta=text,
-                num_prompt_tokens=len(s.prompt), num_output_tokens=len(s.output))
-            if s.params.logprobs is not None and res.logprobs is not None:
-                out.new_logprobs = [float(res.logprobs[i])]
-                out.new_top_logprobs = [res.top_logprobs[i] if res.top_logprobs else []]
-            if reason is not None:
-                if upd.stop_string is None:
-                    out.text_delta += s.detok.flush()
-                self._complete(s, out, reason, stop_reason)
+            lp = None if res.logprobs is None else float(res.logprobs[i])
+            top = res.top_logprobs[i] if res.top_logprobs else None
+            out = self._update(s, [(int(res.token_ids[i]), lp, top)], now)
+            if out.finished:
                 finished.append(s.request_id)
             outputs.append(out)
         if finished:
@@ -221,6 +272,42 @@ class Engine:
             done = set(finished)
             self._batch.keep([r for r in self._batch.live_ids if r not in done])
         return outputs
+
+    def _update(self, s: _Sequence, picks: list[tuple[int, float | None, list[TopLogprob] | None]],
+                now: float) -> RequestOutput:
+        """Append the picked tokens (token, logprob, top logprobs) in order until one finishes the
+        request (the rest are dropped); the step's output for the request."""
+        out = RequestOutput(request_id=s.request_id, new_token_ids=[], text_delta="",
+                            num_prompt_tokens=len(s.prompt))
+        wants_logprobs = s.params.logprobs is not None and picks[0][1] is not None
+        if wants_logprobs:
+            out.new_logprobs, out.new_top_logprobs = [], []
+        for tok, lp, top in picks:
+            s.output.append(tok)
+            if s.ngram is not None:
+                s.ngram.append(tok)
+            s.timings.token_times.append(now)
+            if s.timings.first_token is None:
+                s.timings.first_token = now
+            out.new_token_ids.append(tok)
+            if wants_logprobs:
+                out.new_logprobs.append(float(lp))
+                out.new_top_logprobs.append(top or [])
+            reason, stop_reason = check_stop(tok, len(s.output), s.params, self.tokenizer.eos_id)
+            upd = s.detok.add([] if reason == "stop" else [tok])  # a stop token is never rendered
+            out.text_delta += upd.text_delta
+            if upd.stop_string is not None:
+                reason, stop_reason = "stop", upd.stop_string
+            elif reason is None and s.deadline is not None and now >= s.deadline:
+                reason = "length"  # the server-side time limit: finish like a max_tokens cut
+            if reason is not None:
+                if upd.stop_string is None:
+                    out.text_delta += s.detok.flush()
+                out.num_output_tokens = len(s.output)
+                self._complete(s, out, reason, stop_reason)
+                return out
+        out.num_output_tokens = len(s.output)
+        return out
 
     # ---- endings -----------------------------------------------------------------------------
     def _complete(self, s: _Sequence, out: RequestOutput, reason: FinishReason, stop_reason: str | int | None) -> None:

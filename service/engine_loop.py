@@ -102,6 +102,8 @@ class TextGenAPI(ls.LitAPI):
             intra_op_threads=s.onnx_threads,
             graph_opt_level=s.graph_opt_level,
             kv_inplace=s.kv_inplace,
+            speculative_tokens=s.speculative_tokens,
+            speculative_ngram=s.speculative_ngram,
             max_running=s.max_running,
             max_waiting=s.max_waiting,
             kv_budget_tokens=s.kv_budget_tokens,

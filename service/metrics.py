@@ -177,6 +177,8 @@ class _Families:
     batch_size: prometheus_client.Histogram
     prompt_tokens: prometheus_client.Counter
     generation_tokens: prometheus_client.Counter
+    draft_tokens: prometheus_client.Counter
+    accepted_tokens: prometheus_client.Counter
     finished: prometheus_client.Counter
     rejected: prometheus_client.Counter
     http: prometheus_client.Counter
@@ -257,6 +259,17 @@ def _create_families() -> _Families:
         ),
         prompt_tokens=C("textgen_prompt_tokens", "Prompt tokens of finished requests.", m),
         generation_tokens=C("textgen_generation_tokens", "Generated tokens of finished requests.", m),
+        # vLLM's spec_decode counters: accepted / draft is the acceptance rate of speculative steps.
+        draft_tokens=C(
+            "textgen_spec_decode_num_draft_tokens",
+            "Draft tokens checked by speculative (n-gram) decode steps.",
+            m,
+        ),
+        accepted_tokens=C(
+            "textgen_spec_decode_num_accepted_tokens",
+            "Draft tokens that speculative decode steps kept (each saved a model run).",
+            m,
+        ),
         finished=C(
             "textgen_requests_finished",
             "Requests that left the engine, by finish reason.",
@@ -321,6 +334,7 @@ class Metrics:
         self._batch_size = f.batch_size.labels(n)
         self._prompt_tokens = f.prompt_tokens.labels(n)
         self._generation_tokens = f.generation_tokens.labels(n)
+        self._draft_tokens, self._accepted_tokens = f.draft_tokens.labels(n), f.accepted_tokens.labels(n)
         # Label values that must exist at zero so that rate() and ratios have data from the start.
         self._finished = {r: f.finished.labels(n, r) for r in FINISH_REASONS}
         self._rejected = {r: f.rejected.labels(n, r) for r in REJECT_REASONS}
@@ -363,9 +377,13 @@ class Metrics:
             self._decode.observe(decode_s)
 
     def observe_step(self, stats: StepStats) -> None:
-        """Record one engine step: the batch size histogram and the scheduler gauges."""
+        """Record one engine step: the batch size histogram, the speculative-decoding counters and
+        the scheduler gauges."""
         if stats.batch_size > 0:
             self._batch_size.observe(stats.batch_size)
+        if stats.num_draft_tokens:
+            self._draft_tokens.inc(stats.num_draft_tokens)
+            self._accepted_tokens.inc(stats.num_accepted_draft_tokens)
         self._running.set(stats.num_running)
         self._waiting.set(stats.num_waiting)
         self._kv_cache.set(stats.kv_cache_usage)

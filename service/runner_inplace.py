@@ -152,6 +152,19 @@ class InplaceBatch:
         self.slots.advance()
         return logits[:, 0]
 
+    def decode_chunk(self, tokens: np.ndarray) -> np.ndarray:
+        """Run T new tokens (the last one and a draft) of the only live slot. Returns logits (T, V).
+
+        Writes T positions of the cache but does not count them: the caller ``advance``s by as
+        many as it keeps; the positions beyond are overwritten by the next run.
+        """
+        ids, mask, pos = self.slots.chunk_inputs(tokens)
+        return self.runner.run(ids, mask, pos, 0, 1)[0]
+
+    def advance(self, by: int) -> None:
+        """The only live slot keeps ``by`` of the positions its last ``decode_chunk`` wrote."""
+        self.slots.advance(by)
+
     def prefill(self, request_ids: list[str], prompts: list[list[int]]) -> np.ndarray:
         """Give the newcomers the next slots and prefill them in one right-padded run. Returns (k, V)."""
         lengths = np.array([len(p) for p in prompts], np.int64)

@@ -50,6 +50,14 @@ class Settings(BaseModel):
         description="In-place KV cache (the bundle's model.kvinplace.onnx) on CPU: auto = when present; "
         "off = always the generic concat path.",
     )
+    speculative_tokens: int = Field(
+        3, ge=0, le=16,
+        description="Draft tokens an engine step checks when one greedy request runs alone (n-gram "
+        "speculation on the in-place KV cache; the output does not change); 0 = off.",
+    )
+    speculative_ngram: int = Field(
+        3, ge=1, le=8, description="Longest suffix n-gram that speculative drafts are looked up by."
+    )
     max_running: int = Field(64, ge=1, le=4096, description="Sequences in the running batch.")
     max_waiting: int = Field(256, ge=1, le=1_000_000, description="Bounded waiting queue; beyond: 429.")
     kv_budget_tokens: int = Field(0, ge=0, description="Cached-token budget; 0 = max_running x context.")

@@ -145,9 +145,24 @@ class SlotCache:
         mask = (self._positions[:width] <= lengths[:, None]).astype(np.int64)  # (n, W)
         return last_tokens.reshape(n, 1).astype(np.int64, copy=False), mask, lengths.reshape(n, 1).copy()
 
-    def advance(self) -> None:
-        """After a decode step: every live slot holds one more token."""
-        self.lengths[: len(self._ids)] += 1
+    def advance(self, by: int = 1) -> None:
+        """After a decode step: every live slot holds ``by`` more tokens."""
+        self.lengths[: len(self._ids)] += by
+
+    def chunk_inputs(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """input_ids (1, T), attention_mask (1, L + T), position_ids (1, T) to run T new tokens of
+        the only live slot (L cached) in one call: a speculative step (service/ngram.py).
+
+        One slot only: ONNX Runtime's CPU GroupQueryAttention refuses T > 1 over a non-empty past
+        for more than one row (model/export_gqa.py).
+        """
+        if len(self._ids) != 1:
+            raise ValueError(f"a multi-token step needs exactly one live slot, not {len(self._ids)}")
+        new, cached = len(tokens), int(self.lengths[0])
+        if cached + new > self.max_len:
+            raise ValueError(f"{cached} cached + {new} new tokens exceed the cache's {self.max_len} positions")
+        ids = np.asarray(tokens, np.int64).reshape(1, new)
+        return ids, np.ones((1, cached + new), np.int64), self._positions[cached : cached + new].reshape(1, new).copy()
 
     # ---- checks --------------------------------------------------------------------------
     def check_invariants(self) -> None:

@@ -162,3 +162,5 @@ class StepStats:
     num_waiting: int  # after the step
     kv_cache_usage: float  # 0..1 of the configured cached-token budget
     step_time: float  # seconds
+    num_draft_tokens: int = 0  # speculative tokens checked this step (service/ngram.py)
+    num_accepted_draft_tokens: int = 0  # of which kept

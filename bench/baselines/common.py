@@ -19,6 +19,8 @@ ENGINE_SETTINGS = (
     "intra_op_threads",
     "graph_opt_level",
     "kv_inplace",
+    "speculative_tokens",
+    "speculative_ngram",
     "max_running",
     "max_waiting",
     "kv_budget_tokens",

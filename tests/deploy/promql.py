@@ -43,6 +43,8 @@ METRICS: dict[str, str] = {
     "textgen_iteration_batch_size": "histogram",
     "textgen_prompt_tokens_total": "counter",
     "textgen_generation_tokens_total": "counter",
+    "textgen_spec_decode_num_draft_tokens_total": "counter",
+    "textgen_spec_decode_num_accepted_tokens_total": "counter",
     "textgen_requests_finished_total": "counter",
     "textgen_requests_rejected_total": "counter",
     "textgen_http_requests_total": "counter",

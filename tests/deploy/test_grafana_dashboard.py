@@ -22,6 +22,10 @@ REQUIRED_PANELS = {
     "Running and waiting requests": {"textgen_num_requests_running", "textgen_num_requests_waiting"},
     "KV cache usage": {"textgen_kv_cache_usage_perc"},
     "Batch size per engine step": {"textgen_iteration_batch_size"},
+    "Speculative decoding": {
+        "textgen_spec_decode_num_draft_tokens_total",
+        "textgen_spec_decode_num_accepted_tokens_total",
+    },
     "Finish reasons": {"textgen_requests_finished_total"},
     "Rejections": {"textgen_requests_rejected_total"},
 }

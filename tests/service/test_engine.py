@@ -233,3 +233,91 @@ def test_kv_inplace_setting_is_validated() -> None:
     assert Settings.from_env({"TEXTGEN_KV_INPLACE": "off"}).kv_inplace == "off"
     with pytest.raises(SettingsError, match="TEXTGEN_KV_INPLACE"):
         Settings.from_env({"TEXTGEN_KV_INPLACE": "on"})
+
+
+# ---- speculative greedy steps (n-gram drafts, in-place layout, one running sequence) -------------
+def run_counting_drafts(engine: Engine) -> tuple[dict[str, dict], int, int]:
+    """run_to_completion, plus the draft tokens checked and kept over all steps."""
+    results: dict[str, dict] = {}
+    drafted = kept = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            r = results.setdefault(out.request_id, {"tokens": [], "text": "", "logprobs": [], "finish": None})
+            r["tokens"] += out.new_token_ids
+            r["text"] += out.text_delta
+            r["logprobs"] += out.new_logprobs or []
+            if out.finished:
+                r["finish"], r["out"] = out.finish_reason, out
+        drafted += engine.last_step_stats.num_draft_tokens
+        kept += engine.last_step_stats.num_accepted_draft_tokens
+    return results, drafted, kept
+
+
+def repetitive_prompt(rng: random.Random) -> list[int]:
+    pattern = [rng.randrange(4, 500) for _ in range(rng.randrange(2, 7))]
+    return [1, *pattern * 4, *pattern[: rng.randrange(len(pattern))]]
+
+
+def test_speculative_greedy_is_token_for_token_plain_greedy(random_model_and_bundle) -> None:
+    from model.gpt import generate_greedy
+
+    model, bundle_dir = random_model_and_bundle
+    engine = make_engine(bundle_dir, "inplace", speculative_tokens=4)
+    assert engine.speculative_tokens == 4
+    rng = random.Random(1)
+    drafted = kept = 0
+    for i in range(8):
+        prompt, n = repetitive_prompt(rng), rng.randrange(5, 40)
+        engine.add_request(f"s{i}", prompt, SamplingParams(max_tokens=n, **GREEDY))
+        res, d, k = run_counting_drafts(engine)
+        assert res[f"s{i}"]["tokens"] == generate_greedy(model, prompt, n)
+        assert res[f"s{i}"]["finish"] == "length" and res[f"s{i}"]["out"].num_output_tokens == n
+        drafted, kept = drafted + d, kept + k
+        check_idle(engine)
+        engine._batch.slots.check_invariants()
+    assert drafted > 0 and kept > 0  # steps were speculative, and some drafts were right
+
+
+def test_speculation_keeps_penalties_logprobs_and_stops(random_bundle) -> None:
+    spec = make_engine(random_bundle, "inplace", speculative_tokens=3)
+    plain = make_engine(random_bundle, "inplace", speculative_tokens=0)
+    rng = random.Random(2)
+    drafted = 0
+    for i in range(6):
+        prompt = repetitive_prompt(rng)
+        params = [
+            SamplingParams(max_tokens=30, logprobs=2, **GREEDY),
+            SamplingParams(max_tokens=30, repetition_penalty=1.3, frequency_penalty=0.5, **GREEDY),
+        ][i % 2]
+        ref, _, _ = run_counting_drafts(_add(plain, "r", prompt, params))
+        stop_tok = ref["r"]["tokens"][len(ref["r"]["tokens"]) // 2]  # a stop token met mid-way
+        got, d, _ = run_counting_drafts(_add(spec, "r", prompt, params))
+        drafted += d
+        assert got["r"]["tokens"] == ref["r"]["tokens"] and got["r"]["text"] == ref["r"]["text"]
+        np.testing.assert_allclose(got["r"]["logprobs"], ref["r"]["logprobs"], atol=1e-4)
+        stopping = dataclasses.replace(params, stop_token_ids=(stop_tok,), ignore_eos=True)
+        ref_stop, _, _ = run_counting_drafts(_add(plain, "t", prompt, stopping))
+        got_stop, _, _ = run_counting_drafts(_add(spec, "t", prompt, stopping))
+        assert got_stop["t"]["tokens"] == ref_stop["t"]["tokens"]
+        assert got_stop["t"]["tokens"][-1] == stop_tok and got_stop["t"]["finish"] == "stop"
+        check_idle(spec)
+    assert drafted > 0
+
+
+def _add(engine: Engine, rid: str, prompt: list[int], params: SamplingParams) -> Engine:
+    engine.add_request(rid, prompt, params)
+    return engine
+
+
+def test_no_speculation_on_the_concat_layout_or_with_company(random_bundle) -> None:
+    assert make_engine(random_bundle, "concat", speculative_tokens=3).speculative_tokens == 0
+    engine = make_engine(random_bundle, "inplace", speculative_tokens=3, max_running=4)
+    rng = random.Random(3)
+    engine.add_request("a", repetitive_prompt(rng), SamplingParams(max_tokens=20, **GREEDY))
+    engine.add_request("b", repetitive_prompt(rng), SamplingParams(max_tokens=20, temperature=0.8, seed=1))
+    while engine.num_running + engine.num_waiting == 2:  # two rows share each step: never speculative
+        engine.step()
+        assert engine.last_step_stats.num_draft_tokens == 0
+    run_to_completion(engine)
+    with pytest.raises(ValueError, match="speculative_tokens"):
+        Engine(load_bundle(random_bundle), speculative_tokens=-1)

@@ -43,7 +43,9 @@ REQUESTS = {
 }  # fmt: skip
 STEPS = {
     "a": [StepStats(4, 12, 4, 6, 0.125, 0.01), StepStats(3, 0, 3, 2, 0.25, 0.01)],
-    "b": [StepStats(1, 11, 1, 0, 0.5, 0.01)],
+    "b": [StepStats(1, 11, 1, 0, 0.5, 0.01),
+          StepStats(1, 0, 1, 0, 0.5, 0.001, num_draft_tokens=3, num_accepted_draft_tokens=2),
+          StepStats(1, 0, 1, 0, 0.5, 0.001, num_draft_tokens=2, num_accepted_draft_tokens=0)],
 }
 REJECTED = {"a": ["queue_full"], "b": ["validation", "validation"]}
 HTTP = {"a": [("/v1/completions", 200)] * 3, "b": [("/v1/completions", 200), ("/v1/chat/completions", 422)]}
@@ -133,6 +135,8 @@ def test_two_processes_sum_exactly_and_dead_gauges_vanish(multiproc_dir):
             assert _get(s, "textgen_requests_finished_total", finish_reason=reason) == n, reason
         assert _get(s, "textgen_prompt_tokens_total") == sum(r["prompt_tokens"] for r in reqs)
         assert _get(s, "textgen_generation_tokens_total") == sum(r["generation_tokens"] for r in reqs)
+        assert _get(s, "textgen_spec_decode_num_draft_tokens_total") == 5
+        assert _get(s, "textgen_spec_decode_num_accepted_tokens_total") == 2
         assert _get(s, "textgen_requests_rejected_total", reason="queue_full") == 1
         assert _get(s, "textgen_requests_rejected_total", reason="validation") == 2
         assert _get(s, "textgen_requests_rejected_total", reason="auth") == 0

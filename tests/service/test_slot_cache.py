@@ -111,3 +111,18 @@ def test_thousands_of_random_joins_finishes_and_aborts_keep_every_row_with_its_d
     c.clear()
     c.check_invariants()
     assert len(c) == 0 and c.cached_tokens == 0
+
+
+def test_chunk_inputs_cover_one_slot_and_advance_keeps_what_the_caller_says() -> None:
+    c = SlotCache(num_slots=2, max_len=10)
+    c.join(["a"], [4])
+    ids, mask, pos = c.chunk_inputs(np.array([7, 8, 9]))
+    assert ids.tolist() == [[7, 8, 9]] and pos.tolist() == [[4, 5, 6]]
+    assert mask.shape == (1, 7) and mask.all()
+    c.advance(2)  # two of the three positions kept: the third is overwritten by the next run
+    assert c.lengths[0] == 6
+    with pytest.raises(ValueError, match="exceed"):
+        c.chunk_inputs(np.arange(5))
+    c.join(["b"], [1])
+    with pytest.raises(ValueError, match="exactly one live slot"):
+        c.chunk_inputs(np.array([1]))
