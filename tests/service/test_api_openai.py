@@ -218,3 +218,27 @@ def test_health_ready_metrics(server):
     metrics = httpx.get(server.url("/metrics")).text
     assert "textgen_http_requests_total" in metrics and "textgen_num_requests_running" in metrics
     assert 'route="/v1/completions"' in metrics
+
+
+def test_a_lone_greedy_request_speculates_and_streams_the_same_text(server, client, model):
+    """One greedy request alone: n-gram speculative steps (counted in /metrics); streamed pieces
+    add up to the non-streamed text, which a sampled request's steps never touch."""
+
+    def drafted() -> float:
+        families = text_string_to_metric_families(httpx.get(server.url("/metrics")).text)
+        return sum(
+            s.value
+            for f in families
+            if f.name == "textgen_spec_decode_num_draft_tokens"
+            for s in f.samples
+            if s.name.endswith("_total")
+        )
+
+    before = drafted()
+    prompt = "the king, the king, the king, the king"
+    args = dict(model=model, prompt=prompt, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**args)
+    pieces = client.completions.create(**args, stream=True)
+    streamed = "".join(c.choices[0].text for c in pieces if c.choices)
+    assert streamed == whole.choices[0].text and whole.usage.completion_tokens == 40
+    assert drafted() > before  # the repeated prompt gives drafts from the first step
