@@ -212,8 +212,9 @@ class Engine:
         s = self._seqs[self._batch.live_ids[0]]
         if s.ngram is None:
             return None, []
-        # Room: the step emits up to k + 1 tokens, all within max_tokens and the context.
-        room = min(s.params.max_tokens - len(s.output), self.context_length - len(s.prompt) - len(s.output) + 1) - 1
+        # The step emits up to k + 1 tokens, all within max_tokens (and so within the context:
+        # add_request refused prompt + max_tokens beyond it).
+        room = s.params.max_tokens - len(s.output) - 1
         return s, s.ngram.propose(min(self.speculative_tokens, room))
 
     def _verify(self, s: _Sequence, logits: np.ndarray, draft: list[int]) -> tuple[RequestOutput, int]:
@@ -233,8 +234,7 @@ class Engine:
                 break
         out = self._update(s, picks, time.monotonic())
         if out.finished:
-            self.scheduler.finish(s.request_id)
-            self._batch.keep([])
+            self._retire([s.request_id])
         else:
             self._batch.advance(len(picks))  # the last token and the kept draft tokens are now cached
         return out, len(picks) - 1
@@ -267,11 +267,15 @@ class Engine:
                 finished.append(s.request_id)
             outputs.append(out)
         if finished:
-            for rid in finished:
-                self.scheduler.finish(rid)
-            done = set(finished)
-            self._batch.keep([r for r in self._batch.live_ids if r not in done])
+            self._retire(finished)
         return outputs
+
+    def _retire(self, finished: list[str]) -> None:
+        """Release the scheduler reservations and batch slots of requests that finished this step."""
+        for rid in finished:
+            self.scheduler.finish(rid)
+        done = set(finished)
+        self._batch.keep([r for r in self._batch.live_ids if r not in done])
 
     def _update(self, s: _Sequence, picks: list[tuple[int, float | None, list[TopLogprob] | None]],
                 now: float) -> RequestOutput:
@@ -279,7 +283,7 @@ class Engine:
         request (the rest are dropped); the step's output for the request."""
         out = RequestOutput(request_id=s.request_id, new_token_ids=[], text_delta="",
                             num_prompt_tokens=len(s.prompt))
-        wants_logprobs = s.params.logprobs is not None and picks[0][1] is not None
+        wants_logprobs = s.params.logprobs is not None  # then the sampler gave every pick its logprobs
         if wants_logprobs:
             out.new_logprobs, out.new_top_logprobs = [], []
         for tok, lp, top in picks:
