@@ -20,7 +20,8 @@ produce exactly ``max_tokens`` tokens per request (EOS never ends a request earl
   ``model.kvinplace.onnx`` with ``"past_present_share_buffer": true``), run by
   bench/genai_runner.py in ``.venv-genai`` (``make bench-env``);
 - ``genai-concat``: onnxruntime-genai on ``model.onnx`` (only for a bundle with the in-place file);
-- ``int8``: this engine on the int8 bundle (``python -m model export --int8``).
+- ``int8``: this engine on the int8 bundle (``python -m model export --int8``);
+- ``int8-nospec``: the same with ``speculative_tokens=0`` (int8 against ``engine-nospec``).
 
 Workloads: ``B`` requests of ``--prompt-len`` prompt tokens and ``--new-tokens`` new tokens for
 each batch size ``B``, all submitted at once; and with ``--mixed N``, N requests with seeded
@@ -55,7 +56,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNERS = ("engine", "engine-nospec", "engine-concat", "ortloop", "nocache", "torch", "hf", "genai", "genai-concat", "int8")
+RUNNERS = ("engine", "engine-nospec", "engine-concat", "ortloop", "nocache", "torch", "hf", "genai", "genai-concat", "int8", "int8-nospec")
 LABELS = {
     "engine": "this engine (ONNX Runtime + KV cache, continuous batching)",
     "engine-nospec": "this engine, one token per step (speculative_tokens=0)",
@@ -67,6 +68,7 @@ LABELS = {
     "genai": "onnxruntime-genai 0.18, the engine's ONNX file",
     "genai-concat": "onnxruntime-genai 0.18, model.onnx (concat KV cache)",
     "int8": "this engine, int8 bundle",
+    "int8-nospec": "this engine, int8 bundle, one token per step",
 }
 GENAI_MAX_BATCH = 32  # onnxruntime-genai 0.18's Generator: "batch_size (64) must be in [1, 32]"
 SHORT = {
@@ -80,6 +82,7 @@ SHORT = {
     "genai": "onnxruntime-genai",
     "genai-concat": "onnxruntime-genai, model.onnx",
     "int8": "this engine, int8",
+    "int8-nospec": "this engine, int8, no speculation",
 }
 SECTION = "## Engine (offline, CPU)"
 BEGIN, END = "<!-- bench.engine results: begin -->", "<!-- bench.engine results: end -->"
@@ -758,6 +761,12 @@ def targets(rep: Report) -> list[Target]:
             1.8,
             "x",
         ),
+        (
+            "  without speculation (int8-nospec vs engine-nospec), batch 1",
+            *both(lambda c: rep.ratio("int8-nospec", "engine-nospec", "batch 1", c)),
+            1.8,
+            "x",
+        ),
     ]
     # What the in-place KV cache buys inside the engine: it is the default, so it must not lose.
     workloads = [f"batch {b}" for b in rep.settings["batches"]] + ["mixed"] * bool(rep.settings.get("mixed"))
@@ -883,7 +892,7 @@ def markdown(rep: Report) -> str:
             "other": "rounding at near ties",
         }
         kinds = dict.fromkeys(
-            "genai" if x.runner.startswith("genai") else x.runner if x.runner == "int8" else "other"
+            "genai" if x.runner.startswith("genai") else "int8" if x.runner.startswith("int8") else "other"
             for x in differ
         )
         lines += [
@@ -1140,7 +1149,7 @@ def build_runners(
             share = str(on_inplace).lower()
             notes.append(f'{name}: {g.file}, genai_config `"past_present_share_buffer": {share}`.')
             runners.append(g)
-        elif name == "int8":
+        elif name in ("int8", "int8-nospec"):
             path = a.int8_bundle or a.bundle.with_name(a.bundle.name + "-int8")
             if not (path / "config.json").is_file():
                 notes.append(
@@ -1149,7 +1158,8 @@ def build_runners(
                 )
                 continue
             a.int8_path = path
-            runners.append(EngineRunner(path, a.threads, a.max_prefill_tokens, name="int8"))
+            spec = {"speculative_tokens": 0} if name == "int8-nospec" else {}
+            runners.append(EngineRunner(path, a.threads, a.max_prefill_tokens, name=name, **spec))
         log(f"runner {name} ready")
     return runners
 

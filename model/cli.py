@@ -45,7 +45,9 @@ def _configs(a) -> tuple[GPTConfig, TrainConfig]:
     mc = dataclasses.replace(preset.model, vocab_size=a.vocab_size or preset.vocab_size,
                              activation=getattr(a, "activation", None) or preset.model.activation)
     tc = dataclasses.replace(preset.train)
-    for field in ("max_steps", "time_limit_s", "batch_size", "lr", "seed", "threads", "optimizer"):
+    if getattr(a, "max_steps", None) is not None:
+        tc.budget_s = 0.0  # an explicit step count is trained as given
+    for field in ("max_steps", "time_limit_s", "budget_s", "batch_size", "lr", "seed", "threads", "optimizer"):
         v = getattr(a, field, None)
         if v is not None:
             setattr(tc, field, v)
@@ -212,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     def training(sp):
         sp.add_argument("--max-steps", type=int, default=None)
         sp.add_argument("--time-limit-s", type=float, default=None, help="stop training at this wall time (0: none)")
+        sp.add_argument("--budget-s", type=float, default=None,
+                        help="train 1, 1.5, 2, 3 or 4 x the preset's steps, the most a timing probe projects "
+                             "to fit this many seconds (0: exactly the preset's steps; --max-steps sets it to 0)")
         sp.add_argument("--batch-size", type=int, default=None)
         sp.add_argument("--lr", type=float, default=None)
         sp.add_argument("--seed", type=int, default=None)

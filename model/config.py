@@ -59,10 +59,19 @@ class TrainConfig:
     seed: int = 1337
     bf16: bool = True  # bf16 autocast on CUDA; weights stay fp32
     time_limit_s: float = 0.0  # 0: none; otherwise stop (and decay to min lr) at this wall time
+    # 0: train exactly max_steps. Otherwise a short timing probe picks the largest of
+    # BUDGET_STEP_MULTIPLES x max_steps projected to fit this many seconds of training (never fewer
+    # than max_steps): a faster machine trains longer within the same build time.
+    budget_s: float = 0.0
     threads: int = 0  # torch intra-op threads; 0 = torch default
     optimizer: str = "adamw"  # "adamw", or "muon": Muon for hidden matrices, AdamW for the rest (model/muon.py)
     muon_momentum: float = 0.95
     muon_lr_scale: float = 1.0  # Muon's learning rate = lr * this (its updates are RMS-matched to AdamW's)
+
+
+# Coarse on purpose: the same machine picks the same step count run after run (reproducible builds),
+# and only a machine about 1.5x, 2x, ... as fast moves to the next one.
+BUDGET_STEP_MULTIPLES = (1.0, 1.5, 2.0, 3.0, 4.0)
 
 
 @dataclass
@@ -90,7 +99,9 @@ PRESETS: dict[str, Preset] = {
     ),
     # The default served model: about 7 minutes on 2 idle CPU cores. Trained on the full 512-token
     # context (the fused causal kernel makes 512 cost per token what 256 does). Bounded by steps,
-    # not wall time, so the same seed gives the same model on any machine (--time-limit-s caps it).
+    # not wall time, so the same seed gives the same model on machines of one speed; budget_s lets a
+    # machine 1.5x, 2x, ... as fast train that many times the steps in the same build time (2x the
+    # steps reach 2.074 bits/char). --max-steps pins the count; --time-limit-s caps the time.
     # Vocabulary 4096 with the paragraph tokenizer (3.03 characters per token): at 2,100 AdamW steps
     # of batch 2, 2.290 bits/char vs 2.398 for 2048 and 2.254 for 6144 (docs/model.md).
     # Muon for the blocks' matrices (model/muon.py): at the same wall time as 2,100 AdamW steps of
@@ -100,7 +111,7 @@ PRESETS: dict[str, Preset] = {
     "small": _preset(
         "small", 4096, 512, 4, 4, 192,
         TrainConfig(max_steps=830, batch_size=4, block_size=512, lr=5e-3, warmup_steps=100, eval_interval=280,
-                    optimizer="muon", muon_lr_scale=2.0, muon_momentum=0.9),
+                    optimizer="muon", muon_lr_scale=2.0, muon_momentum=0.9, budget_s=420.0),
         notes="default served model, CPU build budget 8 minutes",
     ),
     # For a GPU: tens of millions of parameters.

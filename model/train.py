@@ -7,6 +7,8 @@ time-limited run still warms up, decays fully and ends on schedule on a slower m
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import sys
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.config import GPTConfig, TrainConfig
+from model.config import BUDGET_STEP_MULTIPLES, GPTConfig, TrainConfig
 from model.gpt import GPT
 from model.muon import Muon, OptimizerPair
 
@@ -70,6 +72,48 @@ def make_optimizer(model: GPT, tc: TrainConfig, device: str):
     groups = [{"params": [params[n]], "split": 3 if n.endswith("attn.qkv.weight") else 1, "lr_scale": tc.muon_lr_scale}
               for n in on_muon]
     return OptimizerPair(Muon(groups, lr=tc.lr, momentum=tc.muon_momentum, weight_decay=tc.weight_decay), adamw)
+
+
+# Periodic sampled evaluations and bookkeeping on top of the steps themselves (measured on `small`).
+EVAL_OVERHEAD = 1.05
+
+
+def steps_for_budget(base_steps: int, step_seconds: float, budget_s: float,
+                     multiples: tuple[float, ...] = BUDGET_STEP_MULTIPLES) -> int:
+    """The largest multiple of ``base_steps`` whose projected training time fits ``budget_s``;
+    ``base_steps`` when none does (a slow machine takes longer rather than training less)."""
+    fits = [m for m in multiples if m * base_steps * step_seconds * EVAL_OVERHEAD <= budget_s]
+    return round(max(fits, default=1.0) * base_steps)
+
+
+def time_train_step(model: GPT, tc: TrainConfig, data: np.ndarray, block: int, device: str,
+                    steps: int = 6, skip: int = 2) -> float:
+    """Median seconds of a training step (forward, backward, clipping, optimizer), measured on a
+    copy of the model with its own optimizer and batches; torch's random state is restored, so the
+    run itself is the same with or without the probe."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.startswith("cuda") else None
+    probe = copy.deepcopy(model)
+    opt = make_optimizer(probe, tc, device)
+    rng = np.random.default_rng(0)
+    times = []
+    try:
+        for i in range(skip + steps):
+            x, y = get_batch(data, block, tc.batch_size, rng, device)
+            t = time.perf_counter()
+            loss = probe.loss(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(probe.parameters(), tc.grad_clip)
+            opt.step()
+            loss.item()  # waits for the device
+            if i >= skip:
+                times.append(time.perf_counter() - t)
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return float(np.median(times))
 
 
 @torch.no_grad()
@@ -177,6 +221,14 @@ def train(
         rng = np.random.default_rng([tc.seed, step])
         print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
 
+    if tc.budget_s and step == 0:
+        step_s = time_train_step(model, tc, train_data, block, device)
+        planned = steps_for_budget(tc.max_steps, step_s, tc.budget_s)
+        print(f"training budget {tc.budget_s:.0f}s: {step_s:.3f}s a step (probe) -> {planned} steps "
+              f"({planned / tc.max_steps:g} x {tc.max_steps})", file=sys.stderr)
+        tc = dataclasses.replace(tc, max_steps=planned)
+    elif tc.budget_s:  # resuming: keep the step count the run was planned with
+        tc = dataclasses.replace(tc, max_steps=ck["train_config"]["max_steps"])
     n_params = model.num_parameters()
     warmup_frac = tc.warmup_steps / tc.max_steps
     # bf16 autocast only where it pays: on CPUs without AVX-512 BF16/AMX it was 17x slower than fp32 here.
