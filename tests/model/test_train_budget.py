@@ -11,7 +11,8 @@ import torch
 from model.config import PRESETS, GPTConfig, TrainConfig
 from model.train import steps_for_budget, train
 
-MC = GPTConfig(vocab_size=64, context_length=32, n_layer=1, n_head=2, n_embd=32)
+# Dropout on, so a probe that used torch's random stream without restoring it would change the run.
+MC = GPTConfig(vocab_size=64, context_length=32, n_layer=1, n_head=2, n_embd=32, dropout=0.1)
 TC = TrainConfig(max_steps=4, batch_size=2, block_size=32, warmup_steps=1, eval_interval=100, optimizer="muon")
 
 
