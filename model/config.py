@@ -63,6 +63,10 @@ class TrainConfig:
     # BUDGET_STEP_MULTIPLES x max_steps projected to fit this many seconds of training (never fewer
     # than max_steps): a faster machine trains longer within the same build time.
     budget_s: float = 0.0
+    # On a CPU with native bf16 (AVX512_BF16 or AMX flags), time a few steps with and without bf16
+    # autocast and train with whichever is faster (weights stay fp32). Off elsewhere: on this project's
+    # AVX2-only machines bf16 was 17x slower, and the probe would cost more than it could save.
+    cpu_bf16: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch default
     optimizer: str = "adamw"  # "adamw", or "muon": Muon for hidden matrices, AdamW for the rest (model/muon.py)
     muon_momentum: float = 0.95
@@ -111,7 +115,8 @@ PRESETS: dict[str, Preset] = {
     "small": _preset(
         "small", 4096, 512, 4, 4, 192,
         TrainConfig(max_steps=830, batch_size=4, block_size=512, lr=5e-3, warmup_steps=100, eval_interval=280,
-                    optimizer="muon", muon_lr_scale=2.0, muon_momentum=0.9, budget_s=420.0),
+                    optimizer="muon", muon_lr_scale=2.0, muon_momentum=0.9, budget_s=420.0,
+                    cpu_bf16=True),
         notes="default served model, CPU build budget 8 minutes",
     ),
     # For a GPU: tens of millions of parameters.

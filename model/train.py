@@ -86,8 +86,17 @@ def steps_for_budget(base_steps: int, step_seconds: float, budget_s: float,
     return round(max(fits, default=1.0) * base_steps)
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512_BF16 or AMX), per /proc/cpuinfo (Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def time_train_step(model: GPT, tc: TrainConfig, data: np.ndarray, block: int, device: str,
-                    steps: int = 6, skip: int = 2) -> float:
+                    steps: int = 6, skip: int = 2, bf16: bool = False) -> float:
     """Median seconds of a training step (forward, backward, clipping, optimizer), measured on a
     copy of the model with its own optimizer and batches; torch's random state is restored, so the
     run itself is the same with or without the probe."""
@@ -101,7 +110,8 @@ def time_train_step(model: GPT, tc: TrainConfig, data: np.ndarray, block: int, d
         for i in range(skip + steps):
             x, y = get_batch(data, block, tc.batch_size, rng, device)
             t = time.perf_counter()
-            loss = probe.loss(x, y)
+            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+                loss = probe.loss(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(probe.parameters(), tc.grad_clip)
@@ -221,8 +231,19 @@ def train(
         rng = np.random.default_rng([tc.seed, step])
         print(f"resumed from {ckpt_path} at step {step}", file=sys.stderr)
 
+    use_bf16 = tc.bf16 and device.startswith("cuda")
+    probe_bf16 = tc.bf16 and tc.cpu_bf16 and device == "cpu" and cpu_native_bf16()
+    if step == 0 and (tc.budget_s or probe_bf16):
+        step_s = time_train_step(model, tc, train_data, block, device, bf16=use_bf16)
+        if probe_bf16:
+            bf16_s = time_train_step(model, tc, train_data, block, device, bf16=True)
+            use_bf16 = bf16_s < 0.9 * step_s  # fp32 unless bf16 clearly pays
+            print(f"bf16 autocast probe: {bf16_s:.3f}s a step vs {step_s:.3f}s in fp32 -> "
+                  f"{'bf16' if use_bf16 else 'fp32'}", file=sys.stderr)
+            step_s = min(step_s, bf16_s)
+    elif step and probe_bf16:  # resuming: keep the precision the run started with
+        use_bf16 = bool(ck.get("bf16_autocast", False))
     if tc.budget_s and step == 0:
-        step_s = time_train_step(model, tc, train_data, block, device)
         planned = steps_for_budget(tc.max_steps, step_s, tc.budget_s)
         print(f"training budget {tc.budget_s:.0f}s: {step_s:.3f}s a step (probe) -> {planned} steps "
               f"({planned / tc.max_steps:g} x {tc.max_steps})", file=sys.stderr)
@@ -231,8 +252,6 @@ def train(
         tc = dataclasses.replace(tc, max_steps=ck["train_config"]["max_steps"])
     n_params = model.num_parameters()
     warmup_frac = tc.warmup_steps / tc.max_steps
-    # bf16 autocast only where it pays: on CPUs without AVX-512 BF16/AMX it was 17x slower than fp32 here.
-    use_bf16 = tc.bf16 and device.startswith("cuda")
     print(f"training {n_params / 1e6:.2f}M parameters on {device} (bf16 autocast: {use_bf16}), "
           f"{len(train_data):,} train tokens, block {block}, batch {tc.batch_size}", file=sys.stderr)
     t0 = time.perf_counter() - elapsed_before
@@ -268,18 +287,21 @@ def train(
             tot, cnt = evaluate_nats(model, val_data, block, device, max_windows=8 * 16, bf16=use_bf16)
             history.append({"step": step, "val_loss": tot / cnt, "time": time.perf_counter() - t0})
             bar.write(f"step {step}: val loss {tot / cnt:.4f} (sampled)")
-            save_checkpoint(ckpt_path, model, opt, step, tc, {"history": history, "train_seconds": time.perf_counter() - t0})
+            save_checkpoint(ckpt_path, model, opt, step, tc, {"history": history, "train_seconds": time.perf_counter() - t0,
+                                                               "bf16_autocast": use_bf16})
     bar.close()
     train_seconds = time.perf_counter() - t0
     tot, cnt = evaluate_nats(model, val_data, block, device)  # the whole validation set, fp32
     val_loss, val_bpc = tot / cnt, tot / val_chars / LN2
     history.append({"step": step, "val_loss": val_loss, "time": train_seconds})
     save_checkpoint(ckpt_path, model, opt, step, tc, {"history": history, "train_seconds": train_seconds,
-                                                       "val_loss": val_loss, "val_bpc": val_bpc})
+                                                       "val_loss": val_loss, "val_bpc": val_bpc,
+                                                       "bf16_autocast": use_bf16})
     plot_losses(history, out_dir / "loss.png")
     (out_dir / "train_summary.json").write_text(json.dumps({
         "steps": step, "train_seconds": round(train_seconds, 1), "val_loss": val_loss, "val_bpc": val_bpc,
-        "parameters": n_params, "tokens_seen": step * tc.batch_size * block, "device": device}, indent=2))
+        "parameters": n_params, "tokens_seen": step * tc.batch_size * block, "device": device,
+        "bf16_autocast": use_bf16}, indent=2))
     print(f"done: {step} steps in {train_seconds:.0f}s, val loss {val_loss:.4f} nats/token, "
           f"{val_bpc:.4f} bits/char", file=sys.stderr)
     return TrainResult(ckpt_path, step, train_seconds, val_loss, val_bpc, step * tc.batch_size * block, history)

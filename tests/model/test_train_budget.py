@@ -75,3 +75,51 @@ def test_small_preset_trains_to_a_budget_and_an_explicit_step_count_pins_it() ->
     Args.max_steps = 830
     _, tc = _configs(Args())
     assert (tc.budget_s, tc.max_steps) == (0.0, 830)
+
+
+@pytest.mark.parametrize(("bf16_s", "want_bf16"), [(0.5, True), (0.95, False)])
+def test_cpu_bf16_is_kept_only_where_the_probe_finds_it_clearly_faster(
+    data: np.ndarray, tmp_path, monkeypatch: pytest.MonkeyPatch, bf16_s: float, want_bf16: bool
+) -> None:
+    import json
+
+    import model.train as T
+
+    monkeypatch.setattr(T, "cpu_native_bf16", lambda: True)  # as on an AVX512_BF16 / AMX machine
+    seen = []
+
+    def fake_probe(*args, bf16: bool = False, **kw) -> float:
+        seen.append(bf16)
+        return bf16_s if bf16 else 1.0
+
+    monkeypatch.setattr(T, "time_train_step", fake_probe)
+    tc = dataclasses.replace(TC, cpu_bf16=True)
+    res = train(MC, tc, data, data[:600], 1000, tmp_path, device="cpu")
+    assert seen == [False, True]
+    assert res.steps == 4 and np.isfinite(res.val_loss)
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["bf16_autocast"] is want_bf16
+
+
+def test_no_bf16_probe_without_native_bf16_or_the_setting(data: np.ndarray, tmp_path, monkeypatch) -> None:
+    import model.train as T
+
+    def no_probe(*a, **k) -> float:
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(T, "time_train_step", no_probe)
+    monkeypatch.setattr(T, "cpu_native_bf16", lambda: False)
+    train(MC, dataclasses.replace(TC, cpu_bf16=True), data, data[:600], 1000, tmp_path / "a", device="cpu")
+    monkeypatch.setattr(T, "cpu_native_bf16", lambda: True)
+    train(MC, TC, data, data[:600], 1000, tmp_path / "b", device="cpu")  # cpu_bf16 off (the default)
+
+
+def test_the_probe_times_bf16_steps_for_real(data: np.ndarray) -> None:
+    from model.gpt import GPT
+    from model.train import time_train_step
+
+    torch.manual_seed(0)
+    m = GPT(MC)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert time_train_step(m, TC, data, 32, "cpu", steps=2, skip=1, bf16=True) > 0
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # a copy was trained
