@@ -136,7 +136,7 @@ def cmd_verify(a, bundle_dir: Path | None = None, model=None) -> None:
         model, _ = load_model(ckpt)
     tok = Tokenizer.load(b.tokenizer_path)
     prompts = [[b.bos_id, *tok.encode(p)] for p in PARITY_PROMPTS]
-    quantized = "int8" in str(b.config.get("training", {}).get("weights", ""))
+    quantized = b.int8
     tol = 1e-4 if b.dtype == "float32" and not quantized else 5e-2
     files = [(b.onnx_path, check_parity)]
     if b.kv_inplace_path is not None:

@@ -77,6 +77,12 @@ class Bundle:
         return self.config.get("dtype", "float32")
 
     @property
+    def int8(self) -> bool:
+        """Weights quantized by ``--int8``: activations get one int8 scale per run, so logits depend on
+        what else shares the run (other rows, speculative positions)."""
+        return "int8" in str(self.config.get("training", {}).get("weights", ""))
+
+    @property
     def io_names(self) -> dict[str, str]:
         return {**DEFAULT_IO_NAMES, **self.config.get("onnx", {}).get("io_names", {})}
 

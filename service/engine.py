@@ -80,7 +80,8 @@ class Engine:
         kv_inplace: "auto" runs the in-place KV cache when the bundle has it and the provider is
             the CPU; "off" always runs the generic concat path.
         speculative_tokens: most draft tokens a step checks when a single greedy sequence runs on
-            the in-place cache (n-gram drafts, service/ngram.py; the output does not change);
+            the in-place cache (n-gram drafts, service/ngram.py; the output does not change, except
+            for int8 bundles, whose activation scale spans the run: docs/model.md);
             0 turns speculation off.
         speculative_ngram: longest suffix n-gram that drafts are looked up by.
     """
@@ -102,6 +103,9 @@ class Engine:
         self.speculative_ngram = speculative_ngram
         if speculative_tokens and not self.speculative_tokens:
             log.info("speculative decoding: off (it needs the in-place KV cache)")
+        if bundle.int8:
+            log.warning("int8 bundle: activations are quantized with one scale per run, so a request's tokens "
+                        "depend on what shares its step (other rows, speculative drafts); fp32 bundles do not")
         self.provider = self.runner.provider
         self.context_length = bundle.context_length
         self.model_name = bundle.name

@@ -122,6 +122,41 @@ def test_a_bundle_without_the_in_place_file_loads_and_serves(random_model_and_bu
     assert tokens == generate_greedy(model, prompt, 12)
 
 
+def test_int8_export_through_the_cli_quantizes_both_files_and_serves(
+    tiny_bundle: Path, tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import onnx
+
+    from service.engine import Engine
+    from service.types import SamplingParams
+
+    out = tmp_path / "int8"
+    cmd = [sys.executable, "-m", "model", "export", "--preset", "tiny", "--int8", "--out", str(out),
+           "--checkpoint", str(tiny_checkpoint), "--work-dir", str(tmp_path / "work")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # int8 changes logits by design: the verification reports the difference instead of failing on it.
+    assert "int8 bundle, model.onnx: max |logit diff|" in r.stderr
+    assert "int8 bundle, model.kvinplace.onnx: max |logit diff|" in r.stderr
+    b, fp32 = load_bundle(out), load_bundle(tiny_bundle)
+    assert b.int8 and not fp32.int8
+    for name in ("model.onnx", "model.kvinplace.onnx"):
+        ops = {n.op_type for n in onnx.load(str(out / name)).graph.node}
+        assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, (name, ops)
+    with caplog.at_level(logging.WARNING, logger="service.engine"):
+        Engine(fp32, max_running=2)
+        assert not [r for r in caplog.records if "int8" in r.getMessage()]
+        engine = Engine(b, max_running=2)
+    assert any("int8 bundle" in r.getMessage() for r in caplog.records)
+    engine.add_request("r", [b.bos_id, 40, 50], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert sum(len(o.new_token_ids) for o in outs) == 8 and outs[-1].finish_reason == "length"
+
+
 def test_onnx_io_follows_the_decoder_convention(random_bundle: Path) -> None:
     import onnxruntime as ort
 
