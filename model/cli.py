@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         sp.add_argument("--max-steps", type=int, default=None)
         sp.add_argument("--time-limit-s", type=float, default=None, help="stop training at this wall time (0: none)")
         sp.add_argument("--budget-s", type=float, default=None,
-                        help="train 1, 1.5, 2, 3 or 4 x the preset's steps, the most a timing probe projects "
+                        help="train 1, 1.5, 1.75, 2, 3 or 4 x the preset's steps, the most a timing probe projects "
                              "to fit this many seconds (0: exactly the preset's steps; --max-steps sets it to 0)")
         sp.add_argument("--batch-size", type=int, default=None)
         sp.add_argument("--lr", type=float, default=None)

@@ -25,7 +25,8 @@ def data() -> np.ndarray:
     ("step_s", "want"),
     [
         (1.0, 100),  # 105 s projected for 100 steps: over 100 s, so the preset's own count
-        (0.5, 150),  # 1.5x: 78.75 s fits; 2x: 105 s does not
+        (0.6, 150),  # 1.5x: 94.5 s fits; 1.75x: 110.25 s does not
+        (0.5, 175),  # 1.75x: 91.9 s fits; 2x: 105 s does not
         (0.3, 300),  # 3x: 94.5 s fits, 4x: 126 s does not
         (0.01, 400),  # capped at the largest multiple
     ],
