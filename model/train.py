@@ -95,6 +95,18 @@ def cpu_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def train_step(model: GPT, opt: torch.optim.Optimizer | OptimizerPair, x: torch.Tensor, y: torch.Tensor, grad_clip: float,
+               device: str, bf16: bool) -> torch.Tensor:
+    """One optimizer step (forward, backward, clipping, update); the loss, still on the device."""
+    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+        loss = model.loss(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss
+
+
 def time_train_step(model: GPT, tc: TrainConfig, data: np.ndarray, block: int, device: str,
                     steps: int = 6, skip: int = 2, bf16: bool = False) -> float:
     """Median seconds of a training step (forward, backward, clipping, optimizer), measured on a
@@ -110,13 +122,7 @@ def time_train_step(model: GPT, tc: TrainConfig, data: np.ndarray, block: int, d
         for i in range(skip + steps):
             x, y = get_batch(data, block, tc.batch_size, rng, device)
             t = time.perf_counter()
-            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-                loss = probe.loss(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(probe.parameters(), tc.grad_clip)
-            opt.step()
-            loss.item()  # waits for the device
+            train_step(probe, opt, x, y, tc.grad_clip, device, bf16).item()  # .item() waits for the device
             if i >= skip:
                 times.append(time.perf_counter() - t)
     finally:
@@ -269,12 +275,7 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         x, y = get_batch(train_data, block, tc.batch_size, rng, device)
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model.loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        opt.step()
+        loss = train_step(model, opt, x, y, tc.grad_clip, device, use_bf16)
         step += 1
         lv = loss.item()
         smooth = lv if smooth is None else 0.95 * smooth + 0.05 * lv
