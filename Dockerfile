@@ -1,34 +1,40 @@
-# syntax=docker/dockerfile:1.7
-#
 # textgen serving image: ONNX Runtime + LitServe, no torch at run time.
 #
-#   docker build -t textgen:cuda .                                  # CUDA 13 + cuDNN 9 base, bundle trained here
-#   docker build -t textgen:cpu --build-arg RUNTIME=cpu .           # python:3.11-slim base
-#   docker build -t textgen:cuda --build-arg BUNDLE_SOURCE=prebuilt \
-#                --build-arg BUNDLE_DIR=artifacts/small .           # copy a bundle you built already
+#   make model                                                      # artifacts/small, once
+#   docker build -t textgen:latest-cuda .                           # CUDA 13 + cuDNN 9 base, onnxruntime-gpu
+#   docker build -t textgen:latest-cpu --build-arg RUNTIME=cpu .    # python:3.11-slim base, onnxruntime (CPU)
+#   docker build ... --build-arg BUNDLE_DIR=artifacts/tiny .        # another bundle from the build context
+#   docker build ... --build-arg BUNDLE_SOURCE=build .              # train the bundle in the build instead
 #
-# Needs BuildKit (the default builder since Docker 23): it builds only the stages the
-# selected RUNTIME and BUNDLE_SOURCE need. See docs/deployment.md.
+# Needs BuildKit (the default builder since Docker 23; DOCKER_BUILDKIT=1 with Docker 20.10): it
+# builds only the stages the selected RUNTIME and BUNDLE_SOURCE need. No `# syntax=` line on
+# purpose: it makes BuildKit pull a frontend image, which fails without a registry; the built-in
+# frontend handles everything here. See docs/deployment.md.
 
 # Base images. The CUDA tag follows NVIDIA's <cuda>-cudnn-runtime-<os> scheme; onnxruntime-gpu
 # 1.31 is built for CUDA 13 and cuDNN 9. Pin by digest (image@sha256:...) in your registry mirror.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# cuda | cpu: which serving base to use.
+# cuda | cpu: which serving base (and which ONNX Runtime: the pyproject extra `gpu` or `cpu`).
 ARG RUNTIME=cuda
-# build | prebuilt: train and export the model bundle in the image build, or copy BUNDLE_DIR.
-ARG BUNDLE_SOURCE=build
+# prebuilt | build: copy the bundle BUNDLE_DIR from the build context (`make model` makes
+# artifacts/small), or train and export one in the image build (slow: minutes of training).
+ARG BUNDLE_SOURCE=prebuilt
 
 # ---------------------------------------------------------------------------------------------
-# wheel: the project as a pure-Python wheel, plus its serving requirements (no extras, no torch).
+# wheel: the project as a pure-Python wheel, plus its serving requirements per runtime (no torch):
+# requirements-cpu.txt = dependencies + the `cpu` extra (onnxruntime), requirements-cuda.txt =
+# dependencies + the `gpu` extra (onnxruntime-gpu). pyproject.toml is the one source of both.
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
 RUN mkdir /dist \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /dist/requirements.txt \
+    && for runtime_extra in cpu:cpu cuda:gpu; do \
+        python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies'][sys.argv[1]]))" \
+            "${runtime_extra#*:}" > "/dist/requirements-${runtime_extra%:*}.txt"; \
+    done \
     && pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
 # ---------------------------------------------------------------------------------------------
@@ -41,11 +47,11 @@ WORKDIR /src
 # torch first, from the CPU-only index, so that the train extra finds its pin satisfied (2.13.0+cpu).
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml ./
-# Serving deps + the train extra, read from pyproject.toml (which pins them), before the code is
-# copied: editing the code reuses this layer.
+# Serving deps + the train and cpu extras, read from pyproject.toml (which pins them), before the
+# code is copied: editing the code reuses this layer.
 # DL3059: separate from the torch layer on purpose (torch is the slow download).
 # hadolint ignore=DL3059
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['train']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; e = p['optional-dependencies']; print('\n'.join(p['dependencies'] + e['train'] + e['cpu']))" \
         > /tmp/requirements-train.txt \
     && pip install --no-cache-dir -r /tmp/requirements-train.txt
 COPY model ./model
@@ -89,6 +95,7 @@ ENV TEXTGEN_PROVIDER=cpu
 # DL3006: a reference to runtime-cuda or runtime-cpu above, not a registry image.
 # hadolint ignore=DL3006
 FROM runtime-${RUNTIME} AS serve
+ARG RUNTIME
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="textgen" \
       org.opencontainers.image.description="GPT text generation on ONNX Runtime with an OpenAI-compatible API" \
@@ -103,9 +110,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Serving dependencies in their own layer (cached while pyproject.toml's dependencies do not
-# change), then the project wheel itself: together the same as `pip install .`.
+# change), then the project wheel itself: together the same as `pip install '.[cpu]'` (CPU image)
+# or `pip install '.[gpu]'` (CUDA image).
 RUN --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
-    pip install --no-cache-dir -r /tmp/dist/requirements.txt
+    pip install --no-cache-dir -r "/tmp/dist/requirements-${RUNTIME}.txt"
 # DL3059: two layers on purpose (see above).
 # hadolint ignore=DL3059
 RUN --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \

@@ -7,13 +7,19 @@ PIP := $(VENV)/bin/pip
 BUNDLE ?= artifacts/small
 HOST ?= 127.0.0.1
 PORT ?= 8000
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# ONNX Runtime build, one of pyproject's extras: gpu (onnxruntime-gpu, whose wheels exist for Linux
+# x86_64 only) or cpu (onnxruntime, everywhere). Override with `make install ORT=cpu`.
+ORT ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),gpu,cpu)
+ORT_PACKAGE := $(if $(filter gpu,$(ORT)),onnxruntime-gpu,onnxruntime)
+STAMP := $(VENV)/.installed-$(shell (sha256sum 2>/dev/null || shasum -a 256) < pyproject.toml | cut -c1-12)-$(ORT)
 
-.PHONY: help install serve model tiny test lint format bench clean
+.PHONY: help install serve model tiny test test-docker image-cpu image-cuda lint format bench clean
 
 help:
 	@echo "make serve   install, build the default model if missing, serve it on http://$(HOST):$(PORT)"
 	@echo "make test    install and run the whole test suite"
+	@echo "make test-docker  build the CPU image (tiny bundle) and run it: container and compose tests"
+	@echo "make image-cpu / image-cuda   build the serving image with the bundle $(BUNDLE)"
 	@echo "make model   build the default (small) bundle into $(BUNDLE)"
 	@echo "make lint    ruff check + format check"
 	@echo "make bench   engine and serving benchmarks (writes docs/BENCHMARKS.md)"
@@ -23,10 +29,17 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch is pinned to the CPU wheel; install it first so nothing pulls the CUDA build.
+# onnxruntime and onnxruntime-gpu install the same module: when the other one is there (ORT
+# changed, or a venv from before the extras), both are removed before the chosen one goes in.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[train,dev]'
+	@other=$(if $(filter gpu,$(ORT)),onnxruntime,onnxruntime-gpu); \
+	if $(PIP) show -q $$other >/dev/null 2>&1; then \
+		echo "ONNX Runtime: replacing $$other with $(ORT_PACKAGE) (ORT=$(ORT))"; \
+		$(PIP) uninstall -y -q onnxruntime onnxruntime-gpu; \
+	fi
+	$(PIP) install -q -e '.[train,dev,$(ORT)]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -52,6 +65,20 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# Container tests: a real Docker engine, the CPU image built with a tiny bundle, then
+# tests/deploy/test_container.py and test_compose_up.py (docs/deployment.md, "Testing the image").
+test-docker: $(STAMP)
+	PY=$(PY) deploy/docker/test-docker.sh
+
+# Serving images with the bundle $(BUNDLE) (`make model` builds it when missing). With Docker 20.10
+# (Debian 12) run as `make image-cpu DOCKER_BUILDKIT=1`.
+DOCKER ?= docker
+IMAGE ?= textgen
+TAG ?= latest
+
+image-cpu image-cuda: image-%: $(BUNDLE)/config.json
+	$(DOCKER) build --build-arg RUNTIME=$* --build-arg BUNDLE_DIR=$(BUNDLE) -t $(IMAGE):$(TAG)-$* .
 
 clean:
 	rm -rf $(VENV) artifacts/tests .pytest_cache

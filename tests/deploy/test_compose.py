@@ -87,7 +87,13 @@ def test_textgen_service_is_production_shaped(gpu_config: dict):
     textgen = gpu_config["services"]["textgen"]
     assert textgen["restart"] == "unless-stopped"
     assert textgen["read_only"] is True
-    assert "/run/textgen/metrics" in textgen["tmpfs"] and "/tmp" in textgen["tmpfs"]
+    assert "/tmp" in textgen["tmpfs"]
+    # Docker mounts tmpfs owned by root: the metrics folder must be the image user's (10001), or the
+    # server cannot write it (PermissionError at start-up, a restart loop).
+    user = re.search(r"^USER (\d+)", (REPO / "Dockerfile").read_text(), re.MULTILINE).group(1)
+    (metrics,) = [m for m in textgen["tmpfs"] if m.split(":")[0] == "/run/textgen/metrics"]
+    options = dict(o.split("=", 1) for o in metrics.partition(":")[2].split(",") if "=" in o)
+    assert options.get("uid") == user and options.get("gid") == user, metrics
     assert textgen["stop_signal"] == "SIGTERM"
     drain = float(textgen["environment"]["TEXTGEN_DRAIN_TIMEOUT_S"])
     assert seconds(textgen["stop_grace_period"]) > drain, "SIGKILL must come after the drain timeout"
@@ -96,6 +102,14 @@ def test_textgen_service_is_production_shaped(gpu_config: dict):
     assert textgen["environment"].get("TEXTGEN_API_KEY") in (None, ""), "no secret in the compose file"
     for name in textgen["environment"]:
         assert name != "TEXTGEN_PORT" and not name.endswith("_SERVICE_HOST"), name
+
+
+def test_ports_bind_to_loopback_by_default(gpu_config: dict, cpu_config: dict):
+    services = gpu_config["services"] | cpu_config["services"]
+    for name in ("textgen", "textgen-cpu", "prometheus", "grafana"):
+        for port in services[name]["ports"]:
+            text = str(port) if not isinstance(port, dict) else f"{port.get('host_ip')}:{port['published']}"
+            assert text.startswith("127.0.0.1:"), f"{name}: {port}"
 
 
 def test_observability_wiring(gpu_config: dict):

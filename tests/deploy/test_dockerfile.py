@@ -104,7 +104,7 @@ def test_base_images(instructions: list[Instruction]):
     assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu24\.04", cuda), cuda
     assert args["PYTHON_IMAGE"].startswith("python:3.11-slim"), args["PYTHON_IMAGE"]
     assert args["RUNTIME"] == "cuda"
-    assert args["BUNDLE_SOURCE"] == "build"
+    assert args["BUNDLE_SOURCE"] == "prebuilt", "no training in a default `docker build`"
     froms = {x.stage: x.args.split()[0] for x in instructions if x.keyword == "FROM"}
     assert froms["runtime-cuda"] == "${CUDA_IMAGE}"
     assert froms["runtime-cpu"] == "${PYTHON_IMAGE}"
@@ -189,6 +189,31 @@ def test_dockerignore_is_an_allow_list():
         assert needed in patterns
     for dropped in ("**/__pycache__", "**/*.pyc"):
         assert dropped in patterns
+    # Docker 20.10's BuildKit does not look below a folder that `**` excluded for re-included files:
+    # the bundle folders themselves are re-included, then emptied, before their files.
+    order = [patterns.index(p) for p in ("!artifacts/*/", "artifacts/*/*", "!artifacts/*/model.onnx")]
+    assert order == sorted(order), patterns
+
+
+def test_no_frontend_image_to_pull():
+    """A `# syntax=` line makes BuildKit pull a frontend image: offline builds fail."""
+    first = DOCKERFILE.read_text().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first), first
+
+
+def test_runtime_picks_its_onnxruntime_from_the_pyproject_extras(instructions: list[Instruction]):
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert not any(d.startswith("onnxruntime") for d in project["dependencies"]), "one ORT build, via extras"
+    assert [d.split("==")[0] for d in extras["cpu"]] == ["onnxruntime"]
+    assert [d.split("==")[0] for d in extras["gpu"]] == ["onnxruntime-gpu"]
+    assert extras["cpu"][0].split("==")[1] == extras["gpu"][0].split("==")[1], "the same ORT version"
+    wheel_runs = " ".join(x.args for x in instructions if x.stage == "wheel" and x.keyword == "RUN")
+    assert "cpu:cpu cuda:gpu" in wheel_runs and "optional-dependencies" in wheel_runs
+    serve_runs = " ".join(x.args for x in instructions if x.stage == "serve" and x.keyword == "RUN")
+    assert "requirements-${RUNTIME}.txt" in serve_runs
 
 
 def test_copy_sources_are_in_the_build_context(instructions: list[Instruction]):
