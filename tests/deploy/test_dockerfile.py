@@ -154,7 +154,7 @@ def test_serving_image_contract(final_stage: list[Instruction]):
 
 
 def test_serving_stages_install_no_torch_and_keep_no_pip_cache(instructions: list[Instruction]):
-    serving = [x for x in instructions if x.stage in ("wheel", "runtime-cuda", "runtime-cpu", "serve")]
+    serving = [x for x in instructions if x.stage in ("requirements", "wheel", "runtime-cuda", "runtime-cpu", "serve")]
     for x in serving:
         assert "torch" not in x.args, f"line {x.line}: the serving image must not install torch"
     for x in instructions:
@@ -210,10 +210,12 @@ def test_runtime_picks_its_onnxruntime_from_the_pyproject_extras(instructions: l
     assert [d.split("==")[0] for d in extras["cpu"]] == ["onnxruntime"]
     assert [d.split("==")[0] for d in extras["gpu"]] == ["onnxruntime-gpu"]
     assert extras["cpu"][0].split("==")[1] == extras["gpu"][0].split("==")[1], "the same ORT version"
-    wheel_runs = " ".join(x.args for x in instructions if x.stage == "wheel" and x.keyword == "RUN")
-    assert "cpu:cpu cuda:gpu" in wheel_runs and "optional-dependencies" in wheel_runs
+    req = [x for x in instructions if x.stage == "requirements"]
+    assert [x.args for x in req if x.keyword == "COPY"] == ["pyproject.toml ./"], "code edits keep the cache"
+    runs = " ".join(x.args for x in req if x.keyword == "RUN")
+    assert "cpu:cpu cuda:gpu" in runs and "optional-dependencies" in runs
     serve_runs = " ".join(x.args for x in instructions if x.stage == "serve" and x.keyword == "RUN")
-    assert "requirements-${RUNTIME}.txt" in serve_runs
+    assert "from=requirements" in serve_runs and "requirements-${RUNTIME}.txt" in serve_runs
 
 
 def test_copy_sources_are_in_the_build_context(instructions: list[Instruction]):
