@@ -11,6 +11,7 @@ and LIT_SERVER_API_KEY would protect it).
     GET  /ready                200 when the engine is loaded and stepping; 503 otherwise
     GET  /metrics              Prometheus exposition, merged over processes
     GET  /v1/models            the served model                                       (key)
+    GET  /v1/models/{id}       the served model by name (404 for another)             (key)
     POST /tokenize, /detokenize                                                       (key)
     POST /v1/completions, /v1/chat/completions, /generate                             (key)
 """
@@ -22,11 +23,13 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,6 +54,7 @@ class HttpApi:
         self.settings, self.state, self.model, self.fe = settings, state, model, frontend
         key = settings.api_key
         self._key = key.get_secret_value().encode() if key is not None else None
+        self._ignored_seen: set[str] = set()  # unknown field names already logged by this process
 
     def install(self, app: FastAPI) -> None:
         """Replace LitServe's routes with ours, and start the frontend with each HTTP process."""
@@ -70,6 +74,28 @@ class HttpApi:
             self._wrap("/v1/models", self.models),
             methods=["GET"],
             responses=_responses(p.ModelList),
+        )
+        app.add_api_route(
+            "/v1/models/{model_id:path}",
+            self._wrap("/v1/models/{model_id}", self.model_card),
+            methods=["GET"],
+            responses=_responses(p.ModelCard),
+            openapi_extra={  # the served name is the only one that exists
+                "parameters": [
+                    {
+                        "name": "model_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": [self.model.name]},
+                    }
+                ]
+            },
+        )
+        app.add_api_route(
+            "/tokenizer_info",
+            self._wrap("/tokenizer_info", self.tokenizer_info),
+            methods=["GET"],
+            responses=_responses(p.TokenizerInfo),
         )
         posts = {
             "/tokenize": (self.tokenize, p.TokenizeRequest, p.TokenizeResponse),
@@ -94,8 +120,18 @@ class HttpApi:
             )
         ctx = self.model.context_length
         _apply_model_limits(schemas, {"max_tokens": ctx, "max_completion_tokens": ctx}, self.model.vocab_size)
+        _apply_model_name(schemas, self.model.name)
         _add_schemas(app, schemas)
         app.add_exception_handler(StarletteHTTPException, _http_exception)
+        origins = Settings.split(self.settings.cors_allow_origins)
+        if origins:  # off unless configured: a browser page of another origin gets no access
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=Settings.split(self.settings.cors_allow_methods),
+                allow_headers=Settings.split(self.settings.cors_allow_headers),
+                expose_headers=["X-Request-Id", "Retry-After"],
+            )
         original = app.router.lifespan_context
 
         @asynccontextmanager
@@ -113,20 +149,23 @@ class HttpApi:
     def _wrap(self, route: str, fn: Endpoint, *, auth: bool = True, record_success: bool = True) -> Endpoint:
         async def endpoint(request: Request) -> Response:
             request.state.arrival = time.monotonic()  # TTFT and e2e count from here
+            request.state.request_id = rid = request_id(request.headers.get("x-request-id"))
             try:
                 if auth:
                     self._check_key(request)
                 response = await fn(request)
                 if record_success:
                     self._record(route, response.status_code)
-                return response
             except ApiError as e:
-                self._record(route, e.status, e.kind)
-                return e.response()
+                self._record(route, e.status_on(route), e.kind)
+                logger.info("%s %s status=%d %s", rid, route, e.status_on(route), e.message[:200])
+                response = e.response(route)
             except Exception:
-                logger.exception("%s failed", route)
+                logger.exception("%s %s failed", rid, route)
                 self._record(route, 500)
-                return ApiError("internal", "internal server error").response()
+                response = ApiError("internal", "internal server error").response()
+            response.headers["X-Request-Id"] = rid
+            return response
 
         endpoint.__name__ = route.strip("/").replace("/", "_") or "root"
         return endpoint
@@ -176,10 +215,24 @@ class HttpApi:
         if not isinstance(data, dict):
             raise ApiError("invalid_json", "the request body must be a JSON object")
         try:
-            return model.model_validate(data)
+            req = model.model_validate(data)
         except ValidationError as e:
             message, param = p.describe_validation_error(e)
             raise ApiError("validation", message, param) from None
+        for name in p.ignored_fields(req):
+            self._ignored(request, name)
+        return req
+
+    def _ignored(self, request: Request, name: str) -> None:
+        """An unknown field: accepted and ignored (as vLLM does); logged once per name, counted."""
+        if name not in self._ignored_seen and len(self._ignored_seen) < 1000:
+            self._ignored_seen.add(name)
+            logger.warning(
+                "%s %s: ignoring the unknown request field %r (logged once per field name)",
+                request.state.request_id, request.url.path, name[:100],
+            )
+        if self.fe.metrics is not None:
+            self.fe.metrics.observe_ignored_field(name)
 
     # -- open routes --------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -195,16 +248,55 @@ class HttpApi:
         return Response(body, media_type=content_type)
 
     # -- model routes -------------------------------------------------------------------------
-    async def models(self, request: Request) -> Response:
+    def _card(self) -> p.ModelCard:
         m = self.model
-        card = p.ModelCard(id=m.name, created=m.created, max_model_len=m.context_length)
-        return handlers.json_response(p.ModelList(data=[card]))
+        return p.ModelCard(id=m.name, created=m.created, root=m.name, max_model_len=m.context_length)
+
+    async def models(self, request: Request) -> Response:
+        return handlers.json_response(p.ModelList(data=[self._card()]))
+
+    async def model_card(self, request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        if model_id != self.model.name:
+            raise ApiError(
+                "model_not_found",
+                f"model: the model {model_id!r} does not exist; this server serves {self.model.name!r}",
+                "model",
+            )
+        return handlers.json_response(self._card())
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        """vLLM's /tokenizer_info: what a client needs to tokenize as the server does (lm-eval's
+        ``tokenizer_backend=remote`` reads ``eos_token`` here, then calls /tokenize)."""
+        tok = self.model.tokenizer
+
+        def piece(i: int) -> str | None:
+            return tok.id_to_piece(i) if i >= 0 else None
+
+        info = p.TokenizerInfo(
+            tokenizer_class="SentencePiece",
+            eos_token=piece(tok.eos_id),
+            bos_token=piece(tok.bos_id),
+            pad_token=piece(tok.pad_id),
+            eos_token_id=tok.eos_id if tok.eos_id >= 0 else None,
+            bos_token_id=tok.bos_id if tok.bos_id >= 0 else None,
+            add_bos_token=self.model.add_bos,
+            vocab_size=tok.vocab_size,
+            model_max_length=self.model.context_length,
+        )
+        return handlers.json_response(info)
 
     async def tokenize(self, request: Request) -> Response:
         req: p.TokenizeRequest = await self._read(request, p.TokenizeRequest)
-        if (req.text is None) == (req.messages is None):
-            raise ApiError("validation", "exactly one of text and messages must be given", "text")
-        text = req.text if req.text is not None else chat_template.render(req.messages or [])
+        given = [f for f in ("text", "prompt", "messages") if getattr(req, f) is not None]
+        if len(given) != 1:
+            raise ApiError(
+                "validation", f"exactly one of text, prompt and messages must be given, got {given or 'none'}",
+                "text",
+            )
+        text = req.text if req.text is not None else req.prompt
+        if text is None:
+            text = chat_template.render(req.messages or [])
         ids = self.model.encode_prompt(text, req.add_special_tokens)
         out = p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.model.context_length)
         return handlers.json_response(out)
@@ -217,7 +309,8 @@ class HttpApi:
                 raise ApiError(
                     "validation", f"tokens: token id {t} is outside the vocabulary [0, {vocab})", "tokens"
                 )
-        return handlers.json_response(p.DetokenizeResponse(text=self.model.tokenizer.decode(req.tokens)))
+        text = self.model.tokenizer.decode(req.tokens)
+        return handlers.json_response(p.DetokenizeResponse(text=text, prompt=text))
 
     # -- generation routes --------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -246,7 +339,7 @@ def _request_body(model: type[BaseModel], schemas: dict[str, Any]) -> dict:
 
 
 def _responses(model: type[BaseModel], stream: bool = False) -> dict:
-    errors = {code: {"model": p.ErrorResponse} for code in (400, 401, 413, 422, 429, 503)}
+    errors = {code: {"model": p.ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
     ok: dict[str, Any] = {"model": model}
     if stream:  # "stream": true answers server-sent events
         events = (
@@ -268,6 +361,9 @@ def _apply_model_limits(node: Any, limits: dict[str, int], vocab_size: int) -> N
         return
     if node.get("x-token-id"):
         node["maximum"] = vocab_size - 1
+    keys = node.get("patternProperties")
+    if isinstance(keys, dict) and "^[0-9]{1,12}$" in keys:  # logit_bias: token ids as strings
+        keys[below_pattern(vocab_size)] = keys.pop("^[0-9]{1,12}$")
     for name, limit in limits.items():
         field = node.get("properties", {}).get(name)
         for branch in field.get("anyOf", [field]) if isinstance(field, dict) else []:
@@ -275,6 +371,21 @@ def _apply_model_limits(node: Any, limits: dict[str, int], vocab_size: int) -> N
                 branch["maximum"] = limit
     for value in node.values():
         _apply_model_limits(value, limits, vocab_size)
+
+
+def below_pattern(n: int) -> str:
+    """A regular expression of the decimal numbers 0..n-1 (no leading zeros), for JSON Schema keys."""
+    if n <= 10:
+        return f"^[0-{max(n, 1) - 1}]$"
+    top = str(n - 1)
+    alts = ["[0-9]"] + ["[1-9]" + "[0-9]" * (w - 1) for w in range(2, len(top))]  # shorter numbers
+    for i, d in enumerate(top):  # n - 1's width: a prefix of it, a smaller digit, then anything
+        low = 1 if i == 0 else 0
+        if int(d) > low:
+            digit = str(low) if int(d) - 1 == low else f"[{low}-{int(d) - 1}]"
+            alts.append(top[:i] + digit + "[0-9]" * (len(top) - i - 1))
+    alts.append(top)
+    return "^(" + "|".join(alts) + ")$"
 
 
 def _add_schemas(app: FastAPI, schemas: dict[str, Any]) -> None:
@@ -303,4 +414,23 @@ def model_info(settings: Settings, bundle: Any, tokenizer: Any) -> serving.Model
         tokenizer=tokenizer,
         add_bos=bool(bundle.config.get("tokenizer", {}).get("add_bos", False)),
         created=int(time.time()),
+        # every choice is one engine request: more than the waiting queue holds would never fit
+        max_choices=min(p.MAX_CHOICES, settings.max_waiting),
     )
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+
+
+def request_id(given: str | None) -> str:
+    """The client's X-Request-Id when it is a sane token (kept as given, for tracing across
+    gateways), else a new one: a header a log line or a response cannot carry safely is replaced."""
+    return given if given is not None and _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def _apply_model_name(schemas: dict[str, Any], name: str) -> None:
+    """``model`` in the request schemas: the served name (or null), as the server checks it."""
+    for schema in schemas.values():
+        field = schema.get("properties", {}).get("model") if isinstance(schema, dict) else None
+        if isinstance(field, dict) and "anyOf" in field:
+            field["anyOf"] = [{"type": "string", "enum": [name]}, {"type": "null"}]

@@ -32,7 +32,7 @@ from service.detokenizer import IncrementalDetokenizer
 from service.ngram import NgramIndex
 from service.runner import ConcatBatch, Provider, Runner, want_cuda
 from service.runner_inplace import InplaceBatch, InplaceRunner
-from service.sampler import check_stop, sample
+from service.sampler import check_stop, prompt_logprobs, sample
 from service.scheduler import Scheduler
 from service.tokenizer import Tokenizer
 from service.types import (
@@ -62,6 +62,8 @@ class _Sequence:
     deadline: float | None
     output: list[int] = field(default_factory=list)
     ngram: NgramIndex | None = None  # prompt + output, for speculative drafts (greedy requests only)
+    # params.prompt_logprobs: (logprobs, alternatives) of the prompt, from its prefill, sent with the first output
+    prompt_scores: tuple[list[float | None], list[list[TopLogprob]]] | None = None
 
 
 class Engine:
@@ -253,7 +255,13 @@ class Engine:
         if admitted:
             for rid in admitted:
                 self._seqs[rid].timings.scheduled = now
-            parts.append(self._batch.prefill(admitted, [self._seqs[r].prompt for r in admitted]))
+            seqs = [self._seqs[r] for r in admitted]
+            want = [s.params.prompt_logprobs is not None for s in seqs]
+            last, whole = self._batch.prefill_scored(admitted, [s.prompt for s in seqs], want)
+            for s, logits in zip(seqs, whole, strict=True):
+                if logits is not None:
+                    s.prompt_scores = prompt_logprobs(logits, s.prompt, s.params.prompt_logprobs or 0)
+            parts.append(last)
             rows += admitted
         return (np.concatenate(parts) if len(parts) > 1 else parts[0]) if parts else np.zeros((0, 0)), rows
 
@@ -266,7 +274,9 @@ class Engine:
         for i, s in enumerate(seqs):
             lp = None if res.logprobs is None else float(res.logprobs[i])
             top = res.top_logprobs[i] if res.top_logprobs else None
-            out = self._update(s, [(int(res.token_ids[i]), lp, top)], now)
+            # max_tokens 0: the prompt was scored, nothing is generated (its sampled token is dropped)
+            picks = [(int(res.token_ids[i]), lp, top)] if s.params.max_tokens else []
+            out = self._update(s, picks, now)
             if out.finished:
                 finished.append(s.request_id)
             outputs.append(out)
@@ -287,6 +297,12 @@ class Engine:
         request (the rest are dropped); the step's output for the request."""
         out = RequestOutput(request_id=s.request_id, new_token_ids=[], text_delta="",
                             num_prompt_tokens=len(s.prompt))
+        if s.prompt_scores is not None:  # the first output after the prefill
+            out.prompt_logprobs, out.prompt_top_logprobs = s.prompt_scores
+            s.prompt_scores = None
+        if not picks:  # scoring only (max_tokens 0)
+            self._complete(s, out, "length", None)
+            return out
         wants_logprobs = s.params.logprobs is not None  # then the sampler gave every pick its logprobs
         if wants_logprobs:
             out.new_logprobs, out.new_top_logprobs = [], []

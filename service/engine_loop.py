@@ -59,9 +59,9 @@ EXPIRY_GRACE_S = 1.0  # after a request's deadline, before the loop (not the eng
 
 @dataclass(frozen=True, slots=True)
 class Submit:
-    """One HTTP request: ``len(params)`` engine requests (the choices) on one prompt."""
+    """One HTTP request: ``len(params)`` engine requests (the choices), choice i on ``prompts[i]``."""
 
-    prompt_ids: list[int]
+    prompts: tuple[list[int], ...]  # one per choice (choices of one prompt share the list)
     params: tuple[SamplingParams, ...]
     arrival: float  # time.monotonic() at the HTTP edge (CLOCK_MONOTONIC is system-wide)
     deadline: float  # time.monotonic() after which the engine finishes it as "length"
@@ -137,7 +137,7 @@ class _Active:
     """A submitted HTTP request while any of its choices is unfinished."""
 
     rqid: int  # the HTTP process answering it
-    num_prompt: int
+    num_prompt: list[int]  # prompt tokens, per choice
     unfinished: set[int]  # choice indices
     counts: list[int]  # output tokens so far, per choice
 
@@ -214,7 +214,7 @@ class EngineWorker:
         for i, params in enumerate(msg.params):
             try:
                 self.engine.add_request(
-                    sub_id(uid, i), msg.prompt_ids, params, arrival_time=msg.arrival, deadline=msg.deadline
+                    sub_id(uid, i), msg.prompts[i], params, arrival_time=msg.arrival, deadline=msg.deadline
                 )
             except Exception as e:
                 for j in range(i):
@@ -229,7 +229,7 @@ class EngineWorker:
                 self._refusals += 1
                 return True
         n = len(msg.params)
-        self.active[uid] = _Active(rqid, len(msg.prompt_ids), set(range(n)), [0] * n)
+        self.active[uid] = _Active(rqid, [len(p) for p in msg.prompts], set(range(n)), [0] * n)
         heapq.heappush(self.deadlines, (msg.deadline + EXPIRY_GRACE_S, uid))
         self.outbox[rqid].append(("ack", uid))
         return True
@@ -258,7 +258,7 @@ class EngineWorker:
                     finished=True,
                     finish_reason="length",
                     stop_reason="timeout",
-                    num_prompt_tokens=act.num_prompt,
+                    num_prompt_tokens=act.num_prompt[i],
                     num_output_tokens=act.counts[i],
                 )
                 self.outbox[act.rqid].append(("out", uid, i, out))

@@ -21,6 +21,7 @@ ErrorKind = Literal[
     "context_length_exceeded",
     "unauthorized",
     "not_found",
+    "model_not_found",
     "method_not_allowed",
     "payload_too_large",
     "queue_full",
@@ -33,10 +34,11 @@ ErrorKind = Literal[
 STATUS: dict[str, tuple[int, str]] = {
     "invalid_json": (400, "invalid_request_error"),
     "invalid_request": (400, "invalid_request_error"),
-    "validation": (422, "invalid_request_error"),
+    "validation": (400, "invalid_request_error"),  # 422 on the native routes (NATIVE_STATUS)
     "context_length_exceeded": (400, "invalid_request_error"),
     "unauthorized": (401, "authentication_error"),
     "not_found": (404, "not_found_error"),
+    "model_not_found": (404, "invalid_request_error"),  # OpenAI's type and code for a wrong model
     "method_not_allowed": (405, "invalid_request_error"),
     "payload_too_large": (413, "invalid_request_error"),
     "queue_full": (429, "rate_limit_error"),
@@ -44,12 +46,16 @@ STATUS: dict[str, tuple[int, str]] = {
     "generation_error": (500, "server_error"),
     "internal": (500, "server_error"),
 }
+# The native routes keep TGI's status for a request that parses but breaks a rule (docs/api.md).
+NATIVE_ROUTES = frozenset({"/generate", "/tokenize", "/detokenize"})
+NATIVE_STATUS = {"validation": 422}
 RETRY_AFTER_S = {"queue_full": 1, "unavailable": 5}
 # kind -> reason of the textgen_requests_rejected counter (service.metrics.REJECT_REASONS)
 REJECT_REASON = {
     "unauthorized": "auth",
     "queue_full": "queue_full",
     "validation": "validation",
+    "model_not_found": "validation",
     "invalid_json": "validation",
     "invalid_request": "validation",
     "context_length_exceeded": "validation",
@@ -73,6 +79,12 @@ class ApiError(Exception):
     def status(self) -> int:
         return STATUS[self.kind][0]
 
+    def status_on(self, route: str | None) -> int:
+        """The HTTP status on ``route``: the native routes answer 422 where /v1 answers 400."""
+        if route in NATIVE_ROUTES:
+            return NATIVE_STATUS.get(self.kind, self.status)
+        return self.status
+
     def body(self) -> dict:
         return {
             "error": {
@@ -83,13 +95,13 @@ class ApiError(Exception):
             }
         }
 
-    def response(self) -> JSONResponse:
+    def response(self, route: str | None = None) -> JSONResponse:
         headers = dict(self.headers)
         if self.kind in RETRY_AFTER_S:
             headers.setdefault("Retry-After", str(RETRY_AFTER_S[self.kind]))
         if self.kind == "unauthorized":
             headers.setdefault("WWW-Authenticate", "Bearer")
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status_on(route), headers=headers)
 
     def sse(self) -> str:
         """The SSE event that ends a stream which had already started."""

@@ -14,7 +14,7 @@ def sse(model) -> str:
 
 
 def _usage(job: Job, choices: list[Choice]) -> p.Usage:
-    return p.Usage(**usage(len(job.prompt_ids), choices))
+    return p.Usage(**usage(job.num_prompt_tokens, choices))
 
 
 def completion_body(job: Job, m: ModelInfo, choices: list[Choice]) -> p.CompletionResponse:
@@ -25,13 +25,35 @@ def completion_body(job: Job, m: ModelInfo, choices: list[Choice]) -> p.Completi
         choices=[
             p.CompletionChoice(
                 index=c.index,
-                text="".join(c.text),
-                logprobs=_completion_lp(job, m, c.token_ids, c.logprobs, c.top_logprobs, 0),
+                text=_echo(job, c) + "".join(c.text),
+                logprobs=_completion_lp_echoed(job, m, c, c.token_ids, c.logprobs, c.top_logprobs, 0),
                 finish_reason=c.finish_reason,
             )
             for c in choices
         ],
         usage=_usage(job, choices),
+    )
+
+
+def _echo(job: Job, c: Choice) -> str:
+    """The prompt text echoed before choice ``c`` (echo on /v1/completions), else ""."""
+    return job.echo[job.prompt_index[c.index]] if job.echo is not None else ""
+
+
+def _completion_lp_echoed(job: Job, m: ModelInfo, c: Choice, ids, lps, tops, offset: int):
+    """Completion logprobs of the new tokens; with echo, the prompt's tokens first (the first with
+    null logprob and alternatives), the new tokens' offsets counted after the prompt's text."""
+    echo = _echo(job, c)
+    out = _completion_lp(job, m, ids, lps, tops, len(echo) + offset)
+    if job.echo is None or out is None or c.prompt_logprobs is None:
+        return out
+    prompt_tops = [None, *(c.prompt_top_logprobs or [])[1:]]
+    head = completion_logprobs(m.tokenizer, job.prompt_of(c.index), c.prompt_logprobs, prompt_tops, 0)
+    return p.CompletionLogprobs(
+        tokens=head["tokens"] + out.tokens,
+        token_logprobs=head["token_logprobs"] + out.token_logprobs,
+        top_logprobs=head["top_logprobs"] + (out.top_logprobs or [{} for _ in out.tokens]),
+        text_offset=head["text_offset"] + out.text_offset,
     )
 
 
@@ -86,12 +108,19 @@ def generate_body(job: Job, m: ModelInfo, c: Choice, details: p.GenerateDetails 
 
 
 def completion_chunk(job: Job, m: ModelInfo, c: Choice, out: RequestOutput, offset: int) -> str | None:
-    lp = _completion_lp(job, m, out.new_token_ids, out.new_logprobs, _tops(out), offset)
-    if not out.text_delta and not out.finished and lp is None:
+    first = job.echo is not None and not c.echo_sent  # with echo, a choice's first chunk carries the prompt
+    if first:
+        c.echo_sent = True
+        lp = _completion_lp_echoed(job, m, c, out.new_token_ids, out.new_logprobs, _tops(out), offset)
+        text = _echo(job, c) + out.text_delta
+    else:
+        lp = _completion_lp(job, m, out.new_token_ids, out.new_logprobs, _tops(out), len(_echo(job, c)) + offset)
+        text = out.text_delta
+    if not text and not out.finished and lp is None:
         return None
     choice = p.CompletionChoice(
         index=c.index,
-        text=out.text_delta,
+        text=text,
         logprobs=lp,
         finish_reason=c.finish_reason if out.finished else None,
     )

@@ -65,6 +65,7 @@ class Pending:
         self.ended = False  # finish() ran
         self.acked = False  # the engine accepted it
         self.error: ApiError | None = None
+        self.request_id = job.id  # the HTTP layer sets the X-Request-Id it answers with
 
     def put(self, event: tuple) -> None:
         self.events.put_nowait(event)
@@ -177,7 +178,8 @@ class Frontend:
             raise ApiError("unavailable", f"the server is not ready ({status})")
         p = Pending(job, arrival, self.settings.max_tokens_per_event if job.stream else 1)
         deadline = p.arrival + self.settings.request_timeout_s
-        msg = Submit(job.prompt_ids, job.params, p.arrival, deadline)
+        prompts = tuple(job.prompt_of(i) for i in range(len(job.params)))  # shared lists: pickled once
+        msg = Submit(prompts, job.params, p.arrival, deadline)
         self.pending[job.id] = p
         try:
             self._queue().put((self.rqid, job.id, p.arrival, msg))

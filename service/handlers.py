@@ -50,14 +50,15 @@ class EventStream(StreamingResponse):
 
 async def generate(fe: Frontend, request: Request, route: str, job: Job, kind: Kind) -> Response:
     p = fe.submit(job, request.state.arrival)
+    p.request_id = request.state.request_id
     if not job.stream:
         return await _unary(fe, request, route, p, kind)
     try:
         await p.next_event()  # the ack, or the engine's refusal
     except ApiError as e:
         p.error = e
-        _end(fe, route, p, e.status)
-        return e.response()
+        _end(fe, route, p, e.status_on(route))
+        return e.response(route)
     except BaseException:  # cancelled: the request must still end (in-flight count, abort)
         _end(fe, route, p, CLIENT_CLOSED)
         raise
@@ -89,8 +90,8 @@ async def _unary(fe: Frontend, request: Request, route: str, p: Pending, kind: K
         status = CLIENT_CLOSED
         return Response(status_code=CLIENT_CLOSED)
     except ApiError as e:
-        p.error, status = e, e.status
-        return e.response()
+        p.error, status = e, e.status_on(route)
+        return e.response(route)
     finally:
         watcher.cancel()
         _end(fe, route, p, status)
@@ -157,7 +158,7 @@ def _end(fe: Frontend, route: str, p: Pending, status: int) -> None:
             reason = c.finish_reason or ("error" if p.error is not None else "abort")
             t = c.output.timings if c.output is not None else None
             m.observe_request(
-                prompt_tokens=len(p.job.prompt_ids),
+                prompt_tokens=len(p.job.prompt_of(c.index)),
                 generation_tokens=c.num_output_tokens,
                 finish_reason=reason,
                 ttft_s=_ttft(p, c),
@@ -171,13 +172,14 @@ def _end(fe: Frontend, route: str, p: Pending, status: int) -> None:
     tokens = sum(c.num_output_tokens for c in p.choices)
     extra = ""
     if fe.settings.log_prompts:
-        extra = f" prompt={p.job.prompt_text!r} output={[''.join(c.text) for c in p.choices]!r}"
+        extra = f" prompt={list(p.job.prompt_texts)!r} output={[''.join(c.text) for c in p.choices]!r}"
     logger.info(
-        "%s %s status=%d prompt_tokens=%d completion_tokens=%d finish=%s e2e=%.3fs%s",
+        "%s %s %s status=%d prompt_tokens=%d completion_tokens=%d finish=%s e2e=%.3fs%s",
+        p.request_id,
         p.job.id,
         route,
         status,
-        len(p.job.prompt_ids),
+        p.job.num_prompt_tokens,
         tokens,
         finish,
         now - p.arrival,

@@ -34,6 +34,7 @@ keeps the storage it was created with. Therefore:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -182,12 +183,17 @@ class _Families:
     finished: prometheus_client.Counter
     rejected: prometheus_client.Counter
     http: prometheus_client.Counter
+    ignored_fields: prometheus_client.Counter
     running: prometheus_client.Gauge
     waiting: prometheus_client.Gauge
     capacity: prometheus_client.Gauge
     kv_cache: prometheus_client.Gauge
     info: prometheus_client.Gauge
 
+
+MAX_IGNORED_FIELD_LABELS = 64
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")
+_ignored_labels: set[str] = set()
 
 _families: _Families | None = None
 _families_lock = threading.Lock()
@@ -281,6 +287,12 @@ def _create_families() -> _Families:
             (*m, "reason"),
         ),
         http=C("textgen_http_requests", "HTTP responses, by route and status code.", (*m, "route", "status")),
+        ignored_fields=C(
+            "textgen_ignored_request_fields",
+            "Unknown request fields accepted and ignored, by field name (at most "
+            f"{MAX_IGNORED_FIELD_LABELS} names per process; the rest count as 'other').",
+            (*m, "field"),
+        ),
         # Gauges: live* modes, so that a dead process's values disappear (mark_process_dead).
         # Sums where each engine process contributes a part of the total; max for a ratio.
         running=G(
@@ -399,6 +411,17 @@ class Metrics:
         """Count one HTTP response. ``route`` is the route template (``/v1/completions``), never
         a raw path, to keep the number of series bounded."""
         self._f.http.labels(self.model_name, route, str(int(status))).inc()
+
+    def observe_ignored_field(self, name: str) -> None:
+        """Count one unknown request field that was ignored. The label is the field's name while
+        it looks like one and fewer than MAX_IGNORED_FIELD_LABELS names were seen, else "other":
+        clients choose these names, and the number of series must stay bounded."""
+        if name not in _ignored_labels:
+            if len(_ignored_labels) >= MAX_IGNORED_FIELD_LABELS or not _FIELD_NAME.match(name):
+                name = "other"
+            else:
+                _ignored_labels.add(name)
+        self._f.ignored_fields.labels(self.model_name, name).inc()
 
     def set_model_info(self, *, parameters: int, provider: str, waiting_capacity: int) -> None:
         """Publish what is served. Call once per engine process (the worker's setup): the

@@ -1,9 +1,12 @@
 """Request and response bodies of the HTTP API (OpenAI-compatible and native), as pydantic models.
 
-Requests are validated strictly: a wrong type (``"max_tokens": "5"``), an unknown field, or a
-value out of range is refused with a message naming the field and the limit. Limits that depend
-on the model (``max_tokens`` against the context, token ids against the vocabulary) are checked
-by ``service.serving`` once the model is known. docs/api.md documents every field.
+Requests are validated strictly where it matters: a wrong type (``"max_tokens": "5"``) or a value
+out of range is refused with a message naming the field and the limit, and so is a field we know
+but cannot honour (``suffix``, ``tools``, ``best_of`` > 1). A field we do not know is accepted and
+ignored, as OpenAI-compatible servers do (``ignored_fields`` names them, for a log line and a
+metric). Limits that depend on the model (``max_tokens`` against the context, token ids against
+the vocabulary) are checked by ``service.serving`` once the model is known. docs/api.md documents
+every field.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from pydantic import (
     Field,
     ValidationError,
     WithJsonSchema,
-    field_validator,
     model_serializer,
 )
 
 # Limits on what one request may ask for (documented in docs/api.md).
-MAX_N = 16  # choices per request
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 64  # prompts per /v1/completions request
+MAX_CHOICES = 128  # prompts x n per request (each is one engine request)
+MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 64  # characters per stop string
 MAX_STOP_TOKEN_IDS = 16
@@ -62,7 +67,74 @@ _STOP_STRING_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_C
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    # extra="allow": unknown fields are kept aside (model_extra), reported by ignored_fields, not refused.
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
+
+def ignored_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted names of the unknown fields a request carried, nested ones included (``messages.foo``)."""
+    names = [f"{prefix}{k}" for k in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, BaseModel):
+                names += ignored_fields(item, f"{prefix}{name}.")
+    return list(dict.fromkeys(names))
+
+
+def _parse_logit_bias(v: Any) -> Any:
+    """{"token id": bias} (JSON keys are strings) → ((id, bias), ...), in key order."""
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise ValueError("must be an object mapping token ids to biases")
+    if len(v) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries are allowed, got {len(v)}")
+    out = []
+    for key, bias in v.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12):
+            raise ValueError(f"keys must be token ids written as decimal strings, got {key!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise ValueError(f"the bias of token {key} must be a number, got {bias!r}")
+        if not -100 <= bias <= 100:  # NaN and infinities fail this too
+            raise ValueError(f"the bias of token {key} must be in [-100, 100], got {bias}")
+        out.append((int(key), float(bias)))
+    return tuple(out)
+
+
+LogitBias = Annotated[
+    tuple[tuple[int, float], ...],
+    BeforeValidator(_parse_logit_bias),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "patternProperties": {"^[0-9]{1,12}$": {"type": "number", "minimum": -100, "maximum": 100}},
+                    "additionalProperties": False,
+                    "maxProperties": MAX_LOGIT_BIAS_ENTRIES,
+                },
+                {"type": "null"},
+            ],
+            "description": "Token id (as a string) -> bias in [-100, 100], added to the logits.",
+        }
+    ),
+]
+
+
+def _refuse_unless(ok: Any, message: str, schema: dict) -> Any:
+    """A field we know but cannot honour: accepted only with a value that changes nothing."""
+
+    def check(v: Any) -> Any:
+        if not ok(v):
+            raise ValueError(message)
+        return v
+
+    return Annotated[Any, AfterValidator(check), WithJsonSchema({**schema, "description": message})]
+
+
+_NULL = {"type": "null"}
 
 
 def _normalize_stop(v: Any) -> list[str]:
@@ -131,6 +203,7 @@ class SamplingFields(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
     # Extensions (vLLM names); with the openai client, pass them in extra_body.
+    logit_bias: LogitBias = Field(default_factory=tuple)
     top_k: integer(ge=0) = Field(0, description="0 disables top-k.")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
@@ -150,33 +223,65 @@ _PROMPT_SCHEMA = {
     "anyOf": [
         {"type": "string", "minLength": 1},
         _TOKEN_IDS_SCHEMA,
-        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
-        {"type": "array", "items": _TOKEN_IDS_SCHEMA, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_PROMPTS},
+        {"type": "array", "items": _TOKEN_IDS_SCHEMA, "minItems": 1, "maxItems": MAX_PROMPTS},
     ],
-    "description": "Text, a list of token ids, or a list holding exactly one of those.",
+    "description": f"Text, a list of token ids, or a list of up to {MAX_PROMPTS} of either.",
 }
+
+
+def _normalize_prompts(v: Any) -> Any:
+    """Any of OpenAI's four prompt shapes → a list of prompts, each a string or a list of token ids."""
+    if isinstance(v, str) or (isinstance(v, list) and v and all(_is_int(_integral(x)) for x in v)):
+        v = [v]
+    if not isinstance(v, list) or not v:
+        raise ValueError("must be a non-empty string, a list of token ids, or a list of those")
+    if len(v) > MAX_PROMPTS:
+        raise ValueError(f"at most {MAX_PROMPTS} prompts per request are allowed, got {len(v)}")
+    out = []
+    for k, x in enumerate(v):
+        where = f"prompt {k}" if len(v) > 1 else "the prompt"
+        if isinstance(x, list):
+            x = [_integral(t) for t in x]
+            if not all(_is_int(t) for t in x):
+                raise ValueError(f"{where} must be a string or a list of token ids (integers)")
+        elif not isinstance(x, str):
+            raise ValueError("must be a string, a list of token ids, or a list of those")
+        if not x:
+            raise ValueError(f"{where} must not be empty")
+        out.append(x)
+    return out
+
+
+Prompts = Annotated[list[Text | list[TokenId]], BeforeValidator(_normalize_prompts), WithJsonSchema(_PROMPT_SCHEMA)]
 
 
 class CompletionRequest(OpenAIFields):
     """POST /v1/completions."""
 
-    prompt: Annotated[Text | list[TokenId], WithJsonSchema(_PROMPT_SCHEMA)]
-    logprobs: integer(ge=0, le=MAX_COMPLETION_LOGPROBS) | None = None
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"max_tokens": {"const": 0}}, "required": ["max_tokens"]},
+            "then": {"properties": {"echo": {"const": True}}, "required": ["echo"]},
+        }
+    )
 
-    @field_validator("prompt", mode="before")
-    @classmethod
-    def _one_prompt(cls, v: Any) -> Any:
-        if isinstance(v, list) and v and all(isinstance(x, (str, list)) for x in v):
-            if len(v) != 1:
-                raise ValueError(f"only one prompt per request is supported, got {len(v)}")
-            v = v[0]
-        if isinstance(v, (str, list)) and not v:
-            raise ValueError("must not be empty")
-        if isinstance(v, list):
-            v = [_integral(x) for x in v]
-        if not isinstance(v, (str, list)) or (isinstance(v, list) and not all(_is_int(x) for x in v)):
-            raise ValueError("must be a string, a list of token ids, or a list holding one of those")
-        return v
+    prompt: Prompts
+    max_tokens: integer(ge=0) | None = Field(
+        None, description="New tokens; at most the context length; 0 with echo scores the prompt only."
+    )
+    echo: bool = Field(False, description="Put the prompt before the completion (text and logprobs).")
+    logprobs: integer(ge=0, le=MAX_COMPLETION_LOGPROBS) | None = None
+    best_of: _refuse_unless(
+        lambda v: v is None or v == 1,
+        "only 1 is supported (server-side best-of sampling is not implemented)",
+        {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1}, _NULL]},
+    ) = None
+    suffix: _refuse_unless(
+        lambda v: v is None or v == "",
+        "text insertion (a suffix) is not supported",
+        {"anyOf": [{"type": "string", "maxLength": 0}, _NULL]},
+    ) = None
 
 
 class TextPart(_Strict):
@@ -194,13 +299,72 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+_NO_TOOLS = "tool calling is not supported yet"
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == []
+
+
 class ChatCompletionRequest(OpenAIFields):
     """POST /v1/chat/completions."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+            "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        }
+    )
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: integer(ge=1) | None = Field(None, description="Alias of max_tokens.")
     logprobs: bool = False
     top_logprobs: integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
+    tools: _refuse_unless(
+        _empty, _NO_TOOLS, {"anyOf": [{"type": "array", "maxItems": 0}, _NULL]}
+    ) = None
+    tool_choice: _refuse_unless(
+        lambda v: v in (None, "none", "auto"),
+        f"only 'none' or 'auto' without tools; {_NO_TOOLS}",
+        {"anyOf": [{"type": "string", "enum": ["none", "auto"]}, _NULL]},
+    ) = None
+    functions: _refuse_unless(
+        _empty, f"{_NO_TOOLS}", {"anyOf": [{"type": "array", "maxItems": 0}, _NULL]}
+    ) = None
+    function_call: _refuse_unless(
+        lambda v: v in (None, "none", "auto"),
+        f"only 'none' or 'auto'; {_NO_TOOLS}",
+        {"anyOf": [{"type": "string", "enum": ["none", "auto"]}, _NULL]},
+    ) = None
+    response_format: _refuse_unless(
+        lambda v: v is None or v == {"type": "text"},
+        "only {'type': 'text'}; structured output (json_object, json_schema) is not "
+        "supported yet",
+        {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"type": {"type": "string", "enum": ["text"]}},
+                    "required": ["type"],
+                    "additionalProperties": False,
+                },
+                _NULL,
+            ]
+        },
+    ) = None
+    modalities: _refuse_unless(
+        lambda v: v is None or v == ["text"],
+        "only ['text'] is supported",
+        {"anyOf": [{"type": "array", "items": {"type": "string", "enum": ["text"]}, "minItems": 1, "maxItems": 1}, _NULL]},
+    ) = None
+    audio: _refuse_unless(lambda v: v is None, "audio output is not supported", _NULL) = None
+    prediction: _refuse_unless(
+        lambda v: v is None, "predicted outputs are not supported", _NULL
+    ) = None
+    web_search_options: _refuse_unless(
+        lambda v: v is None, "web search is not supported", _NULL
+    ) = None
 
 
 def _exactly_one(*fields: str) -> dict:
@@ -222,11 +386,12 @@ class GenerateRequest(SamplingFields):
 
 
 class TokenizeRequest(_Strict):
-    """POST /tokenize: exactly one of ``text`` and ``messages``."""
+    """POST /tokenize: exactly one of ``text`` (or vLLM's name for it, ``prompt``) and ``messages``."""
 
-    model_config = ConfigDict(json_schema_extra=_exactly_one("text", "messages"))
+    model_config = ConfigDict(json_schema_extra=_exactly_one("text", "prompt", "messages"))
 
     text: Text = None  # type: ignore[assignment]  # absent: None
+    prompt: Text = Field(None, description="vLLM's name for text.")  # type: ignore[assignment]
     messages: list[ChatMessage] = Field(None, min_length=1, max_length=MAX_MESSAGES)  # type: ignore[assignment]
     add_special_tokens: bool = Field(True, description="Prepend bos when the bundle asks for it.")
 
@@ -250,9 +415,11 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape; with echo the prompt's tokens come first, the very first with nulls."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] | None = None
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] | None = None
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -371,12 +538,27 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "textgen"
+    root: str | None = None  # vLLM's field: the model the served name stands for
     max_model_len: int
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info (vLLM's route)."""
+
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    eos_token_id: int | None
+    bos_token_id: int | None
+    add_bos_token: bool
+    vocab_size: int
+    model_max_length: int
 
 
 class TokenizeResponse(BaseModel):
@@ -387,6 +569,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     text: str
+    prompt: str  # the same text, under vLLM's name
 
 
 class ErrorBody(BaseModel):
@@ -412,8 +595,6 @@ def describe_validation_error(error: ValidationError) -> tuple[str, str | None]:
         seen.add(loc)
         first = first or loc
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown or unsupported field"
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts), first
 

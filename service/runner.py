@@ -122,18 +122,22 @@ class Runner:
         return [t if isinstance(t, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(t, "cuda", 0) for t in tensors]
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            past: list[Any]) -> RunnerOutput:
-        """input_ids, position_ids (B, T) int64; attention_mask (B, P + T) int64; past 2L x (B, H, P, D)."""
+            past: list[Any], all_positions: bool = False) -> RunnerOutput:
+        """input_ids, position_ids (B, T) int64; attention_mask (B, P + T) int64; past 2L x (B, H, P, D).
+
+        ``all_positions``: logits (B, T, V) of every position instead of the last one's (B, V).
+        """
         if self.on_cuda:
-            return self._run_cuda(input_ids, attention_mask, position_ids, past)
+            return self._run_cuda(input_ids, attention_mask, position_ids, past, all_positions)
         feed = {self.in_ids: input_ids, self.in_mask: attention_mask}
         if self.has_position_ids:
             feed[self.in_pos] = position_ids
         feed.update(zip(self.past_names, past, strict=True))
         outs = self.session.run(self._output_names, feed)
-        return RunnerOutput(np.ascontiguousarray(outs[0][:, -1, :], dtype=np.float32), outs[1:])
+        logits = outs[0] if all_positions else outs[0][:, -1, :]
+        return RunnerOutput(np.ascontiguousarray(logits, dtype=np.float32), outs[1:])
 
-    def _run_cuda(self, input_ids, attention_mask, position_ids, past) -> RunnerOutput:
+    def _run_cuda(self, input_ids, attention_mask, position_ids, past, all_positions=False) -> RunnerOutput:
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.in_ids, input_ids)
         binding.bind_cpu_input(self.in_mask, attention_mask)
@@ -149,7 +153,8 @@ class Runner:
             binding.bind_output(name, "cuda")  # presents stay on the device for the next step
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        logits = outs[0].numpy()[:, -1, :].astype(np.float32)
+        logits = outs[0].numpy()
+        logits = (logits if all_positions else logits[:, -1, :]).astype(np.float32)
         return RunnerOutput(logits, list(outs[1:]))
 
 
@@ -194,13 +199,24 @@ class ConcatBatch:
 
     def prefill(self, request_ids: list[str], prompts: list[list[int]]) -> np.ndarray:
         """Prefill the newcomers (one left-padded run) and add them to the batch. Returns logits (k, V)."""
+        return self.prefill_scored(request_ids, prompts, [False] * len(prompts))[0]
+
+    def prefill_scored(
+        self, request_ids: list[str], prompts: list[list[int]], want: list[bool]
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """``prefill``, plus the logits of every prompt position (L_i, V) of the rows in ``want``."""
         ids, mask, pos = left_pad_prompts(prompts, self.pad_id)
-        out = self.runner.run(ids, mask, pos, self.runner.empty_past(len(prompts)))
+        out = self.runner.run(ids, mask, pos, self.runner.empty_past(len(prompts)), all_positions=any(want))
         next_pos = np.array([len(p) for p in prompts], np.int64)
         self.cache.past = self.runner.to_host(self.cache.past)  # joins happen on the host (CUDA: a copy)
         self.cache.merge(request_ids, self.runner.to_host(out.presents), mask, next_pos)
         self.cache.past = self.runner.to_device(self.cache.past)
-        return out.logits
+        if not any(want):
+            return out.logits, [None] * len(prompts)
+        T = ids.shape[1]  # left padded: row i's tokens are its last len(p) positions
+        whole = [out.logits[i, T - len(p) :].copy() if w else None
+                 for i, (p, w) in enumerate(zip(prompts, want, strict=True))]
+        return np.ascontiguousarray(out.logits[:, -1]), whole
 
     def keep(self, keep_ids: list[str]) -> None:
         """Drop rows that left the batch; on CUDA the cache visits the host only when membership changes."""

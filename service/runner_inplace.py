@@ -120,7 +120,8 @@ class InplaceRunner:
 class InplaceBatch:
     """The running batch on the in-place decoder: slots 0..n-1 of the runner's buffers.
 
-    Same interface as service.runner.ConcatBatch (live_ids, decode, prefill, keep, clear).
+    Same interface as service.runner.ConcatBatch (live_ids, decode, prefill, prefill_scored, keep,
+    clear).
     """
 
     layout = "inplace"
@@ -167,11 +168,18 @@ class InplaceBatch:
 
     def prefill(self, request_ids: list[str], prompts: list[list[int]]) -> np.ndarray:
         """Give the newcomers the next slots and prefill them in one right-padded run. Returns (k, V)."""
+        return self.prefill_scored(request_ids, prompts, [False] * len(prompts))[0]
+
+    def prefill_scored(
+        self, request_ids: list[str], prompts: list[list[int]], want: list[bool]
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """``prefill``, plus the logits of every prompt position (L_i, V) of the rows in ``want``."""
         lengths = np.array([len(p) for p in prompts], np.int64)
         start = self.slots.join(request_ids, lengths)
         ids, mask, pos = right_pad_prompts(prompts, self.pad_id)
         logits = self.runner.run(ids, mask, pos, start, start + len(prompts))  # (k, T, V)
-        return logits[np.arange(len(prompts)), lengths - 1]
+        whole = [logits[i, : len(p)].copy() if w else None for i, (p, w) in enumerate(zip(prompts, want, strict=True))]
+        return logits[np.arange(len(prompts)), lengths - 1], whole
 
     def keep(self, keep_ids: list[str]) -> None:
         """Free the slots of rows not in keep_ids (a subset of live_ids); the last rows fill the holes."""

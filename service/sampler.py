@@ -2,10 +2,11 @@
 
 ``sample`` picks one token for every row of a batch of logits, in vLLM's order:
 
-1. repetition penalty (HF/vLLM) over prompt + output tokens, then presence/frequency
-   penalties (OpenAI) over output tokens;
+1. logit bias (OpenAI's ``logit_bias``: added to the chosen tokens' logits), then repetition
+   penalty (HF/vLLM) over prompt + output tokens, then presence/frequency penalties (OpenAI) over
+   output tokens;
 2. logprobs: log_softmax of the penalized logits (before temperature and truncation);
-3. temperature 0 → argmax, whatever the other knobs say;
+3. temperature 0 (or below ``GREEDY_BELOW``, as vLLM does) → argmax, whatever the other knobs say;
 4. otherwise logits / temperature → top-k → top-p → min-p → one inverse-CDF draw.
 
 Batch invariance: a row's token depends only on its own logits, parameters and generator.
@@ -35,6 +36,8 @@ class SamplerOutput:
     top_logprobs: list[list[TopLogprob]] | None  # per row, best first; [] for rows that did not ask
 
 
+GREEDY_BELOW = 1e-5  # a smaller temperature is argmax: dividing by it would overflow float32
+_LOGIT_LIMIT = 1e6  # penalized logits are clipped to ±this: a penalty near 0 must not make inf (NaN logprobs)
 _TOP_P_CANDIDATES = 1024  # largest logits examined for top-p before falling back to a full sort
 _BLOCK = 256  # tokens per block of the two-level inverse CDF
 
@@ -65,10 +68,11 @@ def sample(
             f"batch size mismatch: logits {B}, params {len(params)}, rngs {len(rngs)}, "
             f"prompt_ids {len(prompt_ids)}, output_ids {len(output_ids)}"
         )
-    logits = apply_penalties(logits, params, prompt_ids, output_ids)  # (B, V)
+    logits = apply_logit_bias(logits, params)  # (B, V)
+    logits = apply_penalties(logits, params, prompt_ids, output_ids)
 
     token_ids = logits.argmax(axis=1).astype(np.int64)  # greedy for every row; sampled rows overwritten
-    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
     if rows:
         token_ids[rows] = _draw(_rows(logits, rows), [params[i] for i in rows], [rngs[i] for i in rows])
 
@@ -79,6 +83,55 @@ def sample(
 def _rows(a: np.ndarray, rows: list[int]) -> np.ndarray:
     """a[rows], without a copy when rows are all of them."""
     return a if len(rows) == len(a) else a[rows]
+
+
+def apply_logit_bias(logits: np.ndarray, params: Sequence[SamplingParams]) -> np.ndarray:
+    """Return (B, V) logits with each row's ``logit_bias`` added; the input itself when no row has one."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return logits
+    r = np.concatenate([np.full(len(params[i].logit_bias), i) for i in rows])
+    t = np.array([tok for i in rows for tok, _ in params[i].logit_bias], dtype=np.int64)
+    b = np.array([bias for i in rows for _, bias in params[i].logit_bias], dtype=np.float32)
+    out = logits.copy()
+    np.add.at(out, (r, t), b)  # a token listed twice gets both biases
+    return out
+
+
+def prompt_logprobs(logits: np.ndarray, prompt: Sequence[int], n: int) -> tuple[list[float | None], list[list[TopLogprob]]]:
+    """Each prompt token's logprob under the model, and the top-n alternatives at its position.
+
+    Args:
+        logits: (T, V) raw logits of the prompt's positions; row t predicts token t + 1.
+        prompt: the T prompt tokens.
+        n: alternatives per position (0: none).
+
+    Returns:
+        T logprobs, the first None (nothing predicts the first token); T lists of alternatives, the first empty.
+    """
+    T = len(prompt)
+    if T < 2:
+        return [None], [[]]
+    x = np.asarray(logits[: T - 1], dtype=np.float32)  # (T-1, V)
+    lp = x - x.max(axis=1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))  # log_softmax
+    nxt = np.asarray(prompt[1:], dtype=np.int64)
+    chosen: list[float | None] = [None, *lp[np.arange(T - 1), nxt].tolist()]
+    tops: list[list[TopLogprob]] = [[]]
+    tops += [[TopLogprob(int(t), float(v)) for t, v in alts] for alts in _top_n(lp, min(n, lp.shape[1]))]
+    return chosen, tops
+
+
+def _top_n(lp: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
+    """Per row of (R, V) logprobs, the n best (token id, logprob), best first, ties by token id."""
+    if n <= 0:
+        return [[] for _ in range(len(lp))]
+    cand = np.argpartition(-lp, n - 1, axis=1)[:, :n]  # (R, n) unordered
+    vals = np.take_along_axis(lp, cand, axis=1)
+    order = np.lexsort((cand, -vals), axis=1)
+    cand = np.take_along_axis(cand, order, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    return [list(zip(c.tolist(), v.tolist(), strict=True)) for c, v in zip(cand, vals, strict=True)]
 
 
 def apply_penalties(
@@ -115,10 +168,11 @@ def apply_penalties(
 
     x = logits[r, t]  # (N,)
     rep = per_pair("repetition_penalty")
-    x = np.where(x > 0, x / rep, x * rep)
+    with np.errstate(over="ignore"):
+        x = np.where(x > 0, x / rep, x * rep)
     x -= per_pair("presence_penalty") * (count > 0) + per_pair("frequency_penalty") * count
     out = logits.copy()
-    out[r, t] = x
+    out[r, t] = np.clip(x, -_LOGIT_LIMIT, _LOGIT_LIMIT)
     return out
 
 
@@ -133,7 +187,7 @@ def _draw(
 
     trunc = [r for r, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
     if trunc:
-        top_k = np.array([params[r].top_k for r in trunc])
+        top_k = np.array([min(params[r].top_k, z.shape[1]) for r in trunc], dtype=np.int64)  # any int: no overflow
         top_p = np.array([params[r].top_p for r in trunc], dtype=np.float32)
         mask = _top_k_top_p_mask(_rows(z, trunc), _rows(w, trunc).sum(axis=1), top_k, top_p)
         if len(trunc) == len(z):
@@ -245,15 +299,8 @@ def _logprobs(
 
     top: list[list[TopLogprob]] = [[] for _ in range(B)]
     n_max = min(max(params[i].logprobs or 0 for i in ask), V)
-    if n_max > 0:
-        cand = np.argpartition(-lp, n_max - 1, axis=1)[:, :n_max]  # (A, n_max) unordered
-        vals = np.take_along_axis(lp, cand, axis=1)
-        order = np.lexsort((cand, -vals), axis=1)  # best first, ties by token id
-        cand = np.take_along_axis(cand, order, axis=1)
-        vals = np.take_along_axis(vals, order, axis=1)
-        for a, i in enumerate(ask):
-            n = params[i].logprobs or 0
-            top[i] = [TopLogprob(int(t), float(v)) for t, v in zip(cand[a, :n], vals[a, :n], strict=True)]
+    for i, alts in zip(ask, _top_n(lp, n_max), strict=True):
+        top[i] = [TopLogprob(t, v) for t, v in alts[: params[i].logprobs or 0]]
     return chosen, top
 
 

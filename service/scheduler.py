@@ -72,8 +72,8 @@ class Scheduler:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if num_prompt_tokens < 1:
             raise InvalidRequestError(f"num_prompt_tokens must be >= 1, got {num_prompt_tokens}")
-        if max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be >= 1, got {max_tokens}")
+        if max_tokens < 0:  # 0: a scoring request, which ends at its prefill
+            raise InvalidRequestError(f"max_tokens must be >= 0, got {max_tokens}")
         req = _Request(num_prompt_tokens, max_tokens)
         if req.need > self.kv_budget_tokens:
             raise InvalidRequestError(

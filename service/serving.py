@@ -20,6 +20,7 @@ from typing import Literal
 from service import chat_template
 from service.errors import ApiError
 from service.protocol import (
+    MAX_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
@@ -40,6 +41,7 @@ class ModelInfo:
     tokenizer: Tokenizer
     add_bos: bool  # the bundle's tokenizer.add_bos: text prompts start with bos
     created: int = field(default_factory=lambda: int(time.time()))
+    max_choices: int = MAX_CHOICES  # prompts x n per request; at most the engine's waiting queue
 
     @property
     def vocab_size(self) -> int:
@@ -54,16 +56,30 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Job:
-    """What one HTTP request asks of the engine, and how to answer it."""
+    """What one HTTP request asks of the engine, and how to answer it.
+
+    A request has one or more prompts (a list ``prompt`` on /v1/completions) and ``n`` choices per
+    prompt; choice ``i`` (OpenAI's ``index``) continues prompt ``prompt_index[i]`` = i // n.
+    """
 
     id: str
-    prompt_ids: list[int]
+    prompts: tuple[list[int], ...]
     params: tuple[SamplingParams, ...]  # one per choice
+    prompt_index: tuple[int, ...]  # one per choice
     stream: bool = False
     include_usage: bool = False
     logprobs: LogprobsStyle | None = None
     details: bool = False
-    prompt_text: str | None = None  # for logging only (TEXTGEN_LOG_PROMPTS)
+    echo: tuple[str, ...] | None = None  # /v1/completions echo: each prompt's text, put before its choices
+    prompt_texts: tuple[str | None, ...] = ()  # for logging only (TEXTGEN_LOG_PROMPTS)
+
+    def prompt_of(self, choice: int) -> list[int]:
+        return self.prompts[self.prompt_index[choice]]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Usage counts each prompt once, however many choices continue it (as OpenAI does)."""
+        return sum(len(p) for p in self.prompts)
 
 
 def new_id(prefix: str) -> str:
@@ -72,20 +88,48 @@ def new_id(prefix: str) -> str:
 
 def build_completion(req: CompletionRequest, m: ModelInfo) -> Job:
     _check_model(req, m)
-    if isinstance(req.prompt, str):
-        ids, text = m.encode_prompt(req.prompt), req.prompt
-    else:
-        ids, text = _check_ids(req.prompt, m, "prompt"), None
-    logprobs = req.logprobs
-    params = _params(req, m, len(ids), req.max_tokens or DEFAULT_MAX_TOKENS, req.n, logprobs, ())
+    if req.max_tokens == 0 and not req.echo:
+        raise ApiError(
+            "validation", "max_tokens: 0 is allowed only with echo (scoring the prompt), otherwise >= 1",
+            "max_tokens",
+        )
+    if len(req.prompt) * req.n > m.max_choices:
+        raise ApiError(
+            "validation",
+            f"n: {len(req.prompt)} prompts x n={req.n} = {len(req.prompt) * req.n} choices exceeds the limit "
+            f"of {m.max_choices} per request",
+            "n",
+        )
+    prompts, texts = [], []
+    for k, prompt in enumerate(req.prompt):
+        param = "prompt" if len(req.prompt) == 1 else f"prompt.{k}"
+        if isinstance(prompt, str):
+            prompts.append(m.encode_prompt(prompt))
+            texts.append(prompt)
+        else:
+            prompts.append(_check_ids(prompt, m, param))
+            texts.append(None)
+    max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    # echo shows the prompt's logprobs when logprobs are asked for; scoring alone needs them too
+    prompt_lp = req.logprobs if req.echo else None
+    if max_tokens == 0 and prompt_lp is None:
+        prompt_lp = 0
+    params: list[SamplingParams] = []
+    for ids in prompts:
+        params += _params(req, m, len(ids), max_tokens, req.n, req.logprobs, (), prompt_logprobs=prompt_lp)
+    echo = None
+    if req.echo:
+        echo = tuple(t if t is not None else m.tokenizer.decode(ids) for t, ids in zip(texts, prompts, strict=True))
     return Job(
         new_id("cmpl"),
-        ids,
-        params,
+        tuple(prompts),
+        tuple(params),
+        tuple(i // req.n for i in range(len(params))),
         stream=req.stream,
         include_usage=_include_usage(req),
-        logprobs="completion" if logprobs is not None else None,
-        prompt_text=text,
+        logprobs="completion" if req.logprobs is not None else None,
+        echo=echo,
+        prompt_texts=tuple(texts),
     )
 
 
@@ -100,12 +144,13 @@ def build_chat(req: ChatCompletionRequest, m: ModelInfo) -> Job:
     params = _params(req, m, len(ids), max_tokens, req.n, logprobs, chat_template.STOP, "messages")
     return Job(
         new_id("chatcmpl"),
-        ids,
+        (ids,),
         params,
+        (0,) * len(params),
         stream=req.stream,
         include_usage=_include_usage(req),
         logprobs="chat" if req.logprobs else None,
-        prompt_text=text,
+        prompt_texts=(text,),
     )
 
 
@@ -120,18 +165,22 @@ def build_generate(req: GenerateRequest, m: ModelInfo) -> Job:
     params = _params(req, m, len(ids), req.max_tokens or DEFAULT_MAX_TOKENS, 1, logprobs, ())
     return Job(
         new_id("gen"),
-        ids,
+        (ids,),
         params,
+        (0,),
         stream=req.stream,
         logprobs="native" if logprobs is not None else None,
         details=req.details,
-        prompt_text=text,
+        prompt_texts=(text,),
     )
 
 
 def _check_model(req: OpenAIFields, m: ModelInfo) -> None:
     if req.model is not None and req.model != m.name:
-        raise ApiError("validation", f"model: this server serves {m.name!r}, got {req.model!r}", "model")
+        raise ApiError(
+            "model_not_found", f"model: the model {req.model!r} does not exist; this server serves {m.name!r}",
+            "model",
+        )
 
 
 def _include_usage(req: OpenAIFields) -> bool:
@@ -156,6 +205,7 @@ def _params(
     logprobs: int | None,
     extra_stop: tuple[str, ...],
     prompt_param: str = "prompt",
+    prompt_logprobs: int | None = None,
 ) -> tuple[SamplingParams, ...]:
     ctx = m.context_length
     if max_tokens > ctx:
@@ -187,11 +237,13 @@ def _params(
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         stop=tuple(dict.fromkeys([*req.stop, *extra_stop])),
+        logit_bias=req.logit_bias,
+        prompt_logprobs=prompt_logprobs,
     )
     try:
         base.validate(m.vocab_size)
     except InvalidRequestError as e:
-        raise ApiError("validation", str(e), str(e).split(" ", 1)[0]) from None
+        raise ApiError("validation", str(e), str(e).split(" ", 1)[0].rstrip(":")) from None
     # Choice i of a seeded request uses seed + i: reproducible, and the choices differ.
     return tuple(
         base if req.seed is None else _replace_seed(base, (req.seed + i) % (2**63)) for i in range(n)
@@ -227,6 +279,9 @@ class Choice:
     itl: list[float] = field(default_factory=list)
     text_len: int = 0  # characters of text so far
     prev_text_len: int = 0  # characters before the last delta (text_offset of its tokens)
+    prompt_logprobs: list[float | None] | None = None  # params.prompt_logprobs: one per prompt token
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    echo_sent: bool = False  # streaming echo: the prompt went out with the first chunk
 
     def add(self, out: RequestOutput, now: float) -> None:
         self.prev_text_len = self.text_len
@@ -240,6 +295,9 @@ class Choice:
                 self.itl.extend([(now - self.last_token_t) / k] * k)
             self.last_token_t = now
         self.text.append(out.text_delta)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+            self.prompt_top_logprobs = [[(t.token_id, t.logprob) for t in alts] for alts in out.prompt_top_logprobs or []]
         self.token_ids.extend(out.new_token_ids)
         if out.new_logprobs is not None:
             self.logprobs.extend(out.new_logprobs)
@@ -279,6 +337,8 @@ def merge_outputs(outs: Sequence[RequestOutput]) -> RequestOutput:
         new_logprobs=None if all(x is None for x in lps) else [v for x in lps for v in x or ()],
         new_top_logprobs=None if all(x is None for x in tops) else [v for x in tops for v in x or ()],
         num_prompt_tokens=next((o.num_prompt_tokens for o in reversed(outs) if o.num_prompt_tokens), 0),
+        prompt_logprobs=next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None),
+        prompt_top_logprobs=next((o.prompt_top_logprobs for o in outs if o.prompt_top_logprobs is not None), None),
         num_output_tokens=max(o.num_output_tokens for o in outs),
         timings=last.timings,
         error=last.error,
@@ -310,7 +370,9 @@ def token_str(tok: Tokenizer, token_id: int) -> str:
     return token_bytes(tok, token_id).decode("utf-8", errors="backslashreplace")
 
 
-def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list[float], tops, offset: int) -> dict:
+def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list, tops, offset: int) -> dict:
+    """OpenAI's legacy logprobs of ``ids``, whose text starts at character ``offset``; a ``None``
+    logprob or alternatives entry (the first token of an echoed prompt) stays null."""
     tokens = [token_str(tok, t) for t in ids]
     offsets, pos = [], offset
     for s in tokens:
@@ -319,7 +381,9 @@ def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list[float], tops, 
     return {
         "tokens": tokens,
         "token_logprobs": lps,
-        "top_logprobs": [{token_str(tok, t): lp for t, lp in alts} for alts in tops] if tops else None,
+        "top_logprobs": [None if alts is None else {token_str(tok, t): lp for t, lp in alts} for alts in tops]
+        if tops
+        else None,
         "text_offset": offsets,
     }
 

@@ -72,6 +72,15 @@ class Settings(BaseModel):
         le=1024,
         description="Streaming: most tokens one SSE event carries when outputs queued up; 1 = one each.",
     )
+    cors_allow_origins: str = Field(
+        "",
+        description="CORS: comma-separated origins allowed to call the API from a browser "
+        "(e.g. https://app.example.com; * for any); empty = CORS off.",
+    )
+    cors_allow_methods: str = Field("GET,POST,OPTIONS", description="CORS: comma-separated allowed methods.")
+    cors_allow_headers: str = Field(
+        "Authorization,Content-Type,X-Request-Id", description="CORS: comma-separated allowed request headers."
+    )
     log_prompts: bool = Field(False, description="Log prompt and output text (off: counts only).")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."
@@ -104,6 +113,11 @@ class Settings(BaseModel):
         33-66 ms with 1, at the same output tokens/s (docs/BENCHMARKS.md).
         """
         return self.intra_op_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+
+    @staticmethod
+    def split(value: str) -> list[str]:
+        """A comma-separated setting as a list (blank items dropped)."""
+        return [v.strip() for v in value.split(",") if v.strip()]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

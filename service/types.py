@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+MAX_LOGPROBS = 20  # alternatives per token, generated or prompt
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]
 
 
 class EngineError(Exception):
@@ -60,6 +62,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; n >= 0: chosen token logprob plus top-n alternatives
     stop: tuple[str, ...] = ()  # stop strings, matched by the detokenizer
+    # Added to the logits before everything else (penalties, logprobs, sampling): (token id, bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # None: no prompt logprobs; n >= 0: each prompt token's logprob (the first has none) plus top-n
+    # alternatives, from the model's raw distribution. With max_tokens 0 the request only scores.
+    prompt_logprobs: int | None = None
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidRequestError naming the field and the limit."""
@@ -67,8 +74,8 @@ class SamplingParams:
         def bad(msg: str) -> InvalidRequestError:
             return InvalidRequestError(msg)
 
-        if self.max_tokens < 1:
-            raise bad(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
+            raise bad(f"max_tokens must be >= 1 (0 only to score the prompt), got {self.max_tokens}")
         for name in (
             "temperature",
             "top_p",
@@ -97,8 +104,15 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not 0 <= t < vocab_size:
                 raise bad(f"stop_token_ids contains {t}, outside the vocabulary [0, {vocab_size})")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise bad(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= MAX_LOGPROBS:
+                raise bad(f"{name} must be in [0, {MAX_LOGPROBS}], got {v}")
+        for t, b in self.logit_bias:
+            if not 0 <= t < vocab_size:
+                raise bad(f"logit_bias: token id {t} is outside the vocabulary [0, {vocab_size})")
+            if not (math.isfinite(b) and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS):
+                raise bad(f"logit_bias: the bias of token {t} must be in [-100, 100], got {b}")
 
 
 @dataclass(slots=True)
@@ -148,6 +162,9 @@ class RequestOutput:
     new_top_logprobs: list[list[TopLogprob]] | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # total so far
+    # First output only, when params.prompt_logprobs is set: one entry per prompt token, the first None.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[TopLogprob]] | None = None
     timings: RequestTimings | None = None  # set on the final output
     error: str | None = None  # set when finish_reason == "error"
 

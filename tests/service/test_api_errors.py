@@ -121,19 +121,38 @@ def test_malformed_json_is_400(server, body):
         ("/v1/completions", {"prompt": "x", "stop": ["s"] * 500}, "stop"),
         ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
         ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
-        ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 2}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 200}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
+        ("/v1/completions", {"prompt": "x", "suffix": "end"}, "suffix"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, "tools"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
         ("/v1/completions", {"prompt": [1, 99999]}, "prompt"),
         ("/v1/completions", {"prompt": "x", "stop_token_ids": [99999]}, "stop_token_ids"),
-        ("/v1/completions", {"prompt": "x", "model": "other"}, "model"),
         ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         ("/v1/chat/completions", {"messages": "hello"}, "messages"),
         ("/generate", {"text": "x", "input_ids": [1]}, "text"),
         ("/detokenize", {"tokens": ["a"]}, "tokens.0"),
     ],
 )
-def test_validation_is_422_naming_the_field(server, path, body, param):
-    err = error(post(server, path, body), 422)
+def test_validation_is_400_naming_the_field_and_422_on_native_routes(server, path, body, param):
+    native = not path.startswith("/v1/")  # /generate, /tokenize, /detokenize keep TGI's 422
+    err = error(post(server, path, body), 422 if native else 400)
     assert err["param"] == param and param.split(".")[0] in err["message"]
+
+
+def test_unknown_model_is_404_as_openai_answers(server):
+    err = error(post(server, "/v1/completions", {"prompt": "x", "model": "other"}), 404)
+    assert err["param"] == "model" and err["code"] == "model_not_found" and "other" in err["message"]
+    err = error(httpx.get(server.url("/v1/models/other"), headers=AUTH), 404)
+    assert err["code"] == "model_not_found"
+    card = httpx.get(server.url("/v1/models/fake-tiny"), headers=AUTH)
+    assert card.status_code == 200 and card.json()["id"] == "fake-tiny"
 
 
 def test_context_overflow_is_400_with_both_lengths(server):
@@ -149,8 +168,10 @@ def test_unknown_route_and_method(server):
 
 def test_openai_client_sees_typed_errors(server):
     client = openai.OpenAI(base_url=server.url("/v1"), api_key=KEY, max_retries=0)
-    with pytest.raises(openai.UnprocessableEntityError):
-        client.completions.create(model="fake-tiny", prompt="x", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="fake-tiny", prompt="x", max_tokens=-1)
+    with pytest.raises(openai.NotFoundError, match="model"):
+        client.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="fake-tiny", prompt=[5] * 120, max_tokens=20)
     with pytest.raises(openai.AuthenticationError):

@@ -96,23 +96,30 @@ def _error(model, data) -> tuple[str, str | None]:
     ("data", "param", "needle"),
     [
         ({"prompt": "x", "max_tokens": "5"}, "max_tokens", "valid integer"),
-        ({"prompt": "x", "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
         ({"prompt": "x", "n": 17}, "n", "less than or equal to 16"),
         ({"prompt": "x", "temperature": 2.5}, "temperature", "2"),
         ({"prompt": "x", "top_p": 0}, "top_p", "greater than 0"),
         ({"prompt": "x", "stop": ["s"] * 1000}, "stop", f"at most {MAX_STOP}"),
         ({"prompt": "x", "stop": "y" * 65}, "stop", "at most 64 characters"),
         ({"prompt": "x", "stop": [""]}, "stop", "must not be empty"),
-        ({"prompt": "x", "echo": True}, "echo", "unknown or unsupported"),
-        ({"prompt": ["a", "b"]}, "prompt", "only one prompt"),
-        ({"prompt": []}, "prompt", "must not be empty"),
+        ({"prompt": "x", "echo": 1}, "echo", "valid boolean"),
+        ({"prompt": ["a"] * 65}, "prompt", "at most 64 prompts"),
+        ({"prompt": ["a", ""]}, "prompt", "prompt 1 must not be empty"),
+        ({"prompt": [[1], []]}, "prompt", "prompt 1 must not be empty"),
+        ({"prompt": []}, "prompt", "non-empty"),
+        ({"prompt": "x", "best_of": 2}, "best_of", "only 1"),
+        ({"prompt": "x", "suffix": "y"}, "suffix", "not supported"),
+        ({"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias", "decimal"),
+        ({"prompt": "x", "logit_bias": {"1": 101}}, "logit_bias", "[-100, 100]"),
+        ({"prompt": "x", "logit_bias": {"1": "x"}}, "logit_bias", "number"),
         ({"prompt": [1, "a"]}, "prompt", "list of token ids"),
         ({"prompt": [True]}, "prompt", "list of token ids"),
         ({"prompt": "x", "seed": -1}, "seed", "greater than or equal to 0"),
         ({"prompt": "x", "logprobs": 6}, "logprobs", "5"),
         ({}, "prompt", "required"),
         ({"prompt": ""}, "prompt", "must not be empty"),
-        ({"prompt": "a\ud800"}, "prompt", "valid Unicode"),
+        ({"prompt": "a\ud800"}, "prompt.0", "valid Unicode"),
         ({"prompt": "x", "stop": ["\udfff"]}, "stop.0", "valid Unicode"),
         ({"prompt": "x", "max_tokens": 5.5}, "max_tokens", "valid integer"),
     ],
@@ -125,7 +132,15 @@ def test_completion_request_errors_name_the_field(data, param, needle):
 
 @pytest.mark.parametrize(
     ("prompt", "expected"),
-    [("hi", "hi"), ([5, 6], [5, 6]), (["hi"], "hi"), ([[5, 6]], [5, 6])],
+    [
+        ("hi", ["hi"]),
+        ([5, 6], [[5, 6]]),
+        (["hi"], ["hi"]),
+        ([[5, 6]], [[5, 6]]),
+        (["a", "b"], ["a", "b"]),
+        ([[5], [6, 7]], [[5], [6, 7]]),
+        ([5.0, 6], [[5, 6]]),
+    ],
 )
 def test_prompt_forms(prompt, expected):
     assert CompletionRequest.model_validate({"prompt": prompt}).prompt == expected
@@ -135,7 +150,7 @@ def test_integral_floats_are_integers_and_nulls_are_defaults():
     req = CompletionRequest.model_validate(
         {"prompt": [5.0, 6], "max_tokens": 4.0, "n": 2.0, "stop": None, "stop_token_ids": None}
     )
-    assert (req.prompt, req.max_tokens, req.n, req.stop, req.stop_token_ids) == ([5, 6], 4, 2, [], [])
+    assert (req.prompt, req.max_tokens, req.n, req.stop, req.stop_token_ids) == ([[5, 6]], 4, 2, [], [])
 
 
 def test_chat_request_errors():
@@ -191,27 +206,29 @@ def _model(bundle) -> serving.ModelInfo:
 def test_text_prompt_starts_with_bos(fake_bundle):
     m = _model(fake_bundle)
     job = serving.build_completion(CompletionRequest(prompt="Hello"), m)
-    assert job.prompt_ids[0] == m.tokenizer.bos_id and job.prompt_ids[1:] == m.tokenizer.encode("Hello")
+    (ids,) = job.prompts
+    assert ids[0] == m.tokenizer.bos_id and ids[1:] == m.tokenizer.encode("Hello")
     assert job.params[0].max_tokens == serving.DEFAULT_MAX_TOKENS
 
 
 def test_token_prompt_is_used_as_given(fake_bundle):
     job = serving.build_completion(CompletionRequest(prompt=[5, 6, 7]), _model(fake_bundle))
-    assert job.prompt_ids == [5, 6, 7]
+    assert job.prompts == ([5, 6, 7],)
 
 
 def test_token_outside_vocabulary(fake_bundle):
     with pytest.raises(ApiError) as e:
         serving.build_completion(CompletionRequest(prompt=[5, FAKE_VOCAB]), _model(fake_bundle))
-    assert e.value.status == 422 and e.value.param == "prompt" and str(FAKE_VOCAB) in e.value.message
+    assert e.value.status == 400 and e.value.param == "prompt" and str(FAKE_VOCAB) in e.value.message
+    assert e.value.status_on("/generate") == 422  # the native routes keep TGI's status
 
 
-def test_max_tokens_over_context_is_422(fake_bundle):
+def test_max_tokens_over_context_is_400(fake_bundle):
     with pytest.raises(ApiError) as e:
         serving.build_completion(
             CompletionRequest(prompt="x", max_tokens=FAKE_CONTEXT + 1), _model(fake_bundle)
         )
-    assert e.value.status == 422 and e.value.param == "max_tokens" and str(FAKE_CONTEXT) in e.value.message
+    assert e.value.status == 400 and e.value.param == "max_tokens" and str(FAKE_CONTEXT) in e.value.message
 
 
 def test_context_overflow_is_400_with_both_lengths(fake_bundle):
@@ -231,7 +248,7 @@ def test_chat_context_overflow_names_messages(fake_bundle):
 def test_chat_default_max_tokens_fills_the_context(fake_bundle):
     m = _model(fake_bundle)
     job = serving.build_chat(ChatCompletionRequest(messages=_messages(("user", "Hi"))), m)
-    assert len(job.prompt_ids) + job.params[0].max_tokens == FAKE_CONTEXT
+    assert len(job.prompts[0]) + job.params[0].max_tokens == FAKE_CONTEXT
     assert "\nUser:" in job.params[0].stop
 
 
@@ -243,7 +260,43 @@ def test_seeded_choices_get_consecutive_seeds(fake_bundle):
 def test_wrong_model_name(fake_bundle):
     with pytest.raises(ApiError) as e:
         serving.build_completion(CompletionRequest(prompt="x", model="gpt-4"), _model(fake_bundle))
-    assert e.value.param == "model"
+    assert e.value.param == "model" and e.value.status == 404 and e.value.body()["error"]["code"] == "model_not_found"
+
+
+def test_several_prompts_get_n_choices_each_in_openai_order(fake_bundle):
+    m = _model(fake_bundle)
+    job = serving.build_completion(CompletionRequest(prompt=["a", [5, 6], "b c"], n=2, seed=3), m)
+    assert job.prompt_index == (0, 0, 1, 1, 2, 2)  # index = prompt * n + choice
+    assert job.prompt_of(2) == [5, 6] and job.num_prompt_tokens == sum(len(p) for p in job.prompts)
+    assert [p.seed for p in job.params] == [3, 4] * 3
+
+
+def test_too_many_choices_name_n_and_the_limit(fake_bundle):
+    m = _model(fake_bundle)
+    with pytest.raises(ApiError) as e:
+        serving.build_completion(CompletionRequest(prompt=["a"] * 10, n=16), m)
+    assert e.value.param == "n" and str(m.max_choices) in e.value.message and e.value.status == 400
+
+
+def test_echo_and_scoring(fake_bundle):
+    m = _model(fake_bundle)
+    job = serving.build_completion(CompletionRequest(prompt=[5, 6], echo=True, max_tokens=0, logprobs=2), m)
+    assert job.echo == (m.tokenizer.decode([5, 6]),)
+    assert job.params[0].max_tokens == 0 and job.params[0].prompt_logprobs == 2
+    with pytest.raises(ApiError) as e:  # max_tokens 0 without echo generates nothing and scores nothing
+        serving.build_completion(CompletionRequest(prompt="x", max_tokens=0), m)
+    assert e.value.param == "max_tokens" and "echo" in e.value.message
+    plain = serving.build_completion(CompletionRequest(prompt="x", logprobs=1), m)
+    assert plain.echo is None and plain.params[0].prompt_logprobs is None  # no echo: no prompt scoring
+
+
+def test_logit_bias_is_checked_against_the_vocabulary(fake_bundle):
+    m = _model(fake_bundle)
+    job = serving.build_completion(CompletionRequest(prompt="x", logit_bias={"5": -100, "7": 2.5}), m)
+    assert job.params[0].logit_bias == ((5, -100.0), (7, 2.5))
+    with pytest.raises(ApiError) as e:
+        serving.build_completion(CompletionRequest(prompt="x", logit_bias={str(FAKE_VOCAB): 1}), m)
+    assert e.value.param == "logit_bias" and str(FAKE_VOCAB) in e.value.message
 
 
 def test_top_logprobs_needs_logprobs(fake_bundle):
@@ -259,7 +312,7 @@ def test_error_table():
     assert {
         k: v[0] for k, v in STATUS.items() if k in ("validation", "queue_full", "unavailable", "unauthorized")
     } == {
-        "validation": 422,
+        "validation": 400,
         "queue_full": 429,
         "unavailable": 503,
         "unauthorized": 401,
@@ -271,3 +324,14 @@ def test_error_table():
         sse.startswith("event: error\ndata: ")
         and json.loads(sse.split("data: ")[1])["error"]["message"] == "boom"
     )
+
+
+@pytest.mark.parametrize("n", [1, 2, 10, 11, 99, 100, 512, 8000, 32000, 151_936])
+def test_below_pattern_matches_exactly_the_token_ids(n):
+    import re
+
+    from service.api import below_pattern
+
+    pattern = re.compile(below_pattern(n))
+    assert all(bool(pattern.match(str(i))) == (i < n) for i in range(n + 1000))
+    assert not pattern.match("01") and not pattern.match("-1")

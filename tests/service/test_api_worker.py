@@ -51,7 +51,7 @@ def worker(bundle, monkeypatch):
 
 def submit(w: EngineWorker, uid: str, n: int = 1, max_tokens: int = 3, deadline: float = 1e12, rqid: int = 0):
     params = tuple(SamplingParams(max_tokens=max_tokens, temperature=0) for _ in range(n))
-    w._handle((rqid, uid, time.monotonic(), Submit([1, 5, 6], params, time.monotonic(), deadline)))
+    w._handle((rqid, uid, time.monotonic(), Submit(([1, 5, 6],) * n, params, time.monotonic(), deadline)))
 
 
 def run(w: EngineWorker) -> None:
@@ -115,7 +115,7 @@ def test_a_request_stuck_waiting_past_its_deadline_finishes_with_length(worker):
 
 def _msg(uid: str, max_tokens: int = 3) -> tuple:
     params = (SamplingParams(max_tokens=max_tokens, temperature=0),)
-    return (0, uid, time.monotonic(), Submit([1, 5], params, time.monotonic(), 1e12))
+    return (0, uid, time.monotonic(), Submit(([1, 5],), params, time.monotonic(), 1e12))
 
 
 def test_a_burst_fills_free_running_slots_however_small_the_queue(bundle, monkeypatch):

@@ -321,3 +321,51 @@ def test_no_speculation_on_the_concat_layout_or_with_company(random_bundle) -> N
     run_to_completion(engine)
     with pytest.raises(ValueError, match="speculative_tokens"):
         Engine(load_bundle(random_bundle), speculative_tokens=-1)
+
+
+def test_prompt_logprobs_equal_the_pytorch_model_and_scoring_holds_no_slot(engine_and_model) -> None:
+    """The scoring path (echo with logprobs on /v1/completions): each prompt token's logprob is
+    the PyTorch model's log_softmax at the position before it, also in a batch with a decoding
+    row and a left-padded neighbour; with max_tokens 0 the request ends at its prefill."""
+    import torch
+
+    engine, model = engine_and_model
+    prompts = {"s1": [1, 40, 41, 300, 7, 99, 12], "s2": [1, 5, 6], "s3": [8]}
+    engine.add_request("busy", [1, 2, 3], SamplingParams(max_tokens=6, **GREEDY))
+    engine.step()  # "busy" decodes in the same steps as the scored prompts
+    for rid, p in prompts.items():
+        engine.add_request(rid, p, SamplingParams(max_tokens=0, prompt_logprobs=3, **GREEDY))
+    engine.add_request("gen", prompts["s1"], SamplingParams(max_tokens=2, prompt_logprobs=0, logprobs=0, **GREEDY))
+    res = run_to_completion(engine)
+    for rid, p in prompts.items():
+        out = res[rid]["out"]
+        assert res[rid]["finish"] == "length" and res[rid]["tokens"] == [] and out.num_output_tokens == 0
+        with torch.no_grad():
+            ref = torch.log_softmax(model.causal_logits(torch.tensor([p]))[0].double(), dim=-1)
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+        for t in range(1, len(p)):
+            assert abs(out.prompt_logprobs[t] - float(ref[t - 1, p[t]])) < 1e-4
+            best = torch.topk(ref[t - 1], 3)
+            assert [a.token_id for a in out.prompt_top_logprobs[t]] == best.indices.tolist()
+        assert out.prompt_top_logprobs[0] == []
+    gen = res["gen"]
+    assert len(gen["tokens"]) == 2 and gen["out"].prompt_logprobs is None  # sent with the first output only
+    assert gen["finish"] == "length"
+    check_idle(engine)
+
+
+def test_logit_bias_forces_and_bans_tokens(engine_and_model) -> None:
+    engine, _ = engine_and_model
+    prompt = [1, 50, 60, 70]
+    engine.add_request("plain", prompt, SamplingParams(max_tokens=8, **GREEDY))
+    plain = run_to_completion(engine)["plain"]["tokens"]
+    engine.add_request("forced", prompt, SamplingParams(max_tokens=8, logit_bias=((123, 100.0),), **GREEDY))
+    engine.add_request("banned", prompt, SamplingParams(max_tokens=8, logit_bias=((plain[0], -100.0),), **GREEDY))
+    res = run_to_completion(engine)
+    assert res["forced"]["tokens"] == [123] * 8
+    assert res["banned"]["tokens"][0] != plain[0]
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        engine.add_request("bad", prompt, SamplingParams(logit_bias=((10**6, 1.0),)))
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        engine.add_request("bad", prompt, SamplingParams(max_tokens=0))  # 0 only to score the prompt
+    check_idle(engine)

@@ -102,7 +102,8 @@ def test_invalid_requests_are_rejected() -> None:
     with pytest.raises(InvalidRequestError, match="num_prompt_tokens"):
         s.add_request("empty", 0, 1)
     with pytest.raises(InvalidRequestError, match="max_tokens"):
-        s.add_request("none", 1, 0)
+        s.add_request("negative", 1, -1)
+    s.add_request("scoring", 1, 0)  # max_tokens 0: prompt scoring, reserves the prompt only
     with pytest.raises(ValueError, match="max_running"):
         create_scheduler(max_running=0)
 

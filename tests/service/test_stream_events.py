@@ -52,7 +52,7 @@ def _one_choice(steps: int) -> list[tuple]:
 
 
 def _pending(n: int, cap: int) -> Pending:
-    job = Job(UID, [1, 2, 3], tuple(SamplingParams(max_tokens=8) for _ in range(n)), stream=True)
+    job = Job(UID, ([1, 2, 3],), tuple(SamplingParams(max_tokens=8) for _ in range(n)), (0,) * n, stream=True)
     return Pending(job, arrival=0.0, max_tokens_per_event=cap)
 
 
@@ -226,7 +226,7 @@ def _joined(m: ModelInfo, text: str, logprobs: int) -> tuple[Choice, RequestOutp
 
 def test_completion_chunk_has_one_logprobs_entry_per_token(model_info):
     m = model_info
-    job = Job(UID, [1], (SamplingParams(logprobs=2),), stream=True, logprobs="completion")
+    job = Job(UID, ([1],), (SamplingParams(logprobs=2),), (0,), stream=True, logprobs="completion")
     c, out, ids = _joined(m, " fair summer", logprobs=2)
     chunk = json.loads(fmt.completion_chunk(job, m, c, out, c.prev_text_len).removeprefix("data: "))
     choice = chunk["choices"][0]
@@ -243,7 +243,7 @@ def test_completion_chunk_has_one_logprobs_entry_per_token(model_info):
 
 def test_chat_chunk_has_one_logprobs_entry_per_token(model_info):
     m = model_info
-    job = Job(UID, [1], (SamplingParams(logprobs=1),), stream=True, logprobs="chat")
+    job = Job(UID, ([1],), (SamplingParams(logprobs=1),), (0,), stream=True, logprobs="chat")
     c, out, ids = _joined(m, " fair summer", logprobs=1)
     chunk = json.loads(fmt.chat_chunk(job, m, c, out).removeprefix("data: "))
     choice = chunk["choices"][0]
