@@ -26,6 +26,7 @@ FILES = [
     REPO / "tests/deploy/compose/docker-compose.test.yml",
 ]
 PROJECT = "tgtest" + "".join(c for c in RUN_ID.lower() if c.isalnum())
+PROMETHEUS_IMAGE = "textgen-test/prometheus:debian-bookworm"  # as in docker-compose.test.yml
 
 
 class Compose:
@@ -39,6 +40,10 @@ class Compose:
             "TEXTGEN_PUBLISHED_PORT": "",
             "PROMETHEUS_PUBLISHED_PORT": "",
             "GRAFANA_PUBLISHED_PORT": "",
+            # Compose v1 would build through the `docker` CLI first on PATH, which may lack buildx:
+            # the image is built beforehand (`prometheus_image`), and `up` never builds.
+            "COMPOSE_DOCKER_CLI_BUILD": "0",
+            "DOCKER_BUILDKIT": "0",
         }
 
     def __call__(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -67,12 +72,21 @@ class Compose:
         return f"http://{hostport}"
 
 
+def prometheus_image() -> None:
+    """Build the Prometheus stand-in (Debian's package; a minute, then cached) with BuildKit."""
+    compose_dir = REPO / "tests/deploy/compose"
+    docker(
+        "build", "--label", "textgen.test=prometheus", "-f", str(compose_dir / "prometheus.Dockerfile"),
+        "-t", PROMETHEUS_IMAGE, str(compose_dir), timeout=900,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Compose]:
     compose = Compose()
+    prometheus_image()
     try:
-        # The Prometheus stand-in is built (Debian's package, about a minute) unless it exists.
-        compose("up", "-d", "textgen-cpu", "prometheus", timeout=900)
+        compose("up", "-d", "--no-build", "textgen-cpu", "prometheus", timeout=600)
         yield compose
     finally:
         print(compose("logs", "--tail", "40", check=False).stdout[-6000:])
