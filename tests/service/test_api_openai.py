@@ -41,6 +41,11 @@ def test_models(server, client, model):
     assert httpx.get(server.url("/v1/models")).json()["data"][0]["max_model_len"] > 0
 
 
+def test_cors_is_off_unless_configured(server):
+    r = httpx.get(server.url("/v1/models"), headers={"Origin": "https://app.example.com"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
 def test_completion_usage_is_exact(server, client, model):
     r = client.completions.create(model=model, prompt="To be, or not", max_tokens=8, temperature=0)
     choice = r.choices[0]
