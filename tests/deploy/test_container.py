@@ -230,7 +230,7 @@ def test_a_missing_or_broken_mounted_bundle_exits_nonzero_naming_the_file(
     try:
         code = container.wait_exit(timeout=120)
         logs = container.logs()
-        assert code != 0, logs
+        assert code == 2, f"a bundle error is a configuration error (exit 2), got {code}:\n{logs[-3000:]}"
         assert named in logs, f"the start-up error should name {named}:\n{logs[-3000:]}"
     finally:
         container.remove()
