@@ -49,15 +49,13 @@ cleanup() {
   local rc=$?
   # Whatever the tests left behind (a crash, a timeout): containers, then networks and volumes.
   if [ -n "${engine_up:-}" ]; then
-    ids=$("$DOCKER" ps -aq --filter "label=textgen.test-run=$RUN_ID" 2>/dev/null || true)
-    [ -z "$ids" ] || "$DOCKER" rm -f -v $ids >/dev/null 2>&1 || true
-    project="tgtest${RUN_ID}"
-    ids=$("$DOCKER" ps -aq --filter "label=com.docker.compose.project=$project" 2>/dev/null || true)
-    [ -z "$ids" ] || "$DOCKER" rm -f -v $ids >/dev/null 2>&1 || true
-    ids=$("$DOCKER" network ls -q --filter "label=com.docker.compose.project=$project" 2>/dev/null || true)
-    [ -z "$ids" ] || "$DOCKER" network rm $ids >/dev/null 2>&1 || true
-    ids=$("$DOCKER" volume ls -q --filter "label=com.docker.compose.project=$project" 2>/dev/null || true)
-    [ -z "$ids" ] || "$DOCKER" volume rm $ids >/dev/null 2>&1 || true
+    local project="tgtest${RUN_ID}" filter
+    for filter in "label=textgen.test-run=$RUN_ID" "label=com.docker.compose.project=$project"; do
+      "$DOCKER" ps -aq --filter "$filter" | xargs -r "$DOCKER" rm -f -v >/dev/null 2>&1 || true
+    done
+    filter="label=com.docker.compose.project=$project"
+    "$DOCKER" network ls -q --filter "$filter" | xargs -r "$DOCKER" network rm >/dev/null 2>&1 || true
+    "$DOCKER" volume ls -q --filter "$filter" | xargs -r "$DOCKER" volume rm >/dev/null 2>&1 || true
   fi
   deploy/docker/engine.sh stop "$STATE" || true
   rm -rf "$STATE"

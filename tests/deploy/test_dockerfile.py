@@ -154,7 +154,8 @@ def test_serving_image_contract(final_stage: list[Instruction]):
 
 
 def test_serving_stages_install_no_torch_and_keep_no_pip_cache(instructions: list[Instruction]):
-    serving = [x for x in instructions if x.stage in ("requirements", "wheel", "runtime-cuda", "runtime-cpu", "serve")]
+    serving_stages = ("requirements", "wheel", "runtime-cuda", "runtime-cpu", "serve")
+    serving = [x for x in instructions if x.stage in serving_stages]
     for x in serving:
         assert "torch" not in x.args, f"line {x.line}: the serving image must not install torch"
     for x in instructions:
