@@ -100,11 +100,13 @@ fi
 t=$(date +%s)
 say "building $IMAGE (RUNTIME=cpu, BUNDLE_DIR=$BUNDLE; log: $STATE/build.log)"
 if ! timeout 1800 "$DOCKER" build --progress=plain --build-arg RUNTIME=cpu --build-arg BUNDLE_SOURCE=prebuilt \
-    --build-arg BUNDLE_DIR="$BUNDLE" -t "$IMAGE" . >"$STATE/build.log" 2>&1; then
+    --build-arg BUNDLE_DIR="$BUNDLE" --label textgen.test-image=1 -t "$IMAGE" . >"$STATE/build.log" 2>&1; then
   tail -n 60 "$STATE/build.log" >&2
   echo "test-docker: docker build failed" >&2
   exit 1
 fi
+# The image this one replaced, now untagged (the build cache is kept: the next build stays warm).
+"$DOCKER" image prune -f --filter label=textgen.test-image=1 >/dev/null
 size=$("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE")
 say "image $IMAGE built in $(elapsed "$t"): $(( size / 1000000 )) MB"
 
