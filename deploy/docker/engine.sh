@@ -27,7 +27,8 @@ start)
   [ -n "$dockerd" ] || { echo "cannot run Docker: no engine answers and dockerd is not installed (apt-get install docker.io)" >&2; exit 3; }
   [ "$(id -u)" = 0 ] || { echo "cannot run Docker: no engine answers and starting dockerd needs root" >&2; exit 3; }
   echo "docker engine: starting $dockerd (log: $state/dockerd.log)"
-  # setsid: the engine outlives neither this script's process group signals nor make's Ctrl-C handling.
+  # setsid: its own session, so a Ctrl-C meant for the tests does not kill the engine under them;
+  # `engine.sh stop` (the caller's exit trap) stops it.
   setsid "$dockerd" >"$state/dockerd.log" 2>&1 </dev/null &
   echo $! >"$pidfile"
   deadline=$(( $(date +%s) + 60 ))
