@@ -14,9 +14,9 @@ ContinuousBatchingLoop and fixes its faults:
   finishes it with ``finish_reason="length"``; one still waiting for a slot a second later is
   aborted here and finished the same way.
 
-Messages in (LitServe request queue, FIFO): ``(response_queue_id, uid, t, Submit | Abort)``.
-Messages out: per engine iteration, one list of events per HTTP process, sent to the mailbox
-of that process (``MAILBOX``) through LitServe's transport:
+Messages in and out go over service.channel (ZeroMQ sockets, not LitServe's queues): in, one
+``(response_queue_id, uid, t, Submit | Abort)`` per request or abort, FIFO; out, per engine
+iteration, one list of events per HTTP process:
 ``("ack", uid)`` | ``("out", uid, index, RequestOutput)`` | ``("err", uid, kind, message, param)``.
 """
 
@@ -26,17 +26,16 @@ import heapq
 import importlib
 import logging
 import os
-import queue
 import sys
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import litserve as ls
 from litserve.loops.base import LitLoop
-from litserve.utils import LitAPIStatus, LoopResponseType
 
+from service.channel import Abort, EngineChannel, Submit
 from service.settings import LOG_FORMAT, Settings
 from service.shared_state import SharedState, child_signal_handlers
 from service.types import (
@@ -44,32 +43,17 @@ from service.types import (
     PromptTooLongError,
     QueueFullError,
     RequestOutput,
-    SamplingParams,
     StepStats,
 )
 
+__all__ = ["Abort", "EngineWorker", "Submit", "TextGenAPI"]
+
 logger = logging.getLogger(__name__)
 
-ENGINE_PATH = "/_textgen/engine"  # LitServe's request-queue key; it has no HTTP route
-MAILBOX = "__textgen_mailbox__"  # response-buffer key of each HTTP process's event dispatcher
-IDLE_WAIT_S = 0.5  # idle: how long one blocking get on the request queue waits
-MAX_INTAKE = 1024  # messages taken from the request queue per iteration
+ENGINE_PATH = "/_textgen/engine"  # LitServe's api path for the worker; it has no HTTP route
+IDLE_WAIT_S = 0.5  # idle: how long one blocking receive waits
+MAX_INTAKE = 1024  # messages taken from the channel per iteration
 EXPIRY_GRACE_S = 1.0  # after a request's deadline, before the loop (not the engine) finishes it
-
-
-@dataclass(frozen=True, slots=True)
-class Submit:
-    """One HTTP request: ``len(params)`` engine requests (the choices), choice i on ``prompts[i]``."""
-
-    prompts: tuple[list[int], ...]  # one per choice (choices of one prompt share the list)
-    params: tuple[SamplingParams, ...]
-    arrival: float  # time.monotonic() at the HTTP edge (CLOCK_MONOTONIC is system-wide)
-    deadline: float  # time.monotonic() after which the engine finishes it as "length"
-
-
-@dataclass(frozen=True, slots=True)
-class Abort:
-    uid: str
 
 
 def sub_id(uid: str, index: int) -> str:
@@ -128,8 +112,21 @@ class EngineLoop(LitLoop):
     """LitServe loop hook: ``run`` serves until the main process goes away."""
 
     def run(self, lit_api: TextGenAPI, device, worker_id, request_queue, transport, *args, **kwargs) -> None:
-        EngineWorker(lit_api, transport).serve(request_queue)
+        # LitServe's request queue and transport go unused: our own channel replaces them.
+        channel = EngineChannel(lit_api.state.channel_id)
+        try:
+            EngineWorker(lit_api, channel).serve()
+        finally:
+            channel.close()
         sys.exit(0)
+
+
+class Channel(Protocol):
+    """What the worker needs of its channel (service.channel.EngineChannel; tests use a fake)."""
+
+    def receive(self, timeout_s: float, max_messages: int) -> list[tuple]: ...
+
+    def send(self, rqid: int, events: list[tuple]) -> None: ...
 
 
 @dataclass
@@ -143,9 +140,9 @@ class _Active:
 
 
 class EngineWorker:
-    def __init__(self, api: TextGenAPI, transport: Any):
+    def __init__(self, api: TextGenAPI, channel: Channel):
         self.engine, self.metrics, self.state = api.engine, api.metrics, api.state
-        self.transport = transport
+        self.channel = channel
         self.active: dict[str, _Active] = {}
         self.outbox: dict[int, list[tuple]] = defaultdict(list)
         self.deadlines: list[tuple[float, str]] = []  # heap of (deadline + grace, uid)
@@ -156,31 +153,17 @@ class EngineWorker:
         self._refusals = 0  # error events in the outbox
 
     # -- main loop ----------------------------------------------------------------------------
-    def serve(self, request_queue: Any) -> None:
+    def serve(self) -> None:
         parent = os.getppid()
         while os.getppid() == parent:  # the main process died: exit rather than linger
-            try:
-                items = self._receive(request_queue, block=not self.engine.has_unfinished())
-            except (EOFError, OSError):
-                logger.info("request queue closed; the engine loop stops")
-                return
+            idle = not self.engine.has_unfinished() and not self.deferred
+            items = self.channel.receive(IDLE_WAIT_S if idle else 0.0, MAX_INTAKE)
             self._handle_all(items)
             self._expire(time.monotonic())
             if not self.engine.has_unfinished() or self._refusals:
                 self._flush()  # refusals leave now; acks wait for the step's outputs (one message)
             stepped = self.engine.has_unfinished() and self._step()
             self._beat(stepped)
-
-    def _receive(self, request_queue: Any, block: bool) -> list[tuple]:
-        items: list[tuple] = []
-        try:
-            if block:
-                items.append(request_queue.get(timeout=IDLE_WAIT_S))
-            while len(items) < MAX_INTAKE:
-                items.append(request_queue.get_nowait())
-        except queue.Empty:
-            pass
-        return items
 
     def _handle_all(self, items: list[tuple]) -> None:
         """Messages deferred by the last iteration first, then the new ones, in order (FIFO)."""
@@ -304,9 +287,7 @@ class EngineWorker:
         self._refusals = 0
         for rqid, events in self.outbox.items():
             if events:
-                self.transport.send(
-                    (MAILBOX, (events, LitAPIStatus.OK, LoopResponseType.STREAMING, 0)), consumer_id=rqid
-                )
+                self.channel.send(rqid, events)
         self.outbox.clear()
 
 

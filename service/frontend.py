@@ -1,12 +1,12 @@
 """The HTTP process's side of the engine: submit jobs, route events back, abort, fail, observe.
 
 One ``Frontend`` exists per uvicorn process (created in the main process, started in each
-forked uvicorn process by the app's lifespan). It talks to the inference worker through
-LitServe's own queues: jobs go on LitServe's request queue (FIFO, shared by all HTTP
-processes), events come back through LitServe's transport (read in batches, see
-``BatchingTransport``) into LitServe's response buffer under one mailbox key per process, from
-which ``_dispatch`` hands them to the waiting requests. When the process fell behind, a stream's
-handler finds several outputs of a choice queued and sends them as one event (``Pending``).
+forked uvicorn process by the app's lifespan). It talks to the inference worker over
+service.channel: jobs and aborts go out on the worker's socket, and each engine iteration's
+events for this process come back as one message on this process's own socket, which
+``_dispatch`` fans out to the waiting requests. When the process fell behind, messages queue in
+the socket and are dispatched back to back, so a stream's handler finds several outputs of a
+choice queued and sends them as one event (``Pending``).
 
 A request ends exactly once, in ``finish``: it leaves ``pending``, gives back its in-flight
 count (what a drain waits for), and, if it ended early (client gone, error), tells the worker
@@ -19,17 +19,12 @@ import asyncio
 import logging
 import os
 import signal
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from queue import Empty
 from typing import Any
 
-from litserve.transport.process_transport import MPQueueTransport
-from litserve.utils import LitAPIStatus, ResponseBufferItem
-
-from service.engine_loop import ENGINE_PATH, MAILBOX, Abort, Submit
+from service.channel import Abort, FrontendChannel, Submit
 from service.errors import ApiError
 from service.serving import Choice, Job, ModelInfo, merge_outputs
 from service.settings import Settings
@@ -147,8 +142,8 @@ class Frontend:
         self.pending: dict[str, Pending] = {}
         self.rqid = 0
         self.metrics: Any = None
+        self.channel: FrontendChannel | None = None
         self._tasks: list[asyncio.Task] = []
-        self._delivery: asyncio.Task | None = None
 
     # -- lifecycle (per uvicorn process) ------------------------------------------------------
     async def start(self, app: Any) -> None:
@@ -156,10 +151,9 @@ class Frontend:
 
         self.rqid = app.response_queue_id or 0
         self.metrics = Metrics(self.model.name)
-        mailbox = ResponseBufferItem(event=asyncio.Event(), response_queue=deque())
-        self.server.response_buffer[MAILBOX] = mailbox
+        self.channel = FrontendChannel(self.state.channel_id, self.rqid)
         self._tasks = [
-            asyncio.create_task(self._dispatch(mailbox), name="textgen-dispatch"),
+            asyncio.create_task(self._dispatch(self.channel), name="textgen-dispatch"),
             asyncio.create_task(self._watchdog(), name="textgen-watchdog"),
         ]
 
@@ -167,6 +161,8 @@ class Frontend:
         for t in self._tasks:
             t.cancel()
         self._fail_all(ApiError("unavailable", "the server is shutting down"))
+        if self.channel is not None:
+            self.channel.close()
 
     # -- submitting ---------------------------------------------------------------------------
     def submit(self, job: Job, arrival: float) -> Pending:
@@ -182,8 +178,8 @@ class Frontend:
         msg = Submit(prompts, job.params, p.arrival, deadline)
         self.pending[job.id] = p
         try:
-            self._queue().put((self.rqid, job.id, p.arrival, msg))
-        except Exception as e:  # the manager is gone: we are shutting down
+            self.channel.send((self.rqid, job.id, p.arrival, msg))
+        except Exception as e:  # the channel is closed: we are shutting down
             self.pending.pop(job.id, None)
             self.state.add_inflight(self.rqid, -1)
             raise ApiError("unavailable", "the inference worker is unreachable") from e
@@ -198,30 +194,26 @@ class Frontend:
         self.state.add_inflight(self.rqid, -1)
         if not p.complete and self.state.phase in (Phase.SERVING, Phase.DRAINING):
             try:
-                self._queue().put((self.rqid, p.job.id, time.monotonic(), Abort(p.job.id)))
+                self.channel.send((self.rqid, p.job.id, time.monotonic(), Abort(p.job.id)))
             except Exception:
                 logger.debug("could not send abort for %s", p.job.id)
 
-    def _queue(self) -> Any:
-        return self.server._get_request_queue(ENGINE_PATH)
-
     # -- background tasks ---------------------------------------------------------------------
-    async def _dispatch(self, mailbox: ResponseBufferItem) -> None:
-        """Fan the worker's per-step event lists out to the requests they belong to."""
+    async def _dispatch(self, channel: FrontendChannel) -> None:
+        """Fan the worker's per-step event lists out to the requests they belong to. Messages
+        that queued while this process was busy are taken back to back (an await on a waiting
+        message does not yield), so the streams then find several steps' outputs at once."""
         while True:
-            await mailbox.event.wait()
-            mailbox.event.clear()
-            while mailbox.response_queue:
-                try:
-                    events, status = mailbox.response_queue.popleft()
-                    if status != LitAPIStatus.OK:
-                        continue
-                    for ev in events:
-                        p = self.pending.get(ev[1])
-                        if p is not None:
-                            p.put(ev)
-                except Exception:  # a bad message must not stop every request's delivery
-                    logger.exception("dropping a malformed message from the inference worker")
+            try:
+                events = await channel.receive()
+                for ev in events:
+                    p = self.pending.get(ev[1])
+                    if p is not None:
+                        p.put(ev)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bad message must not stop every request's delivery
+                logger.exception("dropping a malformed message from the inference worker")
 
     async def _watchdog(self) -> None:
         """Fail what can no longer finish (worker dead, grace period over); exit if orphaned or
@@ -240,110 +232,12 @@ class Frontend:
                 self.state.phase = Phase.STOPPING  # the main process, its only writer, is dead
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
-            if phase == Phase.SERVING and not self._delivery_alive():
-                logger.error("LitServe's response task stopped: failing pending requests and exiting")
+            if phase == Phase.SERVING and self._tasks and self._tasks[0].done():
+                logger.error("event delivery from the inference worker stopped: failing pending requests")
                 self._fail_all(ApiError("unavailable", "the server lost its inference worker link"))
                 await asyncio.sleep(0.5)
                 os._exit(1)  # the supervisor sees an HTTP process die: the service restarts
 
-    def _delivery_alive(self) -> bool:
-        """Whether LitServe's task that moves worker messages into the response buffer runs."""
-        if self._delivery is None:
-            name = f"response_queue_to_buffer-{self.rqid}"
-            self._delivery = next((t for t in asyncio.all_tasks() if t.get_name() == name), None)
-        return self._delivery is None or not self._delivery.done()
-
     def _fail_all(self, err: ApiError) -> None:
         for p in list(self.pending.values()):
             p.put(("fail", err))
-
-
-class BatchingTransport(MPQueueTransport):
-    """LitServe's queue transport, read by one thread per HTTP process, in batches.
-
-    LitServe's delivery task asks the transport for one message at a time (one thread hop each)
-    and hands each to the event loop before it asks for the next, so an HTTP process that fell
-    behind still sees one engine step at a time. Here a reader thread takes messages as they
-    come, and a receive returns everything that arrived since the previous one, the mailbox
-    messages joined into one: the requests then find several steps' outputs queued at once (a
-    stream sends them as one event, see ``Pending``). A message that finds the event loop free
-    is handed over at once, alone.
-
-    The inference worker gets a plain ``MPQueueTransport`` (it only sends). The reader thread
-    starts in the HTTP process, at the first receive.
-    """
-
-    def __init__(self, manager: Any, queues: list[Any]):
-        super().__init__(manager, queues)
-        self._inbox: deque[Any] = deque()  # filled by the reader thread
-        self._ready: deque[Any] = deque()  # joined messages not yet returned
-        self._wake: asyncio.Event | None = None
-        self._signalled = False  # a wake-up is on its way to the event loop
-        self._failure: BaseException | None = None  # why the reader thread stopped
-
-    async def areceive(self, consumer_id: int, timeout: float | None = None, block: bool = True) -> Any:
-        if self._closed:
-            raise asyncio.CancelledError("Transport closed")
-        if self._wake is None:
-            self._start(consumer_id)
-        async with asyncio.timeout(timeout):
-            while not self._ready and not self._inbox:
-                if self._failure is not None:
-                    raise self._failure
-                self._wake.clear()
-                if not self._inbox:
-                    await self._wake.wait()
-        if not self._ready:
-            self._signalled = False  # before taking: what arrives next signals again
-            batch = []
-            while self._inbox:
-                batch.append(self._inbox.popleft())
-            self._ready.extend(join_mailbox_messages(batch))
-        return self._ready.popleft()
-
-    def _start(self, consumer_id: int) -> None:
-        self._wake = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        queue = self._queues[consumer_id]
-        threading.Thread(
-            target=self._read, args=(queue, loop), name=f"textgen-receive-{consumer_id}", daemon=True
-        ).start()
-
-    def _read(self, queue: Any, loop: asyncio.AbstractEventLoop) -> None:
-        while not self._closed:
-            try:
-                msg = queue.get(timeout=1.0)
-            except Empty:
-                continue
-            except BaseException as e:  # the manager is gone: the next receive raises it
-                self._failure = e
-                self._signal(loop)
-                return
-            self._inbox.append(msg)
-            if not self._signalled and not self._signal(loop):
-                return
-
-    def _signal(self, loop: asyncio.AbstractEventLoop) -> bool:
-        self._signalled = True
-        try:
-            loop.call_soon_threadsafe(self._wake.set)
-        except RuntimeError:  # the event loop is closed: this process is ending
-            return False
-        return True
-
-
-def join_mailbox_messages(messages: list[Any]) -> list[Any]:
-    """Consecutive mailbox messages (``(MAILBOX, (events, OK, type, worker))``) as one, their
-    event lists concatenated in order; anything else (a sentinel, another key) stays apart."""
-
-    def joinable(m: Any) -> bool:
-        return isinstance(m, tuple) and m[0] == MAILBOX and m[1][1] == LitAPIStatus.OK
-
-    out: list[Any] = []
-    for m in messages:
-        if out and joinable(m) and joinable(out[-1]):
-            uid, (events, status, kind, worker) = out[-1]
-            out[-1] = (uid, ([*events, *m[1][0]], status, kind, worker))
-        else:
-            out.append(m)
-    return out

@@ -36,9 +36,9 @@ import litserve as ls
 import litserve.server
 import uvicorn
 from litserve.server import _Server
+from litserve.transport.process_transport import MPQueueTransport
 from litserve.utils import WorkerSetupStatus
 
-from service.frontend import BatchingTransport
 from service.settings import Settings
 from service.shared_state import Phase, SharedState, child_signal_handlers
 
@@ -128,8 +128,8 @@ class TextGenServer(ls.LitServer):
 
     # -- start-up -----------------------------------------------------------------------------
     def _init_manager(self, num_api_servers: int):
-        """LitServe's, but its Manager process ignores our signals and exits if orphaned, and the
-        HTTP processes read the transport in batches (``service.frontend.BatchingTransport``)."""
+        """LitServe's, but its Manager process ignores our signals and exits if orphaned. LitServe's
+        queues stay for its own bookkeeping; requests and events travel over service.channel."""
         manager = SyncManager()
         manager.start(_manager_init, (os.getpid(),))
         self.transport_config.manager = manager
@@ -138,7 +138,7 @@ class TextGenServer(ls.LitServer):
         self._shutdown_event = manager.Event()
         for lit_api in self.litapi_connector:
             self.litapi_request_queues[lit_api.api_path] = manager.Queue()
-        self._transport = BatchingTransport(manager, [manager.Queue() for _ in range(num_api_servers)])
+        self._transport = MPQueueTransport(manager, [manager.Queue() for _ in range(num_api_servers)])
         return manager
 
     def verify_worker_status(self) -> None:

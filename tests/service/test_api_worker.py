@@ -16,13 +16,17 @@ from service.shared_state import SharedState
 from service.types import SamplingParams
 
 
-class Transport:
+class Channel:
+    """The worker's channel (service.channel.EngineChannel), recording what it sends."""
+
     def __init__(self):
         self.sent: list[tuple[int, list]] = []
 
-    def send(self, item, consumer_id):
-        _, (events, *_rest) = item
-        self.sent.append((consumer_id, events))
+    def receive(self, timeout_s: float, max_messages: int) -> list[tuple]:
+        return []
+
+    def send(self, rqid, events):
+        self.sent.append((rqid, events))
 
     def events(self) -> list[tuple]:
         return [e for _, evs in self.sent for e in evs]
@@ -38,7 +42,7 @@ def make_worker(bundle, max_running: int = 1, max_waiting: int = 1) -> EngineWor
     steps = []
     api = SimpleNamespace(engine=engine, metrics=SimpleNamespace(observe_step=steps.append),
                           state=SharedState(1, os.getpid()), settings=SimpleNamespace(max_running=max_running))  # fmt: skip
-    w = EngineWorker(api, Transport())
+    w = EngineWorker(api, Channel())
     w.steps = steps
     return w
 
@@ -64,7 +68,7 @@ def run(w: EngineWorker) -> None:
 def test_submit_ack_outputs_and_cleanup(worker):
     submit(worker, "a", rqid=0)
     run(worker)
-    events = worker.transport.events()
+    events = worker.channel.events()
     assert events[0] == ("ack", "a")
     outs = [e[3] for e in events if e[0] == "out"]
     assert [len(o.new_token_ids) for o in outs] == [1, 1, 1] and outs[-1].finish_reason == "length"
@@ -74,9 +78,9 @@ def test_submit_ack_outputs_and_cleanup(worker):
 def test_one_message_per_http_process_per_iteration(worker):
     submit(worker, "a", rqid=0)
     worker._flush()
-    worker.transport.sent.clear()
+    worker.channel.sent.clear()
     worker._step()
-    assert [c for c, _ in worker.transport.sent] == [0]
+    assert [c for c, _ in worker.channel.sent] == [0]
 
 
 def test_queue_full_refuses_and_undoes_earlier_choices(worker):
@@ -84,7 +88,7 @@ def test_queue_full_refuses_and_undoes_earlier_choices(worker):
     worker._step()  # "a" runs: no free slot left
     submit(worker, "b", n=2)  # b#0 takes the only waiting place, b#1 does not fit
     worker._flush()
-    errors = [e for e in worker.transport.events() if e[0] == "err"]
+    errors = [e for e in worker.channel.events() if e[0] == "err"]
     assert errors == [("err", "b", "queue_full", errors[0][3], None)]
     assert "b" not in worker.active and worker.engine.num_waiting == 0 and worker.engine.num_running == 1
 
@@ -95,7 +99,7 @@ def test_abort_stops_the_outputs(worker):
     worker._step()
     worker._handle((0, "x", time.monotonic(), Abort("a")))
     run(worker)
-    outs = [e for e in worker.transport.events() if e[0] == "out"]
+    outs = [e for e in worker.channel.events() if e[0] == "out"]
     assert len(outs) == 1 and worker.active == {} and worker.engine.num_running == 0
 
 
@@ -107,7 +111,7 @@ def test_a_request_stuck_waiting_past_its_deadline_finishes_with_length(worker):
     assert worker.engine.num_waiting == 1
     worker._expire(time.monotonic())
     worker._flush()
-    final = [e[3] for e in worker.transport.events() if e[0] == "out" and e[1] == "b"]
+    final = [e[3] for e in worker.channel.events() if e[0] == "out" and e[1] == "b"]
     assert len(final) == 1 and final[0].finished and final[0].finish_reason == "length"
     assert final[0].num_output_tokens == 0 and "b" not in worker.active
     assert worker.engine.num_waiting == 0
@@ -126,7 +130,7 @@ def test_a_burst_fills_free_running_slots_however_small_the_queue(bundle, monkey
     for _ in range(4):
         w._step()
         w._handle_all([])
-    events = w.transport.events()
+    events = w.channel.events()
     assert [e[1] for e in events if e[0] == "ack"] == list("abcd")
     assert not [e for e in events if e[0] == "err"] and not w.deferred
 
@@ -138,6 +142,6 @@ def test_a_burst_beyond_running_and_waiting_capacity_is_refused(bundle, monkeypa
     w._step()
     w._handle_all([])  # a runs, b waits, c finds no free slot: refused at once
     w._flush()
-    events = w.transport.events()
+    events = w.channel.events()
     assert [e[1] for e in events if e[0] == "ack"] == ["a", "b"]
     assert [e[1] for e in events if e[0] == "err"] == ["c"] and not w.deferred

@@ -1,22 +1,20 @@
 """Joining queued outputs into one stream event: ``serving.merge_outputs`` (pure), ``Pending``
 (the HTTP side's per-request queue, no server), the chunks written from a joined output, and
-``BatchingTransport``, whose receive hands over together what arrived while the loop was busy."""
+the channel (service.channel) that carries requests to the worker and each step's events back."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
-import queue
 
 import pytest
 from fakes import make_fake_bundle
-from litserve.utils import LitAPIStatus, LoopResponseType
 
 from service import formatting as fmt
-from service.engine_loop import MAILBOX
+from service.channel import Abort, EngineChannel, FrontendChannel, Submit, new_channel_id
 from service.errors import ApiError
-from service.frontend import BatchingTransport, Pending, join_mailbox_messages
+from service.frontend import Pending
 from service.serving import Choice, Job, ModelInfo, merge_outputs
 from service.tokenizer import Tokenizer
 from service.types import RequestOutput, RequestTimings, SamplingParams, TopLogprob
@@ -254,48 +252,63 @@ def test_chat_chunk_has_one_logprobs_entry_per_token(model_info):
     assert all(len(e["top_logprobs"]) == 1 for e in content)
 
 
-# -- the HTTP process's receive: what arrived while it was busy comes in one message ------------------
+# -- the channel between the worker and the HTTP process (real ZeroMQ sockets, in one process) -------
 
 
-def _msg(*events: str, status=LitAPIStatus.OK) -> tuple:
-    return (MAILBOX, (list(events), status, LoopResponseType.STREAMING, 0))
+def test_channel_carries_requests_in_order_and_each_steps_events_as_one_message():
+    channel_id = new_channel_id()
+    engine = EngineChannel(channel_id)
+    outputs = [RequestOutput(f"{UID}#0", [k], "x", num_output_tokens=k + 1) for k in range(3)]
+
+    async def go():
+        front = FrontendChannel(channel_id, 0)
+        try:
+            params = (SamplingParams(max_tokens=2),)
+            sent = [(0, f"r{k}", 1.0, Submit(([1, 2],), params, 1.0, 2.0)) for k in range(5)]
+            sent.append((0, "r0", 1.5, Abort("r0")))
+            for m in sent:
+                front.send(m)
+            got: list = []
+            async with asyncio.timeout(10):
+                while len(got) < len(sent):  # the worker side polls; nothing is lost or reordered
+                    got += engine.receive(0.05, 1024)
+            assert got == sent
+            assert engine.receive(0.0, 10) == []  # no message waiting: returns at once
+            engine.send(0, [("ack", UID), *[("out", UID, 0, o) for o in outputs]])
+            engine.send(0, [("err", "r9", "queue_full", "full", None)])
+            async with asyncio.timeout(10):
+                first, second = await front.receive(), await front.receive()
+            return first, second
+        finally:
+            front.close()
+
+    try:
+        first, second = asyncio.run(go())
+    finally:
+        engine.close()
+    assert first[0] == ("ack", UID) and [ev[3] for ev in first[1:]] == outputs
+    assert second == [("err", "r9", "queue_full", "full", None)]
 
 
-def test_mailbox_messages_are_joined_in_order_and_nothing_else_is():
-    err = _msg("x", status=LitAPIStatus.ERROR)
-    joined = join_mailbox_messages([_msg("a", "b"), _msg("c"), None, _msg("d"), err, _msg("e"), _msg("f")])
-    assert joined == [_msg("a", "b", "c"), None, _msg("d"), err, _msg("e", "f")]
-    assert join_mailbox_messages([]) == []
+def test_channels_of_two_services_do_not_cross():
+    a, b = EngineChannel(new_channel_id()), EngineChannel(new_channel_id())
+    try:
+        assert a.channel_id != b.channel_id
+        front = None
 
+        async def go():
+            nonlocal front
+            front = FrontendChannel(a.channel_id, 0)
+            front.send((0, "only-a", 0.0, Abort("only-a")))
+            async with asyncio.timeout(10):
+                got: list = []
+                while not got:
+                    got = a.receive(0.05, 10)
+            return got
 
-def test_the_receive_hands_over_at_once_and_joins_what_queued_meanwhile():
-    q: queue.Queue = queue.Queue()
-    transport = BatchingTransport(None, [q])
-
-    async def go() -> list:
-        got = []
-        async with asyncio.timeout(10):
-            q.put(_msg("a"))
-            got.append(await transport.areceive(0))  # alone: nothing waits for more
-            for m in (_msg("b"), _msg("c"), None, _msg("d")):
-                q.put(m)
-            while len(transport._inbox) < 4:  # the reader thread took them while we were "busy"
-                await asyncio.sleep(0.001)
-            got.extend([await transport.areceive(0) for _ in range(3)])
-        transport.close(send_sentinel=False)  # the reader thread ends
-        return got
-
-    assert asyncio.run(go()) == [_msg("a"), _msg("b", "c"), None, _msg("d")]
-
-
-def test_a_broken_queue_ends_the_receive():
-    class Broken:
-        def get(self, timeout: float):
-            raise EOFError("the manager is gone")
-
-    async def go() -> None:
-        async with asyncio.timeout(10):
-            await BatchingTransport(None, [Broken()]).areceive(0)
-
-    with pytest.raises(EOFError, match="manager"):
-        asyncio.run(go())
+        assert asyncio.run(go())[0][1] == "only-a"
+        assert b.receive(0.05, 10) == []
+        front.close()
+    finally:
+        a.close()
+        b.close()
