@@ -56,7 +56,12 @@ class _Live:
 
 
 def run_offline(
-    engine: Any, requests: list[tuple[list[int], int]], concurrency: int, progress: bool = False
+    engine: Any,
+    requests: list[tuple[list[int], int]],
+    concurrency: int,
+    progress: bool = False,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> tuple[list[RequestRecord], float]:
     """Closed loop of ``concurrency`` sequences over ``requests``; (records, duration in s)."""
     records: dict[int, RequestRecord] = {}
@@ -68,7 +73,9 @@ def run_offline(
         while len(live) < concurrency and (nxt := next(pending, None)) is not None:
             i, (ids, max_tokens) = nxt
             rid = str(i)
-            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            params = SamplingParams(
+                max_tokens=max_tokens, temperature=temperature, seed=seed + i, ignore_eos=True
+            )
             engine.add_request(rid, ids, params)
             live[rid] = _Live(time.perf_counter(), len(ids))
 
@@ -111,6 +118,7 @@ def benchmark_offline(
     seed: int = 0,
     warmup: int = 4,
     progress: bool = False,
+    temperature: float = 0.0,
 ) -> BenchmarkResult:
     """Build the engine as the service would, warm it up, run the workload; the harness's result."""
     if concurrency < 1:
@@ -123,7 +131,7 @@ def benchmark_offline(
     if warmup:
         run_offline(engine, [(ids, 8) for ids, _ in requests[:warmup]], warmup)
     cpu0 = time.process_time()
-    records, duration = run_offline(engine, requests, concurrency, progress)
+    records, duration = run_offline(engine, requests, concurrency, progress, temperature, seed)
     cpu = time.process_time() - cpu0
     config = {
         "url": None,
@@ -134,7 +142,7 @@ def benchmark_offline(
         "prompt_len": list(prompt_len),
         "output_len": list(output_len),
         "seed": seed,
-        "temperature": 0.0,
+        "temperature": temperature,
         "ignore_eos": True,
         "mode": "closed",
         "engine": engine_kwargs(bundle_dir, max_running=engine.scheduler.max_running),
