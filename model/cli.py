@@ -110,6 +110,12 @@ def cmd_export(a) -> Path:
         kv_inplace = build_kv_inplace(model, work / "model.kvinplace.fp32.onnx")
         if int8:
             kv_inplace = quantize_int8(kv_inplace, work / "model.kvinplace.int8.onnx")
+    attention = None
+    if not getattr(a, "no_attention", False):
+        from model.export_attention import export_attention
+
+        print("exporting the inspection graph (attention probabilities as outputs, float32) ...", file=sys.stderr)
+        attention = export_attention(model, work / "model.attention.fp32.onnx")
     training = {
         "preset": a.preset, "steps": ck.get("step"), "train_seconds": round(ck.get("train_seconds", 0.0), 1),
         "val_loss_nats_per_token": ck.get("val_loss"), "val_bits_per_char": ck.get("val_bpc"),
@@ -118,7 +124,7 @@ def cmd_export(a) -> Path:
     }
     ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id}
     out = write_bundle(Path(a.out), a.name or Path(a.out).name, model, tmp, tok_path, training, dtype, ids,
-                       kv_inplace_file=kv_inplace)
+                       kv_inplace_file=kv_inplace, attention_file=attention)
     if not getattr(a, "no_verify", False):
         cmd_verify(a, bundle_dir=out, model=model)
     return out
@@ -141,6 +147,14 @@ def cmd_verify(a, bundle_dir: Path | None = None, model=None) -> None:
     files = [(b.onnx_path, check_parity)]
     if b.kv_inplace_path is not None:
         files.append((b.kv_inplace_path, check_parity_kv_inplace))
+    if b.attention_path is not None:
+        from model.export_attention import check_attention_parity
+
+        att = check_attention_parity(model, b.attention_path, prompts)
+        if not att.ok(1e-4):
+            sys.exit(f"error: export verification of {b.attention_path.name} failed: {att}")
+        print(f"verified {b.attention_path.name}: attention matches PyTorch (max |diff| "
+              f"{att.max_attention_diff:.2e}), rows sum to 1, causal", file=sys.stderr)
     for path, check in files:
         rep = check(model, path, prompts, b.pad_id, steps=16)
         if quantized:  # int8 weights change logits by design: report, don't require parity
@@ -235,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
         sp.add_argument("--no-kv-inplace", action="store_true",
                         help="leave out model.kvinplace.onnx, the decoder with an in-place KV cache (the service "
                              "then runs model.onnx only)")
+        sp.add_argument("--no-attention", action="store_true",
+                        help="leave out model.attention.onnx, the graph with attention probabilities as outputs "
+                             "(the service's /v1/inspect then answers 404)")
 
     sp = sub.add_parser("build", help="prepare -> tokenizer -> train -> export -> verify")
     common(sp)

@@ -6,7 +6,9 @@ present.{i}.key / .value [batch, heads, past+seq, head_dim]. Batch, sequence and
 a zero-length past is a prefill.
 
 The bundle may also carry model.kvinplace.onnx, the same decoder with an in-place KV cache
-(model/export_gqa.py), declared in config.json's ``onnx_kv_inplace`` section.
+(model/export_gqa.py), declared in config.json's ``onnx_kv_inplace`` section, and
+model.attention.onnx, the forward pass with attention probabilities as outputs for the service's
+/v1/inspect (model/export_attention.py), declared in its ``onnx_attention`` section.
 """
 
 from __future__ import annotations
@@ -20,9 +22,17 @@ from typing import Any
 
 import torch
 
+from model.export_attention import ATTENTION_FILE, attention_config
 from model.export_gqa import KV_INPLACE_FILE, kv_inplace_config
 from model.gpt import GPT
-from service.bundle import CONFIG_FILE, DEFAULT_IO_NAMES, FORMAT_VERSION, KV_INPLACE_SECTION, sha256_file
+from service.bundle import (
+    ATTENTION_SECTION,
+    CONFIG_FILE,
+    DEFAULT_IO_NAMES,
+    FORMAT_VERSION,
+    KV_INPLACE_SECTION,
+    sha256_file,
+)
 
 OPSET = 18
 
@@ -120,22 +130,27 @@ def write_bundle(
     dtype: str,
     tokenizer_ids: dict[str, int],
     kv_inplace_file: Path | None = None,
+    attention_file: Path | None = None,
 ) -> Path:
     """Put model.onnx, tokenizer.model, config.json and optionally model.kvinplace.onnx in out_dir; return it.
 
     Args:
         kv_inplace_file: the in-place decoder (model.export_gqa.build_kv_inplace), or None for a
             bundle without one (a stale copy left in out_dir by an earlier export is removed).
+        attention_file: the inspection graph (model.export_attention.export_attention), or None
+            for a bundle without one (likewise, a stale copy is removed).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     files = ["model.onnx", "tokenizer.model"]
-    for src, file in ((onnx_file, "model.onnx"), (tokenizer_file, "tokenizer.model"), (kv_inplace_file, KV_INPLACE_FILE)):
+    optional = ((kv_inplace_file, KV_INPLACE_FILE), (attention_file, ATTENTION_FILE))
+    for src, file in ((onnx_file, "model.onnx"), (tokenizer_file, "tokenizer.model"), *optional):
         if src is not None and src.resolve() != (out_dir / file).resolve():
             shutil.copyfile(src, out_dir / file)
-    if kv_inplace_file is not None:
-        files.append(KV_INPLACE_FILE)
-    else:
-        (out_dir / KV_INPLACE_FILE).unlink(missing_ok=True)
+    for src, file in optional:
+        if src is not None:
+            files.append(file)
+        else:
+            (out_dir / file).unlink(missing_ok=True)
     cfg = model.cfg
     config = {
         "format_version": FORMAT_VERSION,
@@ -155,6 +170,7 @@ def write_bundle(
                       "add_bos": True, **tokenizer_ids},
         "onnx": {"file": "model.onnx", "opset": OPSET, "io_names": DEFAULT_IO_NAMES, "kv_dtype": dtype},
         **({KV_INPLACE_SECTION: kv_inplace_config(model)} if kv_inplace_file is not None else {}),
+        **({ATTENTION_SECTION: attention_config(model)} if attention_file is not None else {}),
         "training": training,
         "files": {f: {"sha256": sha256_file(out_dir / f), "bytes": (out_dir / f).stat().st_size} for f in files},
     }

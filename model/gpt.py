@@ -42,6 +42,9 @@ class MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attn_drop = nn.Dropout(cfg.dropout)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        # Set to a list only by model/export_attention.py: the masked path appends its attention
+        # probabilities (B, H, T, S) to it, so the inspection graph has this forward pass, not a copy.
+        self.attention_sink: list[torch.Tensor] | None = None
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None
@@ -64,6 +67,8 @@ class MultiHeadAttention(nn.Module):
         # A finite minimum, not -inf: a fully masked row (a padding query) stays finite, not NaN.
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         att = self.attn_drop(F.softmax(scores, dim=-1))
+        if self.attention_sink is not None:
+            self.attention_sink.append(att)
         y = (att @ v).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_drop(self.proj(y)), (k, v)
 

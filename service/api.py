@@ -14,6 +14,8 @@ and LIT_SERVER_API_KEY would protect it).
     GET  /v1/models/{id}       the served model by name (404 for another)             (key)
     POST /tokenize, /detokenize                                                       (key)
     POST /v1/completions, /v1/chat/completions, /generate                             (key)
+    GET, POST /v1/inspect      attention and next-token probabilities (service/inspection.py)  (key)
+    GET  /, /playground/{file} the browser playground (service/playground.py)
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import chat_template, handlers, metrics, serving
+from service import chat_template, handlers, metrics, playground, serving
 from service import protocol as p
 from service.engine_loop import ENGINE_PATH
 from service.errors import REJECT_REASON, ApiError, error_from_status
@@ -118,6 +120,7 @@ class HttpApi:
                 openapi_extra={"requestBody": _request_body(request_model, schemas)},
                 responses=_responses(response_model, stream=generation),
             )
+        playground.install(self, app)  # GET /, its files, and /v1/inspect
         ctx = self.model.context_length
         _apply_model_limits(schemas, {"max_tokens": ctx, "max_completion_tokens": ctx}, self.model.vocab_size)
         _apply_model_name(schemas, self.model.name)

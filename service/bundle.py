@@ -1,7 +1,9 @@
 """Model bundle: the folder the service loads and nothing else.
 
 A bundle holds ``model.onnx``, ``tokenizer.model`` and ``config.json``, and optionally
-``model.kvinplace.onnx`` (the decoder with an in-place KV cache, section ``onnx_kv_inplace``). The format is
+``model.kvinplace.onnx`` (the decoder with an in-place KV cache, section ``onnx_kv_inplace``) and
+``model.attention.onnx`` (the forward pass with attention probabilities, section ``onnx_attention``,
+read by /v1/inspect only). The format is
 documented in docs/model-bundle.md; this module is its reader and validator. Loaders
 rebuild everything from ``config.json``, never from command-line defaults.
 """
@@ -17,6 +19,7 @@ from typing import Any
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 KV_INPLACE_SECTION = "onnx_kv_inplace"  # optional: the in-place decoder (model/export_gqa.py)
+ATTENTION_SECTION = "onnx_attention"  # optional: the inspection graph (model/export_attention.py)
 
 # Names of the decoder convention used by ONNX Runtime GenAI and Hugging Face Optimum.
 DEFAULT_IO_NAMES: dict[str, str] = {
@@ -105,6 +108,16 @@ class Bundle:
         return {**DEFAULT_IO_NAMES, **(self.kv_inplace or {}).get("io_names", {})}
 
     @property
+    def attention(self) -> dict[str, Any] | None:
+        """The ``onnx_attention`` section, or None for a bundle without the inspection graph."""
+        return self.config.get(ATTENTION_SECTION)
+
+    @property
+    def attention_path(self) -> Path | None:
+        section = self.attention
+        return None if section is None else self.path / section["file"]
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.path / self.config["tokenizer"].get("file", "tokenizer.model")
 
@@ -159,12 +172,13 @@ def load_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
         missing = [k for k in keys if k not in sec]
         if missing:
             raise BundleError(f"{cfg_path}: '{section}' lacks {', '.join(missing)}")
-    inplace = config.get(KV_INPLACE_SECTION)
-    if inplace is not None and not (isinstance(inplace, dict) and isinstance(inplace.get("file"), str)):
-        raise BundleError(f"{cfg_path}: '{KV_INPLACE_SECTION}' must be an object with a 'file' name")
+    for name in (KV_INPLACE_SECTION, ATTENTION_SECTION):
+        section = config.get(name)
+        if section is not None and not (isinstance(section, dict) and isinstance(section.get("file"), str)):
+            raise BundleError(f"{cfg_path}: '{name}' must be an object with a 'file' name")
     config.setdefault("name", path.name)
     bundle = Bundle(path=path, config=config)
-    for f in (bundle.onnx_path, bundle.tokenizer_path, bundle.kv_inplace_path):
+    for f in (bundle.onnx_path, bundle.tokenizer_path, bundle.kv_inplace_path, bundle.attention_path):
         if f is not None and not f.is_file():
             raise BundleError(f"model bundle {path} is missing {f.name}")
     if verify_hashes:

@@ -81,6 +81,16 @@ class Settings(BaseModel):
     cors_allow_headers: str = Field(
         "Authorization,Content-Type,X-Request-Id", description="CORS: comma-separated allowed request headers."
     )
+    inspect_max_tokens: int = Field(
+        128, ge=1, le=4096,
+        description="POST /v1/inspect: the longest prompt in tokens (its answer grows with the square).",
+    )
+    inspect_rate_per_s: float = Field(
+        2.0, gt=0, le=1000,
+        description="POST /v1/inspect: requests per second each HTTP process runs (a burst of up to "
+        "max(1, this)); beyond: 429.",
+    )
+    playground: bool = Field(True, description="Serve the browser playground at GET / (off: 404).")
     log_prompts: bool = Field(False, description="Log prompt and output text (off: counts only).")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."

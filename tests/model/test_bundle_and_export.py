@@ -24,7 +24,9 @@ def test_tiny_build_through_the_cli(tiny_bundle: Path) -> None:
     assert {"bos_id", "eos_id", "pad_id", "unk_id"} <= set(cfg["tokenizer"])
     assert cfg["training"]["val_bits_per_char"] > 0
     assert cfg["training"]["steps"] > 0
-    assert set(cfg["files"]) == {"model.onnx", "tokenizer.model", "model.kvinplace.onnx"}
+    assert set(cfg["files"]) == {"model.onnx", "tokenizer.model", "model.kvinplace.onnx", "model.attention.onnx"}
+    assert b.attention_path == tiny_bundle / "model.attention.onnx"
+    assert (cfg["onnx_attention"]["n_layer"], cfg["onnx_attention"]["n_head"]) == (2, 2)
     assert cfg["onnx_kv_inplace"]["file"] == "model.kvinplace.onnx" and cfg["onnx_kv_inplace"]["max_len"] == 256
     assert (tiny_bundle.parent / "work" / "tiny" / "loss.png").is_file()
 
