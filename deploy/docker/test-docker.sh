@@ -87,7 +87,11 @@ if ! out=$(timeout 120 "$DOCKER" run --rm --label "textgen.test-run=$RUN_ID" "$B
   cannot "the engine answers but cannot run a container: $out"
 fi
 
-# 3. Bundle.
+# 3. Bundle (built again when the model code changed since).
+if [ -f "$BUNDLE/config.json" ] && [ -n "$(find model -name '*.py' -newer "$BUNDLE/config.json" -print -quit)" ]; then
+  say "model/ changed since $BUNDLE was built: building it again"
+  rm -rf "$BUNDLE"
+fi
 if [ ! -f "$BUNDLE/config.json" ]; then
   t=$(date +%s)
   say "building the tiny bundle $BUNDLE"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from deploytools import REPO, describe, require_tool, run
@@ -184,16 +186,32 @@ def test_dockerignore_is_an_allow_list():
         "!README.md",
         "!model/",
         "!service/",
-        "!artifacts/*/model.onnx",
-        "!artifacts/*/tokenizer.model",
+        "!artifacts/*/*.onnx",
+        "!artifacts/*/*.json",
+        "!artifacts/*/*.model",
     ):
         assert needed in patterns
     for dropped in ("**/__pycache__", "**/*.pyc"):
         assert dropped in patterns
     # Docker 20.10's BuildKit does not look below a folder that `**` excluded for re-included files:
     # the bundle folders themselves are re-included, then emptied, before their files.
-    order = [patterns.index(p) for p in ("!artifacts/*/", "artifacts/*/*", "!artifacts/*/model.onnx")]
+    order = [patterns.index(p) for p in ("!artifacts/*/", "artifacts/*/*", "!artifacts/*/*.onnx")]
     assert order == sorted(order), patterns
+
+
+def test_dockerignore_lets_every_bundle_file_in(tiny_bundle: Path):
+    """Each file a built bundle lists in config.json reaches a prebuilt image (the loader checks them all)."""
+    patterns = [
+        p.strip() for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
+    files = [*json.loads((tiny_bundle / "config.json").read_text())["files"], "config.json"]
+    for name in files:
+        path = f"artifacts/{tiny_bundle.name}/{name}"
+        included = True  # Docker's rule: the last pattern that matches decides
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(path, pattern.removeprefix("!").rstrip("/")):
+                included = pattern.startswith("!")
+        assert included, f"{name} of the bundle is excluded from the build context by .dockerignore"
 
 
 def test_no_frontend_image_to_pull():
