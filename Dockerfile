@@ -125,7 +125,9 @@ RUN --mount=type=bind,from=requirements,source=/dist,target=/tmp/dist \
 RUN --mount=type=bind,from=wheel,source=/dist,target=/tmp/dist \
     pip install --no-cache-dir --no-deps /tmp/dist/textgen-*.whl
 
-# Unprivileged user with a fixed numeric id (Kubernetes runAsNonRoot checks the number).
+# Unprivileged user with a fixed numeric id (Kubernetes runAsNonRoot checks the number). A tmpfs
+# mounted over /run/textgen/metrics is root's unless mounted with uid=10001,gid=10001 (compose
+# does; Kubernetes uses fsGroup): the folder here serves a container run without one.
 RUN groupadd --system --gid 10001 textgen \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin textgen \
