@@ -39,7 +39,7 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 class InspectRequest(p._Strict):
     prompt: p.Text = Field(description="Text to run through the model (tokenized as for /v1/completions).")
     add_special_tokens: bool = Field(True, description="Prepend bos when the bundle asks for it.")
-    top_n: int = Field(10, ge=1, le=MAX_TOP_N, description="Next-token alternatives per position.")
+    top_n: p.integer(ge=1, le=MAX_TOP_N) = Field(10, description="Next-token alternatives per position.")
 
 
 class InspectToken(BaseModel):

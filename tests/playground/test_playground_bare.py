@@ -1,0 +1,32 @@
+"""A bundle without model.attention.onnx: /v1/inspect is a 404, and the page hides its tab."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from browser import console_errors, open_page, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle: Path, tmp_path_factory):
+    bare = tmp_path_factory.mktemp("bare-bundle") / "bundle"
+    shutil.copytree(tiny_bundle, bare)
+    cfg = json.loads((bare / "config.json").read_text())
+    del cfg["onnx_attention"], cfg["files"]["model.attention.onnx"]
+    (bare / "model.attention.onnx").unlink()
+    (bare / "config.json").write_text(json.dumps(cfg))
+    s = start_server(bare, tmp_path_factory.mktemp("playground-bare"))
+    yield s
+    s.stop()
+
+
+def test_page_hides_the_inspect_tab_without_the_graph(browser, server):
+    open_page(browser, server)
+    assert browser.find_element("id", "model-name").text == "bundle"
+    assert not browser.find_element("id", "tab-inspect").is_displayed()
+    assert browser.find_element("id", "tab-chat").is_displayed()
+    # the probe's 404 is logged by Chromium as a failed resource load; nothing else
+    assert not [e for e in console_errors(browser) if "404" not in e["message"]]
