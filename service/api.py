@@ -43,6 +43,7 @@ from service.errors import REJECT_REASON, ApiError, error_from_status
 from service.frontend import Frontend
 from service.settings import Settings
 from service.shared_state import SharedState
+from service.structured import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -318,18 +319,25 @@ class HttpApi:
     # -- generation routes --------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         req = await self._read(request, p.CompletionRequest)
-        job = serving.build_completion(req, self.model)
+        job = self._observed(serving.build_completion(req, self.model))
         return await handlers.generate(self.fe, request, "/v1/completions", job, "completion")
 
     async def chat_completions(self, request: Request) -> Response:
         req = await self._read(request, p.ChatCompletionRequest)
-        job = serving.build_chat(req, self.model)
+        job = self._observed(serving.build_chat(req, self.model))
         return await handlers.generate(self.fe, request, "/v1/chat/completions", job, "chat")
 
     async def generate(self, request: Request) -> Response:
         req = await self._read(request, p.GenerateRequest)
-        job = serving.build_generate(req, self.model)
+        job = self._observed(serving.build_generate(req, self.model))
         return await handlers.generate(self.fe, request, "/generate", job, "generate")
+
+    def _observed(self, job: serving.Job) -> serving.Job:
+        """Structured-output metrics of a job about to be submitted."""
+        s = job.structure
+        if s is not None and self.fe.metrics is not None:
+            self.fe.metrics.observe_structured(s.kind, None if s.cached else s.compile_s)
+        return job
 
 
 def _request_body(model: type[BaseModel], schemas: dict[str, Any]) -> dict:
@@ -419,6 +427,7 @@ def model_info(settings: Settings, bundle: Any, tokenizer: Any) -> serving.Model
         created=int(time.time()),
         # every choice is one engine request: more than the waiting queue holds would never fit
         max_choices=min(p.MAX_CHOICES, settings.max_waiting),
+        compiler=GrammarCompiler(tokenizer, timeout_s=settings.grammar_compile_timeout_s),
     )
 
 

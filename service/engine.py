@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from service.runner import ConcatBatch, Provider, Runner, want_cuda
 from service.runner_inplace import InplaceBatch, InplaceRunner
 from service.sampler import check_stop, prompt_logprobs, sample
 from service.scheduler import Scheduler
+from service.structured import GrammarError, GrammarMatchers
 from service.tokenizer import Tokenizer
 from service.types import (
     FinishReason,
@@ -64,6 +65,7 @@ class _Sequence:
     ngram: NgramIndex | None = None  # prompt + output, for speculative drafts (greedy requests only)
     # params.prompt_logprobs: (logprobs, alternatives) of the prompt, from its prefill, sent with the first output
     prompt_scores: tuple[list[float | None], list[list[TopLogprob]]] | None = None
+    matcher: Any = None  # params.grammar: an llguidance matcher fed every output token (service/structured.py)
 
 
 class Engine:
@@ -121,6 +123,8 @@ class Engine:
         self._seqs: dict[str, _Sequence] = {}
         self._finished_early: list[RequestOutput] = []  # aborted while waiting: reported at the next step
         self.last_step_stats: StepStats | None = None
+        self._grammars: GrammarMatchers | None = None  # created with the first constrained request
+        self._mask_time, self._num_constrained = 0.0, 0  # this step's structured-output work
 
     # ---- requests in -------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -139,6 +143,7 @@ class Engine:
         params.validate(self.vocab_size)
         if len(prompt_token_ids) + params.max_tokens > self.context_length:
             raise PromptTooLongError(len(prompt_token_ids), params.max_tokens, self.context_length)
+        matcher = self._new_matcher(params.grammar) if params.grammar is not None else None
         self.scheduler.add_request(request_id, len(prompt_token_ids), params.max_tokens)  # may raise QueueFullError
         seed = params.seed if params.seed is not None else int(self._seeds.integers(2**63))
         self._seqs[request_id] = _Sequence(
@@ -150,8 +155,17 @@ class Engine:
             timings=RequestTimings(arrival=arrival_time if arrival_time is not None else time.monotonic()),
             deadline=deadline,
             ngram=NgramIndex(prompt_token_ids, self.speculative_ngram)
-            if self.speculative_tokens and params.temperature == 0 else None,
+            if self.speculative_tokens and params.temperature == 0 and matcher is None else None,
+            matcher=matcher,
         )
+
+    def _new_matcher(self, grammar: str) -> Any:
+        if self._grammars is None:
+            self._grammars = GrammarMatchers(self.tokenizer)
+        try:
+            return self._grammars.new(grammar)
+        except GrammarError as e:
+            raise InvalidRequestError(f"grammar: {e}") from None
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its slot is freed at the next step, which reports finish_reason "abort"."""
@@ -180,6 +194,7 @@ class Engine:
     # ---- one iteration -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.monotonic()
+        self._mask_time, self._num_constrained = 0.0, 0
         outputs, self._finished_early = self._finished_early, []
         sched = self.scheduler.schedule()
         for rid in sched.aborted:
@@ -206,7 +221,8 @@ class Engine:
             batch_size=len(rows), num_prefill_tokens=prefill_tokens,
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.scheduler.kv_usage, step_time=time.monotonic() - t0,
-            num_draft_tokens=len(draft), num_accepted_draft_tokens=accepted)
+            num_draft_tokens=len(draft), num_accepted_draft_tokens=accepted,
+            num_constrained=self._num_constrained, mask_time=self._mask_time)
         return outputs
 
     # ---- speculative steps (one greedy sequence, n-gram drafts) --------------------------------
@@ -268,7 +284,7 @@ class Engine:
     def _sample_and_update(self, logits: np.ndarray, rows: list[str]) -> list[RequestOutput]:
         seqs = [self._seqs[r] for r in rows]
         res = sample(logits, [s.params for s in seqs], [s.rng for s in seqs], [s.prompt for s in seqs],
-                     [s.output for s in seqs])
+                     [s.output for s in seqs], self._allowed(seqs))
         now = time.monotonic()
         outputs, finished = [], []
         for i, s in enumerate(seqs):
@@ -283,6 +299,17 @@ class Engine:
         if finished:
             self._retire(finished)
         return outputs
+
+    def _allowed(self, seqs: list[_Sequence]) -> dict[int, np.ndarray] | None:
+        """Row -> the tokens its grammar allows next, for the constrained rows of this step."""
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None and s.params.max_tokens]
+        if not rows:
+            return None
+        t = time.perf_counter()
+        masks = self._grammars.masks([seqs[i].matcher for i in rows])
+        self._mask_time += time.perf_counter() - t
+        self._num_constrained += len(rows)
+        return dict(zip(rows, masks, strict=True))
 
     def _retire(self, finished: list[str]) -> None:
         """Release the scheduler reservations and batch slots of requests that finished this step."""
@@ -318,7 +345,14 @@ class Engine:
                 out.new_logprobs.append(float(lp))
                 out.new_top_logprobs.append(top or [])
             reason, stop_reason = check_stop(tok, len(s.output), s.params, self.tokenizer.eos_id)
-            upd = s.detok.add([] if reason == "stop" else [tok])  # a stop token is never rendered
+            render = reason != "stop"  # a stop token is never rendered
+            if s.matcher is not None and reason != "stop":
+                if not s.matcher.consume_token(tok):  # cannot happen: the mask allowed it
+                    out.error = f"structured output: {s.matcher.get_error()}"
+                    reason = "error"
+                elif s.matcher.is_stopped():  # the structure is complete: nothing may follow
+                    reason, stop_reason = "stop", None
+            upd = s.detok.add([tok] if render else [])
             out.text_delta += upd.text_delta
             if upd.stop_string is not None:
                 reason, stop_reason = "stop", upd.stop_string

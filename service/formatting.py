@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import uuid
+
 from service import protocol as p
 from service.serving import Choice, Job, ModelInfo, chat_logprobs, completion_logprobs, usage
 from service.types import RequestOutput
@@ -58,21 +61,45 @@ def _completion_lp_echoed(job: Job, m: ModelInfo, c: Choice, ids, lps, tops, off
 
 
 def chat_body(job: Job, m: ModelInfo, choices: list[Choice]) -> p.ChatCompletionResponse:
+    out = []
+    for c in choices:
+        message, finish = _chat_message(job, c)
+        lp = _chat_lp(job, m, c.token_ids, c.logprobs, c.top_logprobs)
+        out.append(p.ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=finish))
     return p.ChatCompletionResponse(
-        id=job.id,
-        created=m.created,
-        model=m.name,
-        choices=[
-            p.ChatChoice(
-                index=c.index,
-                message=p.ChatMessageOut(content="".join(c.text)),
-                logprobs=_chat_lp(job, m, c.token_ids, c.logprobs, c.top_logprobs),
-                finish_reason=c.finish_reason,
-            )
-            for c in choices
-        ],
-        usage=_usage(job, choices),
+        id=job.id, created=m.created, model=m.name, choices=out, usage=_usage(job, choices)
     )
+
+
+def _chat_message(job: Job, c: Choice) -> tuple[p.ChatMessageOut, str | None]:
+    """The assistant message of a finished choice: its text, or the tool call it holds."""
+    text = "".join(c.text)
+    call = _tool_call(job, c, text) if job.tool is not None and c.finish_reason == "stop" else None
+    if call is None:  # no tools, or cut off by max_tokens: the text as it is
+        return p.ChatMessageOut(content=text), c.finish_reason
+    return p.ChatMessageOut(content=None, tool_calls=[call]), "tool_calls"
+
+
+def _tool_call(job: Job, c: Choice, text: str, index: int | None = None) -> p.ToolCall | None:
+    """The call in a complete constrained output: a named function's arguments, or the
+    ``{"name", "arguments"}`` object of ``tool_choice: "required"``."""
+    if job.tool.name is not None:
+        name, arguments = job.tool.name, text
+    else:
+        try:
+            obj = json.loads(text)
+            name, arguments = obj["name"], json.dumps(obj["arguments"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    return p.ToolCall(
+        index=index, id=_call_id(c), type="function", function=p.FunctionCall(name=name, arguments=arguments)
+    )
+
+
+def _call_id(c: Choice) -> str:
+    if c.tool_call_id is None:
+        c.tool_call_id = f"call_{uuid.uuid4().hex[:24]}"
+    return c.tool_call_id
 
 
 def generate_details(
@@ -134,6 +161,8 @@ def chat_role_chunk(job: Job, m: ModelInfo, index: int) -> str:
 
 def chat_chunk(job: Job, m: ModelInfo, c: Choice, out: RequestOutput) -> str | None:
     lp = _chat_lp(job, m, out.new_token_ids, out.new_logprobs, _tops(out))
+    if job.tool is not None:
+        return _tool_chunk(job, m, c, out, lp)
     if not out.text_delta and not out.finished and lp is None:
         return None
     choice = p.ChatChunkChoice(
@@ -142,6 +171,32 @@ def chat_chunk(job: Job, m: ModelInfo, c: Choice, out: RequestOutput) -> str | N
         logprobs=lp,
         finish_reason=c.finish_reason if out.finished else None,
     )
+    return sse(p.ChatCompletionChunk(id=job.id, created=m.created, model=m.name, choices=[choice]))
+
+
+def _tool_chunk(job: Job, m: ModelInfo, c: Choice, out: RequestOutput, lp) -> str | None:
+    """Tool calls streamed as OpenAI streams them: a named function's call opens with its id and
+    name and then grows by argument fragments; a "required" call (whose name is in the output)
+    is sent whole when it is complete. A choice cut off by max_tokens ends as plain content."""
+    finish = None
+    delta = p.ChatDelta()
+    if job.tool.name is not None:
+        first = c.tool_call_id is None
+        if out.text_delta or first:
+            call = p.ToolCall(index=0, function=p.FunctionCall(arguments=out.text_delta))
+            if first:
+                call.id, call.type, call.function.name = _call_id(c), "function", job.tool.name
+            delta = p.ChatDelta(tool_calls=[call])
+        if out.finished:
+            finish = "tool_calls" if c.finish_reason == "stop" else c.finish_reason
+    elif out.finished:
+        text = "".join(c.text)
+        call = _tool_call(job, c, text, index=0) if c.finish_reason == "stop" else None
+        delta = p.ChatDelta(tool_calls=[call]) if call is not None else p.ChatDelta(content=text)
+        finish = "tool_calls" if call is not None else c.finish_reason
+    if delta == p.ChatDelta() and finish is None and lp is None:
+        return None
+    choice = p.ChatChunkChoice(index=c.index, delta=delta, logprobs=lp, finish_reason=finish)
     return sse(p.ChatCompletionChunk(id=job.id, created=m.created, model=m.name, choices=[choice]))
 
 

@@ -184,6 +184,9 @@ class _Families:
     rejected: prometheus_client.Counter
     http: prometheus_client.Counter
     ignored_fields: prometheus_client.Counter
+    structured: prometheus_client.Counter
+    compile_time: prometheus_client.Histogram
+    mask_time: prometheus_client.Histogram
     running: prometheus_client.Gauge
     waiting: prometheus_client.Gauge
     capacity: prometheus_client.Gauge
@@ -191,6 +194,7 @@ class _Families:
     info: prometheus_client.Gauge
 
 
+GRAMMAR_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 MAX_IGNORED_FIELD_LABELS = 64
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")
 _ignored_labels: set[str] = set()
@@ -287,6 +291,23 @@ def _create_families() -> _Families:
             (*m, "reason"),
         ),
         http=C("textgen_http_requests", "HTTP responses, by route and status code.", (*m, "route", "status")),
+        structured=C(
+            "textgen_structured_requests",
+            "Requests with structured output, by kind (json_object, json_schema, regex, choice, grammar, tool).",
+            (*m, "kind"),
+        ),
+        compile_time=H(
+            "textgen_structured_compile_seconds",
+            "Time to compile a structure into a grammar (cache misses only), in seconds.",
+            m,
+            buckets=GRAMMAR_BUCKETS,
+        ),
+        mask_time=H(
+            "textgen_structured_mask_seconds",
+            "Time one engine step spent computing the token masks of its constrained rows, in seconds.",
+            m,
+            buckets=GRAMMAR_BUCKETS,
+        ),
         ignored_fields=C(
             "textgen_ignored_request_fields",
             "Unknown request fields accepted and ignored, by field name (at most "
@@ -393,6 +414,8 @@ class Metrics:
         the scheduler gauges."""
         if stats.batch_size > 0:
             self._batch_size.observe(stats.batch_size)
+        if stats.num_constrained:
+            self._f.mask_time.labels(self.model_name).observe(stats.mask_time)
         if stats.num_draft_tokens:
             self._draft_tokens.inc(stats.num_draft_tokens)
             self._accepted_tokens.inc(stats.num_accepted_draft_tokens)
@@ -411,6 +434,13 @@ class Metrics:
         """Count one HTTP response. ``route`` is the route template (``/v1/completions``), never
         a raw path, to keep the number of series bounded."""
         self._f.http.labels(self.model_name, route, str(int(status))).inc()
+
+    def observe_structured(self, kind: str, compile_s: float | None) -> None:
+        """Count one request with structured output; ``compile_s`` when its grammar was compiled
+        for it (None: it came from the cache)."""
+        self._f.structured.labels(self.model_name, kind).inc()
+        if compile_s is not None:
+            self._f.compile_time.labels(self.model_name).observe(compile_s)
 
     def observe_ignored_field(self, name: str) -> None:
         """Count one unknown request field that was ignored. The label is the field's name while

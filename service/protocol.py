@@ -11,6 +11,7 @@ every field.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -218,6 +219,98 @@ class OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
 
 
+_NO_FUNCTIONS = "the deprecated functions API is not supported: use tools"
+MAX_SCHEMA_CHARS = 100_000  # a JSON schema, regular expression or grammar, as text
+MAX_CHOICE_STRINGS = 256
+MAX_TOOLS = 128
+_SCHEMA_OBJECT = {"type": "object", "description": "A JSON Schema."}
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == []
+
+
+def _bounded_text(v: Any) -> Any:
+    if isinstance(v, str) and len(v) > MAX_SCHEMA_CHARS:
+        raise ValueError(f"must have at most {MAX_SCHEMA_CHARS} characters, got {len(v)}")
+    return v
+
+
+def _bounded_schema(v: Any) -> Any:
+    """A JSON schema given as an object (or as a string holding one), at most MAX_SCHEMA_CHARS."""
+    if isinstance(v, str):
+        _bounded_text(v)
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"is not valid JSON: {e}") from None
+    if not isinstance(v, dict):
+        raise ValueError("must be a JSON schema (an object)")
+    if len(json.dumps(v)) > MAX_SCHEMA_CHARS:
+        raise ValueError(f"must have at most {MAX_SCHEMA_CHARS} characters as JSON")
+    return v
+
+
+Schema = Annotated[Any, AfterValidator(_bounded_schema), WithJsonSchema({"anyOf": [_SCHEMA_OBJECT, {"type": "string"}]})]
+BoundedText = Annotated[Text, AfterValidator(_bounded_text), Field(min_length=1)]
+Choices = Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICE_STRINGS)]
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: Schema = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs``: exactly one of these."""
+
+    json_: Schema = Field(None, alias="json")
+    regex: BoundedText | None = None
+    choice: Choices | None = None
+    grammar: BoundedText | None = None
+
+
+class StructureFields(_Strict):
+    """Structured output (docs/api.md): at most one of these per request."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Schema = None
+    guided_regex: BoundedText | None = None
+    guided_choice: Choices | None = None
+    guided_grammar: BoundedText | None = None
+
+
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: Schema = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 _TOKEN_IDS_SCHEMA = {"type": "array", "items": _TOKEN_ID_SCHEMA, "minItems": 1}
 _PROMPT_SCHEMA = {
     "anyOf": [
@@ -256,7 +349,7 @@ def _normalize_prompts(v: Any) -> Any:
 Prompts = Annotated[list[Text | list[TokenId]], BeforeValidator(_normalize_prompts), WithJsonSchema(_PROMPT_SCHEMA)]
 
 
-class CompletionRequest(OpenAIFields):
+class CompletionRequest(OpenAIFields, StructureFields):
     """POST /v1/completions."""
 
     model_config = ConfigDict(
@@ -299,14 +392,7 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-_NO_TOOLS = "tool calling is not supported yet"
-
-
-def _empty(v: Any) -> bool:
-    return v is None or v == []
-
-
-class ChatCompletionRequest(OpenAIFields):
+class ChatCompletionRequest(OpenAIFields, StructureFields):
     """POST /v1/chat/completions."""
 
     model_config = ConfigDict(
@@ -321,37 +407,15 @@ class ChatCompletionRequest(OpenAIFields):
     logprobs: bool = False
     top_logprobs: integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
     parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
-    tools: _refuse_unless(
-        _empty, _NO_TOOLS, {"anyOf": [{"type": "array", "maxItems": 0}, _NULL]}
-    ) = None
-    tool_choice: _refuse_unless(
-        lambda v: v in (None, "none", "auto"),
-        f"only 'none' or 'auto' without tools; {_NO_TOOLS}",
-        {"anyOf": [{"type": "string", "enum": ["none", "auto"]}, _NULL]},
-    ) = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: _refuse_unless(
-        _empty, f"{_NO_TOOLS}", {"anyOf": [{"type": "array", "maxItems": 0}, _NULL]}
+        _empty, _NO_FUNCTIONS, {"anyOf": [{"type": "array", "maxItems": 0}, _NULL]}
     ) = None
     function_call: _refuse_unless(
         lambda v: v in (None, "none", "auto"),
-        f"only 'none' or 'auto'; {_NO_TOOLS}",
+        f"only 'none' or 'auto'; {_NO_FUNCTIONS}",
         {"anyOf": [{"type": "string", "enum": ["none", "auto"]}, _NULL]},
-    ) = None
-    response_format: _refuse_unless(
-        lambda v: v is None or v == {"type": "text"},
-        "only {'type': 'text'}; structured output (json_object, json_schema) is not "
-        "supported yet",
-        {
-            "anyOf": [
-                {
-                    "type": "object",
-                    "properties": {"type": {"type": "string", "enum": ["text"]}},
-                    "required": ["type"],
-                    "additionalProperties": False,
-                },
-                _NULL,
-            ]
-        },
     ) = None
     modalities: _refuse_unless(
         lambda v: v is None or v == ["text"],
@@ -371,7 +435,7 @@ def _exactly_one(*fields: str) -> dict:
     return {"oneOf": [{"required": [f]} for f in fields]}
 
 
-class GenerateRequest(SamplingFields):
+class GenerateRequest(SamplingFields, StructureFields):
     """POST /generate (native): exactly one of ``text`` and ``input_ids``."""
 
     model_config = ConfigDict(json_schema_extra=_exactly_one("text", "input_ids"))
@@ -453,16 +517,40 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprobEntry] = Field(default_factory=list)
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: Any) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ToolCall(BaseModel):
+    index: int | None = None  # stream chunks only
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: Any) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -477,6 +565,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _without_nulls(self, handler: Any) -> dict:  # {"content": "x"}, not {"role": null, ...}
@@ -487,7 +576,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -4,7 +4,7 @@
 
 1. logit bias (OpenAI's ``logit_bias``: added to the chosen tokens' logits), then repetition
    penalty (HF/vLLM) over prompt + output tokens, then presence/frequency penalties (OpenAI) over
-   output tokens;
+   output tokens, then the grammar's allowed tokens (structured output: the rest are impossible);
 2. logprobs: log_softmax of the penalized logits (before temperature and truncation);
 3. temperature 0 (or below ``GREEDY_BELOW``, as vLLM does) → argmax, whatever the other knobs say;
 4. otherwise logits / temperature → top-k → top-p → min-p → one inverse-CDF draw.
@@ -48,6 +48,7 @@ def sample(
     rngs: Sequence[np.random.Generator],
     prompt_ids: Sequence[Sequence[int]],
     output_ids: Sequence[Sequence[int]],
+    allowed: dict[int, np.ndarray] | None = None,
 ) -> SamplerOutput:
     """Sample one token per row.
 
@@ -57,6 +58,9 @@ def sample(
         rngs: B generators; row i draws from rngs[i] (the same generator may serve several rows).
         prompt_ids: B prompts, for the repetition penalty.
         output_ids: B lists of tokens generated so far, for all penalties.
+        allowed: row -> bool (V,) of the tokens a grammar allows there (structured output); the
+            others get a logit of -1e30 after penalties, so that logprobs, greedy and sampling
+            all see the constrained distribution. Rows not listed are unconstrained.
 
     Returns:
         SamplerOutput; ``logprobs`` and ``top_logprobs`` are None when no row has ``params.logprobs`` set.
@@ -70,6 +74,8 @@ def sample(
         )
     logits = apply_logit_bias(logits, params)  # (B, V)
     logits = apply_penalties(logits, params, prompt_ids, output_ids)
+    if allowed:
+        logits = apply_allowed(logits, allowed)
 
     token_ids = logits.argmax(axis=1).astype(np.int64)  # greedy for every row; sampled rows overwritten
     rows = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
@@ -95,6 +101,17 @@ def apply_logit_bias(logits: np.ndarray, params: Sequence[SamplingParams]) -> np
     b = np.array([bias for i in rows for _, bias in params[i].logit_bias], dtype=np.float32)
     out = logits.copy()
     np.add.at(out, (r, t), b)  # a token listed twice gets both biases
+    return out
+
+
+DISALLOWED = -1e30  # a token a grammar forbids: exp() of it is 0, and its logprob stays a finite number
+
+
+def apply_allowed(logits: np.ndarray, allowed: dict[int, np.ndarray]) -> np.ndarray:
+    """(B, V) logits with the tokens outside each listed row's allowed set pushed to DISALLOWED."""
+    out = logits.copy()  # the caller's logits (e.g. the runner's buffer) stay as they were
+    rows = list(allowed)
+    out[rows] = np.where(np.stack([allowed[r] for r in rows]), out[rows], DISALLOWED)
     return out
 
 

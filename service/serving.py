@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from service import chat_template
 from service.errors import ApiError
@@ -24,9 +24,12 @@ from service.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
+    NamedToolChoice,
     OpenAIFields,
     SamplingFields,
+    StructureFields,
 )
+from service.structured import Compiled, GrammarError, Structure
 from service.tokenizer import Tokenizer
 from service.types import InvalidRequestError, PromptTooLongError, RequestOutput, SamplingParams
 
@@ -42,6 +45,7 @@ class ModelInfo:
     add_bos: bool  # the bundle's tokenizer.add_bos: text prompts start with bos
     created: int = field(default_factory=lambda: int(time.time()))
     max_choices: int = MAX_CHOICES  # prompts x n per request; at most the engine's waiting queue
+    compiler: Any = None  # service.structured.GrammarCompiler, for structured output (None: refused)
 
     @property
     def vocab_size(self) -> int:
@@ -52,6 +56,17 @@ class ModelInfo:
         if add_special_tokens and self.add_bos and self.tokenizer.bos_id >= 0:
             return [self.tokenizer.bos_id, *ids]
         return ids
+
+
+@dataclass(frozen=True)
+class ToolMode:
+    """How a constrained chat output becomes a tool call.
+
+    ``name`` set (a named function): the output is that function's arguments. ``name`` None
+    (``tool_choice: "required"``): the output is ``{"name": ..., "arguments": {...}}``.
+    """
+
+    name: str | None
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,8 @@ class Job:
     details: bool = False
     echo: tuple[str, ...] | None = None  # /v1/completions echo: each prompt's text, put before its choices
     prompt_texts: tuple[str | None, ...] = ()  # for logging only (TEXTGEN_LOG_PROMPTS)
+    structure: Compiled | None = None  # structured output: what constrains every choice
+    tool: ToolMode | None = None  # chat tool calls: the output is a call, not content
 
     def prompt_of(self, choice: int) -> list[int]:
         return self.prompts[self.prompt_index[choice]]
@@ -114,9 +131,12 @@ def build_completion(req: CompletionRequest, m: ModelInfo) -> Job:
     prompt_lp = req.logprobs if req.echo else None
     if max_tokens == 0 and prompt_lp is None:
         prompt_lp = 0
+    structure = compile_structure(req, m)
     params: list[SamplingParams] = []
     for ids in prompts:
-        params += _params(req, m, len(ids), max_tokens, req.n, req.logprobs, (), prompt_logprobs=prompt_lp)
+        params += _params(
+            req, m, len(ids), max_tokens, req.n, req.logprobs, (), prompt_logprobs=prompt_lp, structure=structure
+        )
     echo = None
     if req.echo:
         echo = tuple(t if t is not None else m.tokenizer.decode(ids) for t, ids in zip(texts, prompts, strict=True))
@@ -130,6 +150,7 @@ def build_completion(req: CompletionRequest, m: ModelInfo) -> Job:
         logprobs="completion" if req.logprobs is not None else None,
         echo=echo,
         prompt_texts=tuple(texts),
+        structure=structure,
     )
 
 
@@ -141,7 +162,11 @@ def build_chat(req: ChatCompletionRequest, m: ModelInfo) -> Job:
     ids = m.encode_prompt(text)
     max_tokens = req.max_completion_tokens or req.max_tokens or max(1, m.context_length - len(ids))
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = _params(req, m, len(ids), max_tokens, req.n, logprobs, chat_template.STOP, "messages")
+    tool, tool_structure = tool_mode(req)
+    structure = compile_structure(req, m, tool_structure)
+    params = _params(
+        req, m, len(ids), max_tokens, req.n, logprobs, chat_template.STOP, "messages", structure=structure
+    )
     return Job(
         new_id("chatcmpl"),
         (ids,),
@@ -151,6 +176,8 @@ def build_chat(req: ChatCompletionRequest, m: ModelInfo) -> Job:
         include_usage=_include_usage(req),
         logprobs="chat" if req.logprobs else None,
         prompt_texts=(text,),
+        structure=structure,
+        tool=tool,
     )
 
 
@@ -162,7 +189,8 @@ def build_generate(req: GenerateRequest, m: ModelInfo) -> Job:
     else:
         ids, text = _check_ids(req.input_ids or [], m, "input_ids"), None
     logprobs = req.logprobs if req.logprobs is not None else (0 if req.details else None)
-    params = _params(req, m, len(ids), req.max_tokens or DEFAULT_MAX_TOKENS, 1, logprobs, ())
+    structure = compile_structure(req, m)
+    params = _params(req, m, len(ids), req.max_tokens or DEFAULT_MAX_TOKENS, 1, logprobs, (), structure=structure)
     return Job(
         new_id("gen"),
         (ids,),
@@ -172,7 +200,98 @@ def build_generate(req: GenerateRequest, m: ModelInfo) -> Job:
         logprobs="native" if logprobs is not None else None,
         details=req.details,
         prompt_texts=(text,),
+        structure=structure,
     )
+
+
+def requested_structure(req: StructureFields) -> tuple[str, Structure] | None:
+    """The one structure a request asks for (field name, structure), or None; 400 for several."""
+    found: list[tuple[str, Structure]] = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        found.append(("response_format", Structure("json_object", None)))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.json_schema is None:
+            raise ApiError(
+                "validation", "response_format: json_schema needs json_schema.schema", "response_format"
+            )
+        found.append(("response_format", Structure("json_schema", rf.json_schema.json_schema)))
+    so = req.structured_outputs
+    if so is not None:
+        given = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                     ("grammar", so.grammar)) if v is not None]
+        if len(given) != 1:
+            raise ApiError(
+                "validation",
+                "structured_outputs: exactly one of json, regex, choice and grammar must be given",
+                "structured_outputs",
+            )
+        key, value = given[0]
+        kind = {"json": "json_schema"}.get(key, key)
+        found.append((f"structured_outputs.{key}", Structure(kind, value)))
+    for key, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):
+        value = getattr(req, key)
+        if value is not None:
+            found.append((key, Structure(kind, value)))
+    if len(found) > 1:
+        names = ", ".join(f for f, _ in found)
+        raise ApiError("validation", f"{found[1][0]}: one structure per request, got {names}", found[1][0])
+    return found[0] if found else None
+
+
+def tool_mode(req: ChatCompletionRequest) -> tuple[ToolMode | None, tuple[str, Structure] | None]:
+    """Tool calls as constrained generation: ``tool_choice`` "required" or a named function."""
+    choice = req.tool_choice
+    if not req.tools or choice == "none":
+        if isinstance(choice, NamedToolChoice) or choice == "required":
+            raise ApiError("validation", "tool_choice: no tools were given", "tool_choice")
+        return None, None
+    if choice in (None, "auto"):
+        raise ApiError(
+            "validation",
+            "tool_choice: 'auto' (the default with tools) needs a model-specific tool-call parser, which "
+            "this server does not have; send tool_choice 'required' or name a function",
+            "tool_choice",
+        )
+    params = {t.function.name: t.function.parameters or {"type": "object"} for t in req.tools}
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        if name not in params:
+            raise ApiError(
+                "validation", f"tool_choice: no tool named {name!r} among {sorted(params)}", "tool_choice"
+            )
+        return ToolMode(name), ("tools", Structure("tool", params[name]))
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": n}, "arguments": schema},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for n, schema in params.items()
+    ]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return ToolMode(None), ("tools", Structure("tool", schema))
+
+
+def compile_structure(
+    req: StructureFields, m: ModelInfo, extra: tuple[str, Structure] | None = None
+) -> Compiled | None:
+    """The request's structure as a validated grammar; 400 naming the field and the problem."""
+    asked = requested_structure(req)
+    if asked is not None and extra is not None:
+        raise ApiError("validation", f"{asked[0]}: cannot be combined with tool calls", asked[0])
+    asked = asked or extra
+    if asked is None:
+        return None
+    field_name, structure = asked
+    if m.compiler is None:
+        raise ApiError("validation", f"{field_name}: structured output is not available", field_name)
+    try:
+        return m.compiler.compile(structure)
+    except GrammarError as e:
+        raise ApiError("validation", f"{field_name}: {e}", field_name.split(".")[0]) from None
 
 
 def _check_model(req: OpenAIFields, m: ModelInfo) -> None:
@@ -206,6 +325,7 @@ def _params(
     extra_stop: tuple[str, ...],
     prompt_param: str = "prompt",
     prompt_logprobs: int | None = None,
+    structure: Compiled | None = None,
 ) -> tuple[SamplingParams, ...]:
     ctx = m.context_length
     if max_tokens > ctx:
@@ -239,6 +359,7 @@ def _params(
         stop=tuple(dict.fromkeys([*req.stop, *extra_stop])),
         logit_bias=req.logit_bias,
         prompt_logprobs=prompt_logprobs,
+        grammar=structure.grammar if structure is not None else None,
     )
     try:
         base.validate(m.vocab_size)
@@ -282,6 +403,7 @@ class Choice:
     prompt_logprobs: list[float | None] | None = None  # params.prompt_logprobs: one per prompt token
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     echo_sent: bool = False  # streaming echo: the prompt went out with the first chunk
+    tool_call_id: str | None = None  # chat tool calls: this choice's call id (the same in every chunk)
 
     def add(self, out: RequestOutput, now: float) -> None:
         self.prev_text_len = self.text_len

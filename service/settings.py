@@ -91,6 +91,10 @@ class Settings(BaseModel):
         "max(1, this)); beyond: 429.",
     )
     playground: bool = Field(True, description="Serve the browser playground at GET / (off: 404).")
+    grammar_compile_timeout_s: float = Field(
+        5.0, gt=0, le=600,
+        description="Structured output: a schema or grammar that takes longer to compile is refused (400).",
+    )
     log_prompts: bool = Field(False, description="Log prompt and output text (off: counts only).")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."

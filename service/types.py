@@ -67,6 +67,8 @@ class SamplingParams:
     # None: no prompt logprobs; n >= 0: each prompt token's logprob (the first has none) plus top-n
     # alternatives, from the model's raw distribution. With max_tokens 0 the request only scores.
     prompt_logprobs: int | None = None
+    # An llguidance grammar (service.structured): every sampled token keeps the output a valid prefix.
+    grammar: str | None = None
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidRequestError naming the field and the limit."""
@@ -181,3 +183,5 @@ class StepStats:
     step_time: float  # seconds
     num_draft_tokens: int = 0  # speculative tokens checked this step (service/ngram.py)
     num_accepted_draft_tokens: int = 0  # of which kept
+    num_constrained: int = 0  # rows whose tokens a grammar constrained this step (service/structured.py)
+    mask_time: float = 0.0  # seconds spent computing their token masks
