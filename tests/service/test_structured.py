@@ -19,7 +19,7 @@ import pytest
 from pydantic import BaseModel, Field
 from server_harness import start
 
-SCHEMAS = json.loads((Path(__file__).parent / "data" / "schemas.json").read_text())
+SCHEMAS = json.loads((Path(__file__).parent / "structured_schemas.json").read_text())
 SAMPLES = 50
 PROMPT = "ROMEO.\n"
 MANY = {"prompt": [PROMPT] * 5, "n": 10}  # 50 samples in one request (n is at most 16 per prompt)
