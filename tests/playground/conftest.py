@@ -29,9 +29,13 @@ def require_browser() -> None:
     pytest.skip(f"browser tests skipped: {why}")
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "browser" in item.fixturenames:  # before any fixture: nothing is built or started for a skip
+        require_browser()
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
-    require_browser()
     driver = start_chromium()
     try:
         yield driver
