@@ -369,3 +369,45 @@ def test_logit_bias_forces_and_bans_tokens(engine_and_model) -> None:
     with pytest.raises(InvalidRequestError, match="max_tokens"):
         engine.add_request("bad", prompt, SamplingParams(max_tokens=0))  # 0 only to score the prompt
     check_idle(engine)
+
+
+def test_grammar_rows_beside_free_rows_and_alone(random_bundle, layout) -> None:
+    """Constrained rows (service/structured.py) do not change their neighbours' tokens, greedy or
+    seeded; a constrained greedy request alone does not speculate (no draft can break its grammar)
+    and ends when its structure is complete."""
+    import json
+
+    from service.structured import GrammarCompiler, Structure
+
+    engine = make_engine(random_bundle, layout, max_running=8, speculative_tokens=3)
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}, "b": {"type": "integer", "minimum": 0,
+              "maximum": 9}}, "required": ["a", "b"], "additionalProperties": False}  # fmt: skip
+    grammar = GrammarCompiler(engine.tokenizer).compile(Structure("json_schema", schema)).grammar
+    free = {"greedy": SamplingParams(max_tokens=16, **GREEDY),
+            "seeded": SamplingParams(max_tokens=16, temperature=1.0, seed=5, ignore_eos=True)}  # fmt: skip
+    prompt = [1, 50, 60, 70]
+    alone = {}
+    for rid, params in free.items():
+        engine.add_request(rid, prompt, params)
+        alone[rid] = run_to_completion(engine)[rid]["tokens"]
+    for i in range(4):
+        engine.add_request(f"c{i}", prompt, SamplingParams(max_tokens=40, temperature=1.0, seed=i, grammar=grammar))
+    for rid, params in free.items():
+        engine.add_request(rid, prompt, params)
+    res = run_to_completion(engine)
+    for rid in free:
+        assert res[rid]["tokens"] == alone[rid], rid
+    for i in range(4):
+        assert res[f"c{i}"]["finish"] == "stop" and json.loads(res[f"c{i}"]["text"])["a"] in ("x", "y")
+    engine.add_request("solo", prompt, SamplingParams(max_tokens=40, temperature=0.0, grammar=grammar))
+    drafts = 0
+    out = {"text": ""}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out["text"] += o.text_delta
+            out["finish"] = o.finish_reason
+        drafts += engine.last_step_stats.num_draft_tokens
+    assert drafts == 0 and out["finish"] == "stop" and set(json.loads(out["text"])) == {"a", "b"}
+    with pytest.raises(InvalidRequestError, match="grammar"):
+        engine.add_request("bad", prompt, SamplingParams(grammar='{"grammars": [{"lark_grammar": "start: ("}]}'))
+    check_idle(engine)
