@@ -32,7 +32,9 @@ from service.settings import Settings
 from service.tokenizer import Tokenizer
 
 MAX_TOP_N = 20
-DECIMALS = 6  # attention and probabilities are rounded to 1e-6 in the JSON answer
+DECIMALS = (
+    6  # probabilities are rounded to 1e-6 in the JSON answer; attention weights to 6 significant digits
+)
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -192,10 +194,27 @@ class Inspector:
             "n_layer": int(att.shape[0]),
             "n_head": int(att.shape[1]),
             "tokens": [{"id": i, "text": text(i)} for i in ids],
-            "attentions": np.round(att.astype(np.float64), DECIMALS).tolist(),
+            "attentions": "@attentions@",
             "next_tokens": next_tokens,
         }
-        return json.dumps(body, separators=(",", ":")).encode()
+        text = json.dumps(body, separators=(",", ":"))
+        return text.replace('"@attentions@"', attention_json(att), 1).encode()
+
+
+def attention_json(att: np.ndarray) -> str:
+    """(L, H, T, T) weights as a JSON array, 6 significant digits (error < 1e-6 for weights in [0, 1]).
+
+    Row by row with C formatting, faster than json.dumps of nested lists: for 4 x 4 x 128 x 128 causal
+    weights 0.094 s against 0.135 s (medians of 5 on a busy 2-core machine). That is time the HTTP
+    process holds the GIL, so time its event loop does not stream tokens to other clients.
+    """
+    fmt = ",".join(["%.6g"] * att.shape[-1])
+    rows = att.astype(np.float64).tolist()  # Python floats format fastest
+    heads = (",".join("[" + (fmt % tuple(row)) + "]" for row in m) for layer in rows for m in layer)
+    H = att.shape[1]
+    flat = ["[" + h + "]" for h in heads]
+    layers = ("[" + ",".join(flat[i : i + H]) + "]" for i in range(0, len(flat), H))
+    return "[" + ",".join(layers) + "]"
 
 
 class InspectRoutes:
