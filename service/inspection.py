@@ -32,9 +32,7 @@ from service.settings import Settings
 from service.tokenizer import Tokenizer
 
 MAX_TOP_N = 20
-DECIMALS = (
-    6  # probabilities are rounded to 1e-6 in the JSON answer; attention weights to 6 significant digits
-)
+DECIMALS = 6  # probabilities in the answer are rounded to 1e-6 (attention: 6 significant digits)
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
