@@ -18,6 +18,7 @@ ErrorKind = Literal[
     "invalid_json",
     "invalid_request",
     "validation",
+    "invalid_structure",
     "context_length_exceeded",
     "unauthorized",
     "not_found",
@@ -36,6 +37,8 @@ STATUS: dict[str, tuple[int, str]] = {
     "invalid_request": (400, "invalid_request_error"),
     "validation": (400, "invalid_request_error"),  # 422 on the native routes (NATIVE_STATUS)
     "context_length_exceeded": (400, "invalid_request_error"),
+    # a JSON schema, regex or grammar we cannot serve: 400 on every route (no JSON Schema can say it)
+    "invalid_structure": (400, "invalid_request_error"),
     "unauthorized": (401, "authentication_error"),
     "not_found": (404, "not_found_error"),
     "model_not_found": (404, "invalid_request_error"),  # OpenAI's type and code for a wrong model
@@ -59,6 +62,7 @@ REJECT_REASON = {
     "invalid_json": "validation",
     "invalid_request": "validation",
     "context_length_exceeded": "validation",
+    "invalid_structure": "validation",
     "payload_too_large": "validation",
 }
 

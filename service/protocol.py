@@ -237,15 +237,12 @@ def _bounded_text(v: Any) -> Any:
 
 
 def _bounded_schema(v: Any) -> Any:
-    """A JSON schema given as an object (or as a string holding one), at most MAX_SCHEMA_CHARS."""
+    """A JSON schema given as an object, or as a string holding one (parsed when it is compiled,
+    where bad JSON is a 400 like any other bad structure), at most MAX_SCHEMA_CHARS."""
     if isinstance(v, str):
-        _bounded_text(v)
-        try:
-            v = json.loads(v)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"is not valid JSON: {e}") from None
+        return _bounded_text(v)
     if not isinstance(v, dict):
-        raise ValueError("must be a JSON schema (an object)")
+        raise ValueError("must be a JSON schema (an object, or a string holding one)")
     if len(json.dumps(v)) > MAX_SCHEMA_CHARS:
         raise ValueError(f"must have at most {MAX_SCHEMA_CHARS} characters as JSON")
     return v

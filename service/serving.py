@@ -10,6 +10,7 @@ Pure functions and plain state (no sockets, no processes), used by the HTTP proc
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -213,7 +214,7 @@ def requested_structure(req: StructureFields) -> tuple[str, Structure] | None:
     elif rf is not None and rf.type == "json_schema":
         if rf.json_schema is None or rf.json_schema.json_schema is None:
             raise ApiError(
-                "validation", "response_format: json_schema needs json_schema.schema", "response_format"
+                "invalid_structure", "response_format: json_schema needs json_schema.schema", "response_format"
             )
         found.append(("response_format", Structure("json_schema", rf.json_schema.json_schema)))
     so = req.structured_outputs
@@ -222,7 +223,7 @@ def requested_structure(req: StructureFields) -> tuple[str, Structure] | None:
                                      ("grammar", so.grammar)) if v is not None]
         if len(given) != 1:
             raise ApiError(
-                "validation",
+                "invalid_structure",
                 "structured_outputs: exactly one of json, regex, choice and grammar must be given",
                 "structured_outputs",
             )
@@ -236,7 +237,7 @@ def requested_structure(req: StructureFields) -> tuple[str, Structure] | None:
             found.append((key, Structure(kind, value)))
     if len(found) > 1:
         names = ", ".join(f for f, _ in found)
-        raise ApiError("validation", f"{found[1][0]}: one structure per request, got {names}", found[1][0])
+        raise ApiError("invalid_structure", f"{found[1][0]}: one structure per request, got {names}", found[1][0])
     return found[0] if found else None
 
 
@@ -254,7 +255,7 @@ def tool_mode(req: ChatCompletionRequest) -> tuple[ToolMode | None, tuple[str, S
             "this server does not have; send tool_choice 'required' or name a function",
             "tool_choice",
         )
-    params = {t.function.name: t.function.parameters or {"type": "object"} for t in req.tools}
+    params = {t.function.name: _schema_object(t.function.parameters, "tools") for t in req.tools}
     if isinstance(choice, NamedToolChoice):
         name = choice.function.name
         if name not in params:
@@ -275,6 +276,20 @@ def tool_mode(req: ChatCompletionRequest) -> tuple[ToolMode | None, tuple[str, S
     return ToolMode(None), ("tools", Structure("tool", schema))
 
 
+def _schema_object(schema: Any, param: str) -> dict:
+    """A schema given as an object or as JSON text, as an object (none: any object)."""
+    if schema is None:
+        return {"type": "object"}
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise ApiError("invalid_structure", f"{param}: the schema is not valid JSON: {e}", param) from None
+    if not isinstance(schema, dict):
+        raise ApiError("invalid_structure", f"{param}: a schema must be a JSON object", param)
+    return schema
+
+
 def compile_structure(
     req: StructureFields, m: ModelInfo, extra: tuple[str, Structure] | None = None
 ) -> Compiled | None:
@@ -291,7 +306,7 @@ def compile_structure(
     try:
         return m.compiler.compile(structure)
     except GrammarError as e:
-        raise ApiError("validation", f"{field_name}: {e}", field_name.split(".")[0]) from None
+        raise ApiError("invalid_structure", f"{field_name}: {e}", field_name.split(".")[0]) from None
 
 
 def _check_model(req: OpenAIFields, m: ModelInfo) -> None:
