@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 from browser import console_errors, open_page, screenshot, start_server, wait
 
@@ -20,6 +21,16 @@ def server(tiny_bundle: Path, tmp_path_factory):
 
 def by_id(driver, element_id: str):
     return driver.find_element("id", element_id)
+
+
+def test_page_is_open_and_inspect_needs_the_key(server):
+    assert httpx.get(server.url("/"), timeout=10).status_code == 200
+    assert httpx.get(server.url("/playground/playground.js"), timeout=10).status_code == 200
+    body = {"prompt": "a cat"}
+    assert httpx.post(server.url("/v1/inspect"), json=body, timeout=30).status_code == 401
+    assert httpx.get(server.url("/v1/inspect"), timeout=30).status_code == 401
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.post(server.url("/v1/inspect"), json=body, headers=auth, timeout=30).status_code == 200
 
 
 def test_api_key_is_required_and_a_wrong_one_shows_the_servers_message(browser, server):
