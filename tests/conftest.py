@@ -74,3 +74,18 @@ def random_model_and_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="session")
 def random_bundle(random_model_and_bundle) -> Path:
     return random_model_and_bundle[1]
+
+
+@pytest.fixture(scope="session")
+def bundle_without_attention(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle as an older export or `--no-attention` leaves it: no model.attention.onnx."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("no-attention") / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    cfg = json.loads((out / "config.json").read_text())
+    del cfg["onnx_attention"], cfg["files"]["model.attention.onnx"]
+    (out / "model.attention.onnx").unlink()
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return out

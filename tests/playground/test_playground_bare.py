@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,14 +9,8 @@ from browser import console_errors, open_page, start_server
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle: Path, tmp_path_factory):
-    bare = tmp_path_factory.mktemp("bare-bundle") / "bundle"
-    shutil.copytree(tiny_bundle, bare)
-    cfg = json.loads((bare / "config.json").read_text())
-    del cfg["onnx_attention"], cfg["files"]["model.attention.onnx"]
-    (bare / "model.attention.onnx").unlink()
-    (bare / "config.json").write_text(json.dumps(cfg))
-    s = start_server(bare, tmp_path_factory.mktemp("playground-bare"))
+def server(bundle_without_attention: Path, tmp_path_factory):
+    s = start_server(bundle_without_attention, tmp_path_factory.mktemp("playground-bare"))
     yield s
     s.stop()
 
