@@ -217,6 +217,9 @@ function showTooltip(span) {
   tip.style.left = `${window.scrollX + r.left}px`;
   tip.style.top = `${window.scrollY + r.bottom + 4}px`;
   tip.hidden = false;
+  if (r.bottom + 4 + tip.offsetHeight > window.innerHeight) {  // no room below: above the token
+    tip.style.top = `${window.scrollY + r.top - tip.offsetHeight - 4}px`;
+  }
   span.setAttribute("aria-describedby", "tooltip");
 }
 
@@ -484,7 +487,7 @@ function drawBig() {
   const T = tokens.length;
   const canvas = $("big");
   const ctx = canvas.getContext("2d");
-  const W = canvas.width, margin = 90;
+  const W = canvas.width, margin = BIG_MARGIN;
   const cell = (W - margin) / T;
   const styles = getComputedStyle(document.documentElement);
   ctx.clearRect(0, 0, W, W);
@@ -515,6 +518,31 @@ function drawBig() {
   }
   canvas.setAttribute("aria-label",
     `Attention of layer ${v.layer + 1}, head ${v.head + 1}: rows are the tokens that look, columns the tokens they look at`);
+}
+
+const BIG_MARGIN = 90;  // px of the large heatmap kept for the token labels (left and bottom)
+
+function bigCell(ev) {
+  const v = state.view;
+  const canvas = $("big");
+  const r = canvas.getBoundingClientRect();
+  const scale = canvas.width / r.width;
+  const T = v.data.tokens.length, cell = (canvas.width - BIG_MARGIN) / T;
+  const k = Math.floor(((ev.clientX - r.left) * scale - BIG_MARGIN) / cell);
+  const q = Math.floor(((ev.clientY - r.top) * scale) / cell);
+  return q >= 0 && q < T && k >= 0 && k <= q ? [q, k] : null;
+}
+
+function hoverBig(ev) {
+  if (!state.view) return;
+  const at = bigCell(ev);
+  if (!at) return;
+  const [q, k] = at;
+  const v = state.view, tokens = v.data.tokens;
+  const w = v.data.attentions[v.layer][v.head][q][k];
+  $("big-caption").textContent =
+    `${JSON.stringify(tokens[q].text)} (position ${q + 1}) attends to ${JSON.stringify(tokens[k].text)} (position ${k + 1}): ${(100 * w).toFixed(1)}%`;
+  if (q !== v.query) setQuery(q);
 }
 
 function setQuery(i) {
@@ -578,6 +606,7 @@ function wire() {
   $("clear").addEventListener("click", clearAll);
   $("token-view").addEventListener("change", applyTokenView);
   $("inspect-run").addEventListener("click", runInspect);
+  $("big").addEventListener("mousemove", hoverBig);
   const applyKey = () => { state.key = $("api-key").value.trim() || null; probe(); };
   $("key-apply").addEventListener("click", applyKey);
   $("api-key").addEventListener("keydown", (ev) => { if (ev.key === "Enter") applyKey(); });

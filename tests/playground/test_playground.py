@@ -147,6 +147,10 @@ def test_inspect_tab_draws_layer_by_head_grid_and_hover_highlights(page, server,
     ActionChains(page).move_to_element(tokens[-1]).perform()
     wait(page, lambda d: "query" in tokens[-1].get_attribute("class"), message="hover did not move")
     assert highlighted() != after_2
+    big = by_id(page, "big")  # hovering a cell of the large heatmap names the pair and the weight
+    ActionChains(page).move_to_element_with_offset(big, 0, big.size["height"] // 4).perform()
+    wait(page, lambda d: "attends to" in by_id(d, "big-caption").text, message="no caption on hover")
+    assert "%" in by_id(page, "big-caption").text
     cells[-1].click()
     assert cells[-1].get_attribute("aria-pressed") == "true"
     assert by_id(page, "big-title").text == f"Layer {arch['n_layer']}, head {arch['n_head']}"
