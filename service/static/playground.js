@@ -556,7 +556,9 @@ function setQuery(i) {
     const w = j <= i ? row[j] : 0;
     cell.dataset.weight = w.toFixed(4);
     cell.classList.toggle("query", j === i);
-    cell.style.backgroundColor = j <= i && j !== i ? heatColor(max > 0 ? w / max : 0) : "";
+    const shade = j < i && max > 0 ? w / max : 0;
+    cell.style.backgroundColor = j < i ? heatColor(shade) : "";
+    cell.style.color = shade > 0.55 ? "#ffffff" : "";  // readable on the darkest shades
     cell.title = j <= i ? `attention from ${JSON.stringify(v.data.tokens[i].text)}: ${(100 * w).toFixed(1)}%` : "";
   }
   drawBig();

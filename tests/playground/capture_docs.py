@@ -67,6 +67,8 @@ def main() -> None:
             from selenium.webdriver.common.action_chains import ActionChains
 
             ActionChains(driver).move_to_element(cells[-1]).perform()
+            big = by_id("big")  # a cell below the diagonal: its caption names the pair and the weight
+            ActionChains(driver).move_to_element_with_offset(big, 45, 87).perform()
             driver.set_window_size(1360, 1240)
             save(driver, a.out / "playground-inspect.png")
             by_id("theme").click()
