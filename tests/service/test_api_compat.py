@@ -278,6 +278,22 @@ def test_logit_bias_on_both_endpoints(server, client, model):
     assert banned.choices[0].text != plain.text
 
 
+def test_async_logit_bias_and_batched_prompts(server, aclient, model):
+    target = tokenize(server, "the")[-1]
+    text = httpx.post(server.url("/detokenize"), json={"tokens": [target]}).json()["text"]
+
+    async def run():
+        async with aclient() as c:
+            return await c.completions.create(
+                model=model, prompt=["To be", "Now is"], n=2, logit_bias={str(target): 100},
+                extra_body={"ignore_eos": True}, **GREEDY,
+            )  # fmt: skip
+
+    r = asyncio.run(run())
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert all(c.text == text * 6 for c in r.choices)
+
+
 # -- routes, headers --------------------------------------------------------------------------------
 
 
