@@ -174,6 +174,7 @@ class TextGenServer(ls.LitServer):
                 host=self.settings.host,
                 port=port,
                 log_level=log_level,
+                timeout_keep_alive=self.settings.keep_alive_s,  # uvicorn's 5 s races clients' pools
                 timeout_graceful_shutdown=self.uvicorn_graceful_timeout,
                 **kwargs,
             )

@@ -66,6 +66,12 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body limit (413 beyond).")
     drain_timeout_s: float = Field(30.0, ge=0, description="Grace period for running requests at shutdown.")
     http_workers: int = Field(1, ge=1, le=64, description="uvicorn processes.")
+    keep_alive_s: int = Field(
+        75, ge=1, le=3600,
+        description="Seconds an idle keep-alive connection stays open; longer than the idle timeout of the "
+        "load balancer or client pool in front (60 s is common), so that the server never closes a "
+        "connection just as a request is sent on it.",
+    )
     max_tokens_per_event: int = Field(
         16,
         ge=1,

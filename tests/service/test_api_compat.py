@@ -344,3 +344,23 @@ def test_cors_when_configured(server):
     assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
     other = httpx.get(server.url("/v1/models"), headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_idle_keep_alive_connection_outlives_uvicorns_five_seconds(server):
+    """uvicorn closes idle connections after 5 s by default; a client pool (or a load balancer)
+    that reuses one just then gets a connection reset. The server keeps them 75 s
+    (TEXTGEN_KEEP_ALIVE_S); 6 s of idleness (the behaviour under test, not a synchronization)
+    must leave the connection usable."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() and conn.sock is not None
+        time.sleep(6)
+        conn.request("GET", "/health")  # the same socket: http.client reconnects only if it was closed
+        r = conn.getresponse()
+        assert r.status == 200 and r.read()
+        assert conn.sock is not None
+    finally:
+        conn.close()
