@@ -130,13 +130,19 @@ def prompt_logprobs(logits: np.ndarray, prompt: Sequence[int], n: int) -> tuple[
     if T < 2:
         return [None], [[]]
     x = np.asarray(logits[: T - 1], dtype=np.float32)  # (T-1, V)
-    lp = x - x.max(axis=1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))  # log_softmax
+    lp = _log_softmax(x)
     nxt = np.asarray(prompt[1:], dtype=np.int64)
     chosen: list[float | None] = [None, *lp[np.arange(T - 1), nxt].tolist()]
     tops: list[list[TopLogprob]] = [[]]
     tops += [[TopLogprob(int(t), float(v)) for t, v in alts] for alts in _top_n(lp, min(n, lp.shape[1]))]
     return chosen, tops
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log_softmax of (R, V) logits."""
+    lp = x - x.max(axis=1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
+    return lp
 
 
 def _top_n(lp: np.ndarray, n: int) -> list[list[tuple[int, float]]]:
@@ -308,8 +314,7 @@ def _logprobs(
         return None, None
     B, V = logits.shape
     x = _rows(logits, ask)  # (A, V)
-    lp = x - x.max(axis=1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))  # log_softmax
+    lp = _log_softmax(x)
 
     chosen = np.full(B, np.nan, dtype=np.float32)
     chosen[ask] = lp[np.arange(len(ask)), token_ids[ask]]
