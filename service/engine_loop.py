@@ -14,10 +14,10 @@ ContinuousBatchingLoop and fixes its faults:
   finishes it with ``finish_reason="length"``; one still waiting for a slot a second later is
   aborted here and finished the same way.
 
-Messages in and out go over service.channel (ZeroMQ sockets, not LitServe's queues): in, one
-``(response_queue_id, uid, t, Submit | Abort)`` per request or abort, FIFO; out, per engine
-iteration, one list of events per HTTP process:
-``("ack", uid)`` | ``("out", uid, index, RequestOutput)`` | ``("err", uid, kind, message, param)``.
+Messages in and out are service.wire's (ZeroMQ sockets, not LitServe's queues): in, one
+``Submit`` or ``Abort`` per request or abort, FIFO; out, per engine iteration, one list of
+``Ack`` / ``Output`` / ``Refusal`` per HTTP process. Each choice of a request is one engine
+request, named by the worker (``_Active.engine_ids``); outputs are routed back by that name.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from typing import Any, Protocol
 import litserve as ls
 from litserve.loops.base import LitLoop
 
-from service.channel import Abort, EngineChannel, Submit
 from service.settings import LOG_FORMAT, Settings
 from service.shared_state import SharedState, child_signal_handlers
 from service.types import (
@@ -45,8 +44,9 @@ from service.types import (
     RequestOutput,
     StepStats,
 )
+from service.wire import Abort, Ack, EngineChannel, Output, Refusal, Submit, ToFrontend, ToWorker
 
-__all__ = ["Abort", "EngineWorker", "Submit", "TextGenAPI"]
+__all__ = ["EngineWorker", "TextGenAPI"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,6 @@ ENGINE_PATH = "/_textgen/engine"  # LitServe's api path for the worker; it has n
 IDLE_WAIT_S = 0.5  # idle: how long one blocking receive waits
 MAX_INTAKE = 1024  # messages taken from the channel per iteration
 EXPIRY_GRACE_S = 1.0  # after a request's deadline, before the loop (not the engine) finishes it
-
-
-def sub_id(uid: str, index: int) -> str:
-    return f"{uid}#{index}"
 
 
 def import_string(path: str) -> Any:
@@ -122,11 +118,11 @@ class EngineLoop(LitLoop):
 
 
 class Channel(Protocol):
-    """What the worker needs of its channel (service.channel.EngineChannel; tests use a fake)."""
+    """What the worker needs of its channel (service.wire.EngineChannel; tests use a fake)."""
 
-    def receive(self, timeout_s: float, max_messages: int) -> list[tuple]: ...
+    def receive(self, timeout_s: float, max_messages: int) -> list[ToWorker]: ...
 
-    def send(self, rqid: int, events: list[tuple]) -> None: ...
+    def send(self, rqid: int, events: list[ToFrontend]) -> None: ...
 
 
 @dataclass
@@ -134,9 +130,16 @@ class _Active:
     """A submitted HTTP request while any of its choices is unfinished."""
 
     rqid: int  # the HTTP process answering it
+    uid: str
+    engine_ids: list[str]  # the engine's request id of each choice
     num_prompt: list[int]  # prompt tokens, per choice
     unfinished: set[int]  # choice indices
     counts: list[int]  # output tokens so far, per choice
+
+
+def engine_id(uid: str, index: int) -> str:
+    """The engine's name for choice ``index`` of request ``uid`` (unique while the request runs)."""
+    return f"{uid}#{index}"
 
 
 class EngineWorker:
@@ -144,9 +147,10 @@ class EngineWorker:
         self.engine, self.metrics, self.state = api.engine, api.metrics, api.state
         self.channel = channel
         self.active: dict[str, _Active] = {}
-        self.outbox: dict[int, list[tuple]] = defaultdict(list)
+        self.choice_of: dict[str, tuple[_Active, int]] = {}  # engine request id -> (request, choice)
+        self.outbox: dict[int, list[ToFrontend]] = defaultdict(list)
         self.deadlines: list[tuple[float, str]] = []  # heap of (deadline + grace, uid)
-        self.deferred: deque[tuple[tuple, bool]] = deque()  # (message, retried) for the next iteration
+        self.deferred: deque[tuple[ToWorker, bool]] = deque()  # (message, retried) for the next iteration
         self.max_running = api.settings.max_running
         self._published: tuple | None = None  # engine gauges last sent to metrics
         self._last_stats: StepStats | None = None
@@ -165,7 +169,7 @@ class EngineWorker:
             stepped = self.engine.has_unfinished() and self._step()
             self._beat(stepped)
 
-    def _handle_all(self, items: list[tuple]) -> None:
+    def _handle_all(self, items: list[ToWorker]) -> None:
         """Messages deferred by the last iteration first, then the new ones, in order (FIFO)."""
         batch = [*self.deferred, *((item, False) for item in items)]
         self.deferred.clear()
@@ -175,18 +179,17 @@ class EngineWorker:
                 self.deferred.extend(batch[k + 1 :])  # what came after it waits too: no overtaking
                 return
 
-    def _handle(self, item: tuple, retried: bool = False) -> bool:
+    def _handle(self, msg: ToWorker, retried: bool = False) -> bool:
         """Apply one message; False: retry it after the next step (see _submit)."""
-        rqid, uid, _, msg = item
         if isinstance(msg, Submit):
-            return self._submit(rqid, uid, msg, retried)
+            return self._submit(msg, retried)
         if isinstance(msg, Abort):
             self._abort(msg.uid)
         else:
             logger.warning("ignoring unexpected message %r", type(msg).__name__)
         return True
 
-    def _submit(self, rqid: int, uid: str, msg: Submit, retried: bool = False) -> bool:
+    def _submit(self, msg: Submit, retried: bool = False) -> bool:
         """Add a request's choices to the engine; False when it should be retried after a step.
 
         The engine counts a new request as waiting until its next step moves waiting requests
@@ -194,34 +197,42 @@ class EngineWorker:
         at an idle server. A request refused for a full queue while running slots are free is
         therefore retried once, after the next step; refused again, it gets its 429.
         """
+        uid, n = msg.uid, len(msg.params)
+        ids = [engine_id(uid, i) for i in range(n)]
         for i, params in enumerate(msg.params):
             try:
-                self.engine.add_request(
-                    sub_id(uid, i), msg.prompts[i], params, arrival_time=msg.arrival, deadline=msg.deadline
-                )
+                self.engine.add_request(ids[i], msg.prompts[i], params, arrival_time=msg.arrival,
+                                        deadline=msg.deadline)
             except Exception as e:
                 for j in range(i):
-                    self.engine.abort(sub_id(uid, j))
+                    self.engine.abort(ids[j])
                 if (
                     isinstance(e, QueueFullError)
                     and not retried
                     and self.engine.num_running < self.max_running
                 ):
                     return False
-                self.outbox[rqid].append(("err", uid, *_classify(e)))
+                self.outbox[msg.rqid].append(Refusal(uid, *_classify(e)))
                 self._refusals += 1
                 return True
-        n = len(msg.params)
-        self.active[uid] = _Active(rqid, [len(p) for p in msg.prompts], set(range(n)), [0] * n)
+        act = _Active(msg.rqid, uid, ids, [len(p) for p in msg.prompts], set(range(n)), [0] * n)
+        self.active[uid] = act
+        self.choice_of.update((eid, (act, i)) for i, eid in enumerate(ids))
         heapq.heappush(self.deadlines, (msg.deadline + EXPIRY_GRACE_S, uid))
-        self.outbox[rqid].append(("ack", uid))
+        self.outbox[msg.rqid].append(Ack(uid))
         return True
 
+    def _forget(self, act: _Active) -> None:
+        del self.active[act.uid]
+        for eid in act.engine_ids:
+            self.choice_of.pop(eid, None)
+
     def _abort(self, uid: str) -> None:
-        act = self.active.pop(uid, None)
+        act = self.active.get(uid)
         if act is not None:
+            self._forget(act)
             for i in act.unfinished:
-                self.engine.abort(sub_id(uid, i))
+                self.engine.abort(act.engine_ids[i])
 
     def _expire(self, now: float) -> None:
         """Backstop of the engine's deadline, which it checks on running requests only: a request
@@ -229,13 +240,14 @@ class EngineWorker:
         along) is aborted and finished with finish_reason "length"."""
         while self.deadlines and self.deadlines[0][0] <= now:
             _, uid = heapq.heappop(self.deadlines)
-            act = self.active.pop(uid, None)
+            act = self.active.get(uid)
             if act is None:
                 continue
+            self._forget(act)
             for i in sorted(act.unfinished):
-                self.engine.abort(sub_id(uid, i))
+                self.engine.abort(act.engine_ids[i])
                 out = RequestOutput(
-                    request_id=sub_id(uid, i),
+                    request_id=act.engine_ids[i],
                     new_token_ids=[],
                     text_delta="",
                     finished=True,
@@ -244,7 +256,7 @@ class EngineWorker:
                     num_prompt_tokens=act.num_prompt[i],
                     num_output_tokens=act.counts[i],
                 )
-                self.outbox[act.rqid].append(("out", uid, i, out))
+                self.outbox[act.rqid].append(Output(uid, i, out))
 
     def _step(self) -> bool:
         try:
@@ -252,21 +264,20 @@ class EngineWorker:
         except Exception:
             logger.exception("engine step failed; failing every request and exiting")
             for uid, act in self.active.items():
-                self.outbox[act.rqid].append(("err", uid, "generation_error", "the engine failed", None))
+                self.outbox[act.rqid].append(Refusal(uid, "generation_error", "the engine failed"))
             self._flush()
             os._exit(1)  # the supervisor sees the worker die: /ready 503, exit non-zero
         for out in outputs:
-            uid, _, index = out.request_id.rpartition("#")
-            act = self.active.get(uid)
-            if act is None:  # aborted meanwhile
+            found = self.choice_of.get(out.request_id)
+            if found is None:  # aborted meanwhile
                 continue
-            i = int(index)
+            act, i = found
             act.counts[i] = out.num_output_tokens
-            self.outbox[act.rqid].append(("out", uid, i, out))
+            self.outbox[act.rqid].append(Output(act.uid, i, out))
             if out.finished:
                 act.unfinished.discard(i)
                 if not act.unfinished:
-                    del self.active[uid]
+                    self._forget(act)
         self._flush()
         stats = self.engine.last_step_stats
         if stats is not None and stats is not self._last_stats:  # a failed step sets none

@@ -1,8 +1,8 @@
 """The HTTP process's side of the engine: submit jobs, route events back, abort, fail, observe.
 
 One ``Frontend`` exists per uvicorn process (created in the main process, started in each
-forked uvicorn process by the app's lifespan). It talks to the inference worker over
-service.channel: jobs and aborts go out on the worker's socket, and each engine iteration's
+forked uvicorn process by the app's lifespan). It talks to the inference worker in
+service.wire's messages: jobs and aborts go out on the worker's socket, and each engine iteration's
 events for this process come back as one message on this process's own socket, which
 ``_dispatch`` fans out to the waiting requests. When the process fell behind, messages queue in
 the socket and are dispatched back to back, so a stream's handler finds several outputs of a
@@ -22,14 +22,15 @@ import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-from service.channel import Abort, FrontendChannel, Submit
 from service.errors import ApiError
 from service.serving import Choice, Job, ModelInfo, merge_outputs
 from service.settings import Settings
 from service.shared_state import Phase, SharedState
 from service.types import RequestOutput
+from service.wire import Abort, Ack, FrontendChannel, Output, Refusal, Submit
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,21 @@ WATCHDOG_PERIOD_S = 0.1
 
 class ClientGone(Exception):
     """The client closed the connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Local event: the request cannot finish (worker dead, shutting down)."""
+
+    error: ApiError
+
+
+@dataclass(frozen=True, slots=True)
+class Gone:
+    """Local event: the client disconnected."""
+
+
+Event = Ack | Output | Refusal | Fail | Gone
 
 
 class Pending:
@@ -53,8 +69,8 @@ class Pending:
         self.job = job
         self.arrival = arrival  # time.monotonic() when the HTTP request arrived
         self.max_tokens_per_event = max_tokens_per_event
-        self.events: asyncio.Queue[tuple] = asyncio.Queue()
-        self._ahead: deque[tuple] = deque()  # events taken off ``events`` early, still in order
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self._ahead: deque[Event] = deque()  # events taken off ``events`` early, still in order
         self.choices = [Choice(i) for i in range(len(job.params))]
         self.complete = False  # every choice finished
         self.ended = False  # finish() ran
@@ -62,37 +78,35 @@ class Pending:
         self.error: ApiError | None = None
         self.request_id = job.id  # the HTTP layer sets the X-Request-Id it answers with
 
-    def put(self, event: tuple) -> None:
+    def put(self, event: Event) -> None:
         self.events.put_nowait(event)
 
-    async def next_event(self) -> tuple:
-        """The next event: ("ack",) | ("out", Choice, RequestOutput); raises ApiError or ClientGone."""
+    async def next_event(self) -> tuple[Choice, RequestOutput] | None:
+        """The next output with its choice, or None for the ack; raises ApiError or ClientGone."""
         ev = self._ahead.popleft() if self._ahead else await self.events.get()
-        kind = ev[0]
-        if kind == "out":
-            _, _, index, out = ev
-            if _failed(out):
-                raise ApiError(
-                    "generation_error", out.error or f"the engine ended the request ({out.finish_reason})"
-                )
-            if self.max_tokens_per_event > 1 and not out.finished:
-                out = self._join_queued(index, out)
-            choice = self.choices[index]
-            choice.add(out, time.monotonic())
-            if all(c.finished for c in self.choices):
-                self.complete = True
-            return ("out", choice, out)
-        if kind == "ack":
-            self.acked = True
-            return ("ack",)
-        if kind == "err":
-            _, _, err_kind, message, param = ev
-            raise ApiError(err_kind, message, param)
-        if kind == "fail":
-            raise ev[1]
-        if kind == "gone":
-            raise ClientGone()
-        raise RuntimeError(f"unexpected event {kind!r}")
+        match ev:
+            case Output(index=index, output=out):
+                if _failed(out):
+                    raise ApiError(
+                        "generation_error", out.error or f"the engine ended the request ({out.finish_reason})"
+                    )
+                if self.max_tokens_per_event > 1 and not out.finished:
+                    out = self._join_queued(index, out)
+                choice = self.choices[index]
+                choice.add(out, time.monotonic())
+                if all(c.finished for c in self.choices):
+                    self.complete = True
+                return choice, out
+            case Ack():
+                self.acked = True
+                return None
+            case Refusal(kind=kind, message=message, param=param):
+                raise ApiError(kind, message, param)
+            case Fail(error=error):
+                raise error
+            case Gone():
+                raise ClientGone()
+        raise RuntimeError(f"unexpected event {ev!r}")
 
     def _join_queued(self, index: int, out: RequestOutput) -> RequestOutput:
         """``out`` merged with the queued outputs of choice ``index`` that follow it.
@@ -103,15 +117,15 @@ class Pending:
         while not self.events.empty():
             self._ahead.append(self.events.get_nowait())
         outs, tokens = [out], len(out.new_token_ids)
-        skipped: deque[tuple] = deque()
+        skipped: deque[Event] = deque()
         while self._ahead:
             ev = self._ahead[0]
-            if ev[0] != "out" or _failed(ev[3]):
+            if not isinstance(ev, Output) or _failed(ev.output):
                 break
-            if ev[2] != index:
+            if ev.index != index:
                 skipped.append(self._ahead.popleft())
                 continue
-            nxt = ev[3]
+            nxt = ev.output
             if tokens + len(nxt.new_token_ids) > self.max_tokens_per_event:
                 break
             self._ahead.popleft()
@@ -128,8 +142,8 @@ class Pending:
         """Every output until all choices finished (acks are skipped)."""
         while not self.complete:
             ev = await self.next_event()
-            if ev[0] == "out":
-                yield ev[1], ev[2]
+            if ev is not None:
+                yield ev
 
 
 def _failed(out: RequestOutput) -> bool:
@@ -175,10 +189,10 @@ class Frontend:
         p = Pending(job, arrival, self.settings.max_tokens_per_event if job.stream else 1)
         deadline = p.arrival + self.settings.request_timeout_s
         prompts = tuple(job.prompt_of(i) for i in range(len(job.params)))  # shared lists: pickled once
-        msg = Submit(prompts, job.params, p.arrival, deadline)
+        msg = Submit(self.rqid, job.id, prompts, job.params, p.arrival, deadline)
         self.pending[job.id] = p
         try:
-            self.channel.send((self.rqid, job.id, p.arrival, msg))
+            self.channel.send(msg)
         except Exception as e:  # the channel is closed: we are shutting down
             self.pending.pop(job.id, None)
             self.state.add_inflight(self.rqid, -1)
@@ -194,7 +208,7 @@ class Frontend:
         self.state.add_inflight(self.rqid, -1)
         if not p.complete and self.state.phase in (Phase.SERVING, Phase.DRAINING):
             try:
-                self.channel.send((self.rqid, p.job.id, time.monotonic(), Abort(p.job.id)))
+                self.channel.send(Abort(self.rqid, p.job.id))
             except Exception:
                 logger.debug("could not send abort for %s", p.job.id)
 
@@ -207,7 +221,7 @@ class Frontend:
             try:
                 events = await channel.receive()
                 for ev in events:
-                    p = self.pending.get(ev[1])
+                    p = self.pending.get(ev.uid)
                     if p is not None:
                         p.put(ev)
             except asyncio.CancelledError:
@@ -240,4 +254,4 @@ class Frontend:
 
     def _fail_all(self, err: ApiError) -> None:
         for p in list(self.pending.values()):
-            p.put(("fail", err))
+            p.put(Fail(err))

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from service import formatting as fmt
 from service.errors import REJECT_REASON, ApiError
-from service.frontend import ClientGone, Frontend, Pending
+from service.frontend import ClientGone, Frontend, Gone, Pending
 from service.serving import Job
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ async def _watch_disconnect(request: Request, p: Pending) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            p.put(("gone",))
+            p.put(Gone())
             return
 
 

@@ -129,7 +129,7 @@ class TextGenServer(ls.LitServer):
     # -- start-up -----------------------------------------------------------------------------
     def _init_manager(self, num_api_servers: int):
         """LitServe's, but its Manager process ignores our signals and exits if orphaned. LitServe's
-        queues stay for its own bookkeeping; requests and events travel over service.channel."""
+        queues stay for its own bookkeeping; requests and events travel over service.wire."""
         manager = SyncManager()
         manager.start(_manager_init, (os.getpid(),))
         self.transport_config.manager = manager

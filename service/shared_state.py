@@ -20,7 +20,7 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
-from service.channel import new_channel_id
+from service.wire import new_channel_id
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ _INFLIGHT = 7
 class SharedState:
     def __init__(self, http_workers: int, main_pid: int):
         self.http_workers = http_workers
-        self.channel_id = new_channel_id()  # names the sockets between the processes (service.channel)
+        self.channel_id = new_channel_id()  # names the sockets between the processes (service.wire)
         self._a = mp.get_context("spawn").RawArray("d", _INFLIGHT + http_workers)
         self._a[_MAIN_PID] = main_pid
 

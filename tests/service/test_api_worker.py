@@ -11,24 +11,25 @@ import pytest
 from fakes import FakeEngine, make_fake_bundle
 
 from service.bundle import load_bundle
-from service.engine_loop import Abort, EngineWorker, Submit
+from service.engine_loop import EngineWorker
 from service.shared_state import SharedState
 from service.types import SamplingParams
+from service.wire import Abort, Ack, Output, Refusal, Submit
 
 
 class Channel:
-    """The worker's channel (service.channel.EngineChannel), recording what it sends."""
+    """The worker's channel (service.wire.EngineChannel), recording what it sends."""
 
     def __init__(self):
         self.sent: list[tuple[int, list]] = []
 
-    def receive(self, timeout_s: float, max_messages: int) -> list[tuple]:
+    def receive(self, timeout_s: float, max_messages: int) -> list:
         return []
 
     def send(self, rqid, events):
         self.sent.append((rqid, events))
 
-    def events(self) -> list[tuple]:
+    def events(self) -> list:
         return [e for _, evs in self.sent for e in evs]
 
 
@@ -55,7 +56,7 @@ def worker(bundle, monkeypatch):
 
 def submit(w: EngineWorker, uid: str, n: int = 1, max_tokens: int = 3, deadline: float = 1e12, rqid: int = 0):
     params = tuple(SamplingParams(max_tokens=max_tokens, temperature=0) for _ in range(n))
-    w._handle((rqid, uid, time.monotonic(), Submit(([1, 5, 6],) * n, params, time.monotonic(), deadline)))
+    w._handle(Submit(rqid, uid, ([1, 5, 6],) * n, params, time.monotonic(), deadline))
 
 
 def run(w: EngineWorker) -> None:
@@ -69,8 +70,8 @@ def test_submit_ack_outputs_and_cleanup(worker):
     submit(worker, "a", rqid=0)
     run(worker)
     events = worker.channel.events()
-    assert events[0] == ("ack", "a")
-    outs = [e[3] for e in events if e[0] == "out"]
+    assert events[0] == Ack("a")
+    outs = [e.output for e in events if isinstance(e, Output)]
     assert [len(o.new_token_ids) for o in outs] == [1, 1, 1] and outs[-1].finish_reason == "length"
     assert worker.active == {} and worker.steps
 
@@ -88,8 +89,8 @@ def test_queue_full_refuses_and_undoes_earlier_choices(worker):
     worker._step()  # "a" runs: no free slot left
     submit(worker, "b", n=2)  # b#0 takes the only waiting place, b#1 does not fit
     worker._flush()
-    errors = [e for e in worker.channel.events() if e[0] == "err"]
-    assert errors == [("err", "b", "queue_full", errors[0][3], None)]
+    errors = [e for e in worker.channel.events() if isinstance(e, Refusal)]
+    assert errors == [Refusal("b", "queue_full", errors[0].message, None)]
     assert "b" not in worker.active and worker.engine.num_waiting == 0 and worker.engine.num_running == 1
 
 
@@ -97,9 +98,9 @@ def test_abort_stops_the_outputs(worker):
     submit(worker, "a", max_tokens=50)
     worker._flush()
     worker._step()
-    worker._handle((0, "x", time.monotonic(), Abort("a")))
+    worker._handle(Abort(0, "a"))
     run(worker)
-    outs = [e for e in worker.channel.events() if e[0] == "out"]
+    outs = [e for e in worker.channel.events() if isinstance(e, Output)]
     assert len(outs) == 1 and worker.active == {} and worker.engine.num_running == 0
 
 
@@ -111,15 +112,15 @@ def test_a_request_stuck_waiting_past_its_deadline_finishes_with_length(worker):
     assert worker.engine.num_waiting == 1
     worker._expire(time.monotonic())
     worker._flush()
-    final = [e[3] for e in worker.channel.events() if e[0] == "out" and e[1] == "b"]
+    final = [e.output for e in worker.channel.events() if isinstance(e, Output) and e.uid == "b"]
     assert len(final) == 1 and final[0].finished and final[0].finish_reason == "length"
     assert final[0].num_output_tokens == 0 and "b" not in worker.active
     assert worker.engine.num_waiting == 0
 
 
-def _msg(uid: str, max_tokens: int = 3) -> tuple:
+def _msg(uid: str, max_tokens: int = 3) -> Submit:
     params = (SamplingParams(max_tokens=max_tokens, temperature=0),)
-    return (0, uid, time.monotonic(), Submit(([1, 5],), params, time.monotonic(), 1e12))
+    return Submit(0, uid, ([1, 5],), params, time.monotonic(), 1e12)
 
 
 def test_a_burst_fills_free_running_slots_however_small_the_queue(bundle, monkeypatch):
@@ -131,8 +132,8 @@ def test_a_burst_fills_free_running_slots_however_small_the_queue(bundle, monkey
         w._step()
         w._handle_all([])
     events = w.channel.events()
-    assert [e[1] for e in events if e[0] == "ack"] == list("abcd")
-    assert not [e for e in events if e[0] == "err"] and not w.deferred
+    assert [e.uid for e in events if isinstance(e, Ack)] == list("abcd")
+    assert not [e for e in events if isinstance(e, Refusal)] and not w.deferred
 
 
 def test_a_burst_beyond_running_and_waiting_capacity_is_refused(bundle, monkeypatch):
@@ -143,5 +144,5 @@ def test_a_burst_beyond_running_and_waiting_capacity_is_refused(bundle, monkeypa
     w._handle_all([])  # a runs, b waits, c finds no free slot: refused at once
     w._flush()
     events = w.channel.events()
-    assert [e[1] for e in events if e[0] == "ack"] == ["a", "b"]
-    assert [e[1] for e in events if e[0] == "err"] == ["c"] and not w.deferred
+    assert [e.uid for e in events if isinstance(e, Ack)] == ["a", "b"]
+    assert [e.uid for e in events if isinstance(e, Refusal)] == ["c"] and not w.deferred

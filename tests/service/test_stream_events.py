@@ -1,6 +1,6 @@
 """Joining queued outputs into one stream event: ``serving.merge_outputs`` (pure), ``Pending``
 (the HTTP side's per-request queue, no server), the chunks written from a joined output, and
-the channel (service.channel) that carries requests to the worker and each step's events back."""
+the wire (service.wire) that carries requests to the worker and each step's events back."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pytest
 from fakes import make_fake_bundle
 
 from service import formatting as fmt
-from service.channel import Abort, EngineChannel, FrontendChannel, Submit, new_channel_id
 from service.errors import ApiError
-from service.frontend import Pending
+from service.frontend import Fail, Pending
 from service.serving import Choice, Job, ModelInfo, merge_outputs
 from service.tokenizer import Tokenizer
 from service.types import RequestOutput, RequestTimings, SamplingParams, TopLogprob
+from service.wire import Abort, Ack, EngineChannel, FrontendChannel, Output, Refusal, Submit, new_channel_id
 
 UID = "cmpl-1"
 
@@ -39,11 +39,11 @@ def _out(
     )
 
 
-def _ev(index: int, out: RequestOutput) -> tuple:
-    return ("out", UID, index, out)
+def _ev(index: int, out: RequestOutput) -> Output:
+    return Output(UID, index, out)
 
 
-def _one_choice(steps: int) -> list[tuple]:
+def _one_choice(steps: int) -> list[Output]:
     """The events of ``steps`` steps of a one-choice request, the last one finishing it."""
     last = {"finished": True, "finish_reason": "length"}
     return [_ev(0, _out(0, 0, t, **(last if t == steps else {}))) for t in range(1, steps + 1)]
@@ -54,7 +54,7 @@ def _pending(n: int, cap: int) -> Pending:
     return Pending(job, arrival=0.0, max_tokens_per_event=cap)
 
 
-def _drain(p: Pending, events: list[tuple]) -> list[tuple[int, RequestOutput]]:
+def _drain(p: Pending, events: list) -> list[tuple[int, RequestOutput]]:
     """Queue every event at once (as the dispatcher does with a backlog), then read the
     outputs until the request is complete; never waits for an event that is not there."""
 
@@ -140,9 +140,9 @@ def test_a_lone_output_is_returned_at_once():
         p = _pending(1, cap=16)
         p.put(_ev(0, _out(0, 0, 1)))
         async with asyncio.timeout(5):
-            _, _, first = await p.next_event()
+            _, first = await p.next_event()
             p.put(_ev(0, _out(0, 0, 2)))
-            _, _, second = await p.next_event()
+            _, second = await p.next_event()
         return first.new_token_ids, second.new_token_ids
 
     assert asyncio.run(go()) == ([1], [2])
@@ -161,7 +161,7 @@ def test_nothing_is_joined_across_an_error():
     async def go() -> list[int]:
         for ev in events:
             p.put(ev)
-        _, _, out = await p.next_event()
+        _, out = await p.next_event()
         with pytest.raises(ApiError, match="boom"):
             await p.next_event()
         return out.new_token_ids
@@ -174,9 +174,9 @@ def test_nothing_is_joined_across_a_failure_event():
 
     async def go() -> list[int]:
         p.put(_ev(0, _out(0, 0, 1)))
-        p.put(("fail", ApiError("unavailable", "the server is shutting down")))
+        p.put(Fail(ApiError("unavailable", "the server is shutting down")))
         p.put(_ev(0, _out(0, 0, 2)))
-        _, _, out = await p.next_event()
+        _, out = await p.next_event()
         with pytest.raises(ApiError, match="shutting down"):
             await p.next_event()
         return out.new_token_ids
@@ -264,8 +264,8 @@ def test_channel_carries_requests_in_order_and_each_steps_events_as_one_message(
         front = FrontendChannel(channel_id, 0)
         try:
             params = (SamplingParams(max_tokens=2),)
-            sent = [(0, f"r{k}", 1.0, Submit(([1, 2],), params, 1.0, 2.0)) for k in range(5)]
-            sent.append((0, "r0", 1.5, Abort("r0")))
+            sent = [Submit(0, f"r{k}", ([1, 2],), params, 1.0, 2.0) for k in range(5)]
+            sent.append(Abort(0, "r0"))
             for m in sent:
                 front.send(m)
             got: list = []
@@ -274,8 +274,8 @@ def test_channel_carries_requests_in_order_and_each_steps_events_as_one_message(
                     got += engine.receive(0.05, 1024)
             assert got == sent
             assert engine.receive(0.0, 10) == []  # no message waiting: returns at once
-            engine.send(0, [("ack", UID), *[("out", UID, 0, o) for o in outputs]])
-            engine.send(0, [("err", "r9", "queue_full", "full", None)])
+            engine.send(0, [Ack(UID), *[Output(UID, 0, o) for o in outputs]])
+            engine.send(0, [Refusal("r9", "queue_full", "full")])
             async with asyncio.timeout(10):
                 first, second = await front.receive(), await front.receive()
             return first, second
@@ -286,8 +286,8 @@ def test_channel_carries_requests_in_order_and_each_steps_events_as_one_message(
         first, second = asyncio.run(go())
     finally:
         engine.close()
-    assert first[0] == ("ack", UID) and [ev[3] for ev in first[1:]] == outputs
-    assert second == [("err", "r9", "queue_full", "full", None)]
+    assert first[0] == Ack(UID) and [ev.output for ev in first[1:]] == outputs
+    assert second == [Refusal("r9", "queue_full", "full", None)]
 
 
 def test_channels_of_two_services_do_not_cross():
@@ -299,14 +299,14 @@ def test_channels_of_two_services_do_not_cross():
         async def go():
             nonlocal front
             front = FrontendChannel(a.channel_id, 0)
-            front.send((0, "only-a", 0.0, Abort("only-a")))
+            front.send(Abort(0, "only-a"))
             async with asyncio.timeout(10):
                 got: list = []
                 while not got:
                     got = a.receive(0.05, 10)
             return got
 
-        assert asyncio.run(go())[0][1] == "only-a"
+        assert asyncio.run(go())[0].uid == "only-a"
         assert b.receive(0.05, 10) == []
         front.close()
     finally:
