@@ -2,8 +2,16 @@
 
 ``step()`` is one iteration of continuous batching:
 schedule -> run the model (decode the running batch, prefill the newcomers) -> sample ->
-update the sequences -> emit outputs. Text appears only through the per-request incremental
-detokenizer (stop strings are matched there). No HTTP, no threads: one caller owns the engine.
+update the sequences -> emit outputs. No HTTP, no threads: one caller owns the engine.
+
+Text at one edge: the engine takes token ids (the HTTP process tokenizes and renders chat
+templates) and gives back token ids AND text deltas, through a per-request incremental
+detokenizer where stop strings are matched. It keeps detokenization, rather than leaving it to
+the HTTP process as vLLM's output processor does, because a stop string must end its sequence in
+the step that produced it: the row leaves the batch and its KV cache at once, no token is
+computed past the stop, and usage counts exactly what was returned. The cost is small (most
+tokens take the detokenizer's table lookup, service/detokenizer.py), and the HTTP process stays
+free of per-token Python work other than formatting.
 
 The running batch and its KV cache take one of two layouts (``Engine.kv_layout``, logged at
 start-up): "inplace", the bundle's model.kvinplace.onnx over cache buffers allocated once
@@ -27,6 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from service import rules
 from service.bundle import Bundle
 from service.detokenizer import IncrementalDetokenizer
 from service.ngram import NgramIndex
@@ -39,7 +48,6 @@ from service.tokenizer import Tokenizer
 from service.types import (
     FinishReason,
     InvalidRequestError,
-    PromptTooLongError,
     RequestOutput,
     RequestTimings,
     SamplingParams,
@@ -137,12 +145,9 @@ class Engine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty: at least one token is required")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        params.validate(self.vocab_size)
-        if len(prompt_token_ids) + params.max_tokens > self.context_length:
-            raise PromptTooLongError(len(prompt_token_ids), params.max_tokens, self.context_length)
+        rules.check_token_ids(prompt_token_ids, self.vocab_size, "prompt")
+        rules.check(params, prompt_len=len(prompt_token_ids), vocab_size=self.vocab_size,
+                    context_length=self.context_length)
         matcher = self._new_matcher(params.grammar) if params.grammar is not None else None
         self.scheduler.add_request(request_id, len(prompt_token_ids), params.max_tokens)  # may raise QueueFullError
         seed = params.seed if params.seed is not None else int(self._seeds.integers(2**63))

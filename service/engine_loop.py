@@ -35,11 +35,10 @@ from typing import Any, Protocol
 import litserve as ls
 from litserve.loops.base import LitLoop
 
+from service.errors import engine_refusal
 from service.settings import LOG_FORMAT, Settings
 from service.shared_state import SharedState, child_signal_handlers
 from service.types import (
-    InvalidRequestError,
-    PromptTooLongError,
     QueueFullError,
     RequestOutput,
     StepStats,
@@ -304,11 +303,7 @@ class EngineWorker:
 
 def _classify(e: Exception) -> tuple[str, str, str | None]:
     """(error kind, message, param) of an engine refusal; see service.errors.STATUS."""
-    if isinstance(e, QueueFullError):
-        return "queue_full", str(e), None
-    if isinstance(e, PromptTooLongError):
-        return "context_length_exceeded", str(e), "prompt"
-    if isinstance(e, InvalidRequestError):
-        return "validation", str(e), None
-    logger.error("engine.add_request failed", exc_info=e)
-    return "internal", "the engine could not accept the request", None
+    err = engine_refusal(e)
+    if err.kind == "internal":
+        logger.error("engine.add_request failed", exc_info=e)
+    return err.kind, err.message, err.param

@@ -116,3 +116,16 @@ def error_from_status(status: int, detail: str) -> ApiError:
     """An ApiError for a Starlette/FastAPI HTTPException (unknown route, wrong method)."""
     kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 400: "invalid_request"}
     return ApiError(kind.get(status, "internal" if status >= 500 else "invalid_request"), detail)
+
+
+def engine_refusal(e: Exception) -> ApiError:
+    """The ApiError of an engine's refusal of a request (service.types' EngineError family)."""
+    from service.types import InvalidRequestError, PromptTooLongError, QueueFullError
+
+    if isinstance(e, QueueFullError):
+        return ApiError("queue_full", str(e))
+    if isinstance(e, PromptTooLongError):
+        return ApiError("context_length_exceeded", str(e), e.param)
+    if isinstance(e, InvalidRequestError):
+        return ApiError("validation", str(e), e.param)
+    return ApiError("internal", "the engine could not accept the request")

@@ -25,6 +25,8 @@ from pydantic import (
     model_serializer,
 )
 
+from service.rules import BOUNDS, constraints
+
 # Limits on what one request may ask for (documented in docs/api.md).
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 64  # prompts per /v1/completions request
@@ -34,10 +36,8 @@ MAX_STOP = 16  # stop strings per request
 MAX_STOP_CHARS = 64  # characters per stop string
 MAX_STOP_TOKEN_IDS = 16
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat top_logprobs (and the engine's)
 MAX_MESSAGES = 256
-MAX_SEED = 2**63 - 1
-MAX_REPETITION_PENALTY = 10.0
+# The bounds of the sampling parameters are service.rules.BOUNDS, shared with the engine.
 
 
 def _integral(v: Any) -> Any:
@@ -84,6 +84,9 @@ def ignored_fields(model: BaseModel, prefix: str = "") -> list[str]:
     return list(dict.fromkeys(names))
 
 
+_BIAS = BOUNDS["logit_bias"]
+
+
 def _parse_logit_bias(v: Any) -> Any:
     """{"token id": bias} (JSON keys are strings) → ((id, bias), ...), in key order."""
     if v is None:
@@ -98,8 +101,8 @@ def _parse_logit_bias(v: Any) -> Any:
             raise ValueError(f"keys must be token ids written as decimal strings, got {key!r}")
         if isinstance(bias, bool) or not isinstance(bias, (int, float)):
             raise ValueError(f"the bias of token {key} must be a number, got {bias!r}")
-        if not -100 <= bias <= 100:  # NaN and infinities fail this too
-            raise ValueError(f"the bias of token {key} must be in [-100, 100], got {bias}")
+        if not _BIAS.ok(bias):  # NaN and infinities fail this too
+            raise ValueError(f"the bias of token {key} must be {_BIAS.describe()}, got {bias}")
         out.append((int(key), float(bias)))
     return tuple(out)
 
@@ -112,7 +115,7 @@ LogitBias = Annotated[
             "anyOf": [
                 {
                     "type": "object",
-                    "patternProperties": {"^[0-9]{1,12}$": {"type": "number", "minimum": -100, "maximum": 100}},
+                    "patternProperties": {"^[0-9]{1,12}$": {"type": "number", "minimum": _BIAS.lo, "maximum": _BIAS.hi}},
                     "additionalProperties": False,
                     "maxProperties": MAX_LOGIT_BIAS_ENTRIES,
                 },
@@ -196,18 +199,18 @@ class SamplingFields(_Strict):
     """Decoding parameters shared by every generation endpoint (OpenAI names + extensions)."""
 
     max_tokens: integer(ge=1) | None = Field(None, description="New tokens; at most the context length.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, **constraints("temperature"), description="0 = greedy.")
+    top_p: float = Field(1.0, **constraints("top_p"))
     stop: Stop = Field(default_factory=list)
-    seed: integer(ge=0, le=MAX_SEED) | None = None
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: integer(**constraints("seed")) | None = None
+    presence_penalty: float = Field(0.0, **constraints("presence_penalty"))
+    frequency_penalty: float = Field(0.0, **constraints("frequency_penalty"))
     user: str | None = Field(None, max_length=256, description="Accepted and ignored.")
     # Extensions (vLLM names); with the openai client, pass them in extra_body.
     logit_bias: LogitBias = Field(default_factory=tuple)
-    top_k: integer(ge=0) = Field(0, description="0 disables top-k.")
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
+    top_k: integer(**constraints("top_k")) = Field(0, description="0 disables top-k.")
+    min_p: float = Field(0.0, **constraints("min_p"))
+    repetition_penalty: float = Field(1.0, **constraints("repetition_penalty"))
     ignore_eos: bool = False
     stop_token_ids: StopTokenIds = Field(default_factory=list)
 
@@ -402,7 +405,7 @@ class ChatCompletionRequest(OpenAIFields, StructureFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: integer(ge=1) | None = Field(None, description="Alias of max_tokens.")
     logprobs: bool = False
-    top_logprobs: integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+    top_logprobs: integer(**constraints("logprobs")) | None = None
     parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tools).")
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -441,7 +444,7 @@ class GenerateRequest(SamplingFields, StructureFields):
     input_ids: list[TokenId] = Field(None, min_length=1)  # type: ignore[assignment]
     stream: bool = False
     details: bool = Field(False, description="Return token ids, their logprobs and timings.")
-    logprobs: integer(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(
+    logprobs: integer(**constraints("logprobs")) | None = Field(
         None, description="Top alternatives per token."
     )
 

@@ -15,11 +15,11 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from service import chat_template
-from service.errors import ApiError
+from service import chat_template, rules
+from service.errors import ApiError, engine_refusal
 from service.protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -135,9 +135,8 @@ def build_completion(req: CompletionRequest, m: ModelInfo) -> Job:
     structure = compile_structure(req, m)
     params: list[SamplingParams] = []
     for ids in prompts:
-        params += _params(
-            req, m, len(ids), max_tokens, req.n, req.logprobs, (), prompt_logprobs=prompt_lp, structure=structure
-        )
+        params += _params(req, m, len(ids), req.n, max_tokens=max_tokens, logprobs=req.logprobs,
+                          prompt_logprobs=prompt_lp, grammar=_grammar(structure))
     echo = None
     if req.echo:
         echo = tuple(t if t is not None else m.tokenizer.decode(ids) for t, ids in zip(texts, prompts, strict=True))
@@ -165,9 +164,8 @@ def build_chat(req: ChatCompletionRequest, m: ModelInfo) -> Job:
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     tool, tool_structure = tool_mode(req)
     structure = compile_structure(req, m, tool_structure)
-    params = _params(
-        req, m, len(ids), max_tokens, req.n, logprobs, chat_template.STOP, "messages", structure=structure
-    )
+    params = _params(req, m, len(ids), req.n, "messages", max_tokens=max_tokens, logprobs=logprobs,
+                     stop=tuple(dict.fromkeys([*req.stop, *chat_template.STOP])), grammar=_grammar(structure))
     return Job(
         new_id("chatcmpl"),
         (ids,),
@@ -191,7 +189,8 @@ def build_generate(req: GenerateRequest, m: ModelInfo) -> Job:
         ids, text = _check_ids(req.input_ids or [], m, "input_ids"), None
     logprobs = req.logprobs if req.logprobs is not None else (0 if req.details else None)
     structure = compile_structure(req, m)
-    params = _params(req, m, len(ids), req.max_tokens or DEFAULT_MAX_TOKENS, 1, logprobs, (), structure=structure)
+    params = _params(req, m, len(ids), 1, max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS, logprobs=logprobs,
+                     grammar=_grammar(structure))
     return Job(
         new_id("gen"),
         (ids,),
@@ -309,6 +308,10 @@ def compile_structure(
         raise ApiError("invalid_structure", f"{field_name}: {e}", field_name.split(".")[0]) from None
 
 
+def _grammar(structure: Compiled | None) -> str | None:
+    return structure.grammar if structure is not None else None
+
+
 def _check_model(req: OpenAIFields, m: ModelInfo) -> None:
     if req.model is not None and req.model != m.name:
         raise ApiError(
@@ -322,74 +325,30 @@ def _include_usage(req: OpenAIFields) -> bool:
 
 
 def _check_ids(ids: list[int], m: ModelInfo, param: str) -> list[int]:
-    for t in ids:
-        if not 0 <= t < m.vocab_size:
-            raise ApiError(
-                "validation", f"{param}: token id {t} is outside the vocabulary [0, {m.vocab_size})", param
-            )
+    try:
+        rules.check_token_ids(ids, m.vocab_size, param)
+    except InvalidRequestError as e:
+        raise engine_refusal(e) from None
     return list(ids)
 
 
-def _params(
-    req: SamplingFields,
-    m: ModelInfo,
-    prompt_len: int,
-    max_tokens: int,
-    n: int,
-    logprobs: int | None,
-    extra_stop: tuple[str, ...],
-    prompt_param: str = "prompt",
-    prompt_logprobs: int | None = None,
-    structure: Compiled | None = None,
-) -> tuple[SamplingParams, ...]:
-    ctx = m.context_length
-    if max_tokens > ctx:
-        raise ApiError(
-            "validation", f"max_tokens: must be <= {ctx} (the context length), got {max_tokens}", "max_tokens"
-        )
-    if prompt_len + max_tokens > ctx:
-        raise ApiError(
-            "context_length_exceeded", str(PromptTooLongError(prompt_len, max_tokens, ctx)), prompt_param
-        )
-    for t in req.stop_token_ids:
-        if not 0 <= t < m.vocab_size:
-            raise ApiError(
-                "validation",
-                f"stop_token_ids: {t} is outside the vocabulary [0, {m.vocab_size})",
-                "stop_token_ids",
-            )
-    base = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        repetition_penalty=req.repetition_penalty,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        seed=req.seed,
-        stop_token_ids=tuple(req.stop_token_ids),
-        ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
-        stop=tuple(dict.fromkeys([*req.stop, *extra_stop])),
-        logit_bias=req.logit_bias,
-        prompt_logprobs=prompt_logprobs,
-        grammar=structure.grammar if structure is not None else None,
-    )
+# SamplingParams fields a request model carries under the same name, copied as they are; the
+# others (max_tokens, logprobs, stop, ...) are decided per endpoint and passed to _params.
+_SHARED = tuple(f.name for f in fields(SamplingParams) if f.name in SamplingFields.model_fields)
+
+
+def _params(req: SamplingFields, m: ModelInfo, prompt_len: int, n: int, prompt_param: str = "prompt",
+            **decided: Any) -> tuple[SamplingParams, ...]:
+    """One SamplingParams per choice, checked against service.rules (ApiError when a rule fails)."""
+    values = {name: getattr(req, name) for name in _SHARED} | decided
+    base = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     try:
-        base.validate(m.vocab_size)
-    except InvalidRequestError as e:
-        raise ApiError("validation", str(e), str(e).split(" ", 1)[0].rstrip(":")) from None
+        rules.check(base, prompt_len=prompt_len, vocab_size=m.vocab_size, context_length=m.context_length,
+                    prompt_param=prompt_param)
+    except (InvalidRequestError, PromptTooLongError) as e:
+        raise engine_refusal(e) from None
     # Choice i of a seeded request uses seed + i: reproducible, and the choices differ.
-    return tuple(
-        base if req.seed is None else _replace_seed(base, (req.seed + i) % (2**63)) for i in range(n)
-    )
-
-
-def _replace_seed(p: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(p, seed=seed)
+    return tuple(base if req.seed is None else replace(base, seed=(req.seed + i) % (2**63)) for i in range(n))
 
 
 # ---------------------------------------------------------------------------------------------

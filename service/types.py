@@ -1,18 +1,16 @@
 """Plain data shared by the engine, the scheduler, the sampler and the HTTP layer.
 
-Nothing here does I/O. The engine sees token ids only; text appears at the edges
-(the detokenizer and the HTTP layer).
+Nothing here does I/O. The engine takes token ids in and gives token ids and text deltas out:
+it owns detokenization and stop strings (service/engine.py says why); the HTTP layer owns
+prompt text (tokenization, chat templates) and response formatting.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort", "error"]
-MAX_LOGPROBS = 20  # alternatives per token, generated or prompt
-MAX_LOGIT_BIAS = 100.0  # OpenAI's range: [-100, 100]
 
 
 class EngineError(Exception):
@@ -22,7 +20,8 @@ class EngineError(Exception):
 class PromptTooLongError(EngineError, ValueError):
     """The prompt plus the requested new tokens do not fit the model's context."""
 
-    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int):
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int, param: str = "prompt"):
+        self.param = param  # the request field that holds the prompt
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.context_length = context_length
@@ -42,12 +41,16 @@ class QueueFullError(EngineError):
 
 
 class InvalidRequestError(EngineError, ValueError):
-    """A request the engine cannot run (bad token ids, bad parameters)."""
+    """A request the engine cannot run (bad token ids, bad parameters); ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        self.param = param
+        super().__init__(message)
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Per-request decoding parameters. Validated by ``validate``; the sampler assumes valid values."""
+    """Per-request decoding parameters. service.rules checks them; the sampler assumes valid values."""
 
     max_tokens: int = 16
     temperature: float = 1.0  # 0 means greedy (argmax), whatever the other knobs say
@@ -69,52 +72,6 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # An llguidance grammar (service.structured): every sampled token keeps the output a valid prefix.
     grammar: str | None = None
-
-    def validate(self, vocab_size: int) -> None:
-        """Raise InvalidRequestError naming the field and the limit."""
-
-        def bad(msg: str) -> InvalidRequestError:
-            return InvalidRequestError(msg)
-
-        if self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
-            raise bad(f"max_tokens must be >= 1 (0 only to score the prompt), got {self.max_tokens}")
-        for name in (
-            "temperature",
-            "top_p",
-            "min_p",
-            "repetition_penalty",
-            "presence_penalty",
-            "frequency_penalty",
-        ):
-            v = getattr(self, name)
-            if not math.isfinite(v):
-                raise bad(f"{name} must be a finite number, got {v}")
-        if self.temperature < 0:
-            raise bad(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise bad(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not -2 <= self.presence_penalty <= 2:
-            raise bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2 <= self.frequency_penalty <= 2:
-            raise bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        for t in self.stop_token_ids:
-            if not 0 <= t < vocab_size:
-                raise bad(f"stop_token_ids contains {t}, outside the vocabulary [0, {vocab_size})")
-        for name in ("logprobs", "prompt_logprobs"):
-            v = getattr(self, name)
-            if v is not None and not 0 <= v <= MAX_LOGPROBS:
-                raise bad(f"{name} must be in [0, {MAX_LOGPROBS}], got {v}")
-        for t, b in self.logit_bias:
-            if not 0 <= t < vocab_size:
-                raise bad(f"logit_bias: token id {t} is outside the vocabulary [0, {vocab_size})")
-            if not (math.isfinite(b) and -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS):
-                raise bad(f"logit_bias: the bias of token {t} must be in [-100, 100], got {b}")
 
 
 @dataclass(slots=True)

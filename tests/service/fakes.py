@@ -22,11 +22,11 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from service import rules
 from service.detokenizer import IncrementalDetokenizer
 from service.tokenizer import Tokenizer
 from service.types import (
     InvalidRequestError,
-    PromptTooLongError,
     QueueFullError,
     RequestOutput,
     RequestTimings,
@@ -127,11 +127,10 @@ class FakeEngine:
     # -- the Engine interface -----------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None, deadline: float | None = None) -> None:  # fmt: skip
-        params.validate(self.vocab_size)
         if not prompt_token_ids:
             raise InvalidRequestError("prompt must not be empty")
-        if len(prompt_token_ids) + params.max_tokens > self.context_length:
-            raise PromptTooLongError(len(prompt_token_ids), params.max_tokens, self.context_length)
+        rules.check(params, prompt_len=len(prompt_token_ids), vocab_size=self.vocab_size,
+                    context_length=self.context_length)
         if len(self.waiting) >= self.max_waiting:
             raise QueueFullError(self.max_waiting)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**31)
