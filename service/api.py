@@ -37,6 +37,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import chat_template, handlers, metrics, playground, serving
+from service import formatting as fmt
 from service import protocol as p
 from service.engine_loop import ENGINE_PATH
 from service.errors import REJECT_REASON, ApiError, error_from_status
@@ -320,17 +321,17 @@ class HttpApi:
     async def completions(self, request: Request) -> Response:
         req = await self._read(request, p.CompletionRequest)
         job = self._observed(serving.build_completion(req, self.model))
-        return await handlers.generate(self.fe, request, "/v1/completions", job, "completion")
+        return await handlers.generate(self.fe, request, "/v1/completions", job, fmt.COMPLETION)
 
     async def chat_completions(self, request: Request) -> Response:
         req = await self._read(request, p.ChatCompletionRequest)
         job = self._observed(serving.build_chat(req, self.model))
-        return await handlers.generate(self.fe, request, "/v1/chat/completions", job, "chat")
+        return await handlers.generate(self.fe, request, "/v1/chat/completions", job, fmt.CHAT)
 
     async def generate(self, request: Request) -> Response:
         req = await self._read(request, p.GenerateRequest)
         job = self._observed(serving.build_generate(req, self.model))
-        return await handlers.generate(self.fe, request, "/generate", job, "generate")
+        return await handlers.generate(self.fe, request, "/generate", job, fmt.GENERATE)
 
     def _observed(self, job: serving.Job) -> serving.Job:
         """Structured-output metrics of a job about to be submitted."""

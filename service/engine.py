@@ -35,13 +35,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from service import rules
+from service import finishing, rules
 from service.bundle import Bundle
 from service.detokenizer import IncrementalDetokenizer
 from service.ngram import NgramIndex
 from service.runner import ConcatBatch, Provider, Runner, want_cuda
 from service.runner_inplace import InplaceBatch, InplaceRunner
-from service.sampler import check_stop, prompt_logprobs, sample
+from service.sampler import prompt_logprobs, sample
 from service.scheduler import Scheduler
 from service.structured import GrammarError, GrammarMatchers
 from service.tokenizer import Tokenizer
@@ -123,6 +123,7 @@ class Engine:
         self.model_name = bundle.name
         self.num_parameters = bundle.num_parameters
         self.vocab_size = bundle.vocab_size
+        self._eos_ids = frozenset({self.tokenizer.eos_id})  # the tokens that end a sequence
         self.kv_budget_tokens = kv_budget_tokens or max_running * self.context_length
         self.scheduler = Scheduler(max_running=max_running, max_waiting=max_waiting,
                                    kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=max_prefill_tokens)
@@ -333,7 +334,7 @@ class Engine:
             out.prompt_logprobs, out.prompt_top_logprobs = s.prompt_scores
             s.prompt_scores = None
         if not picks:  # scoring only (max_tokens 0)
-            self._complete(s, out, "length", None)
+            self._complete(s, out, finishing.Ending("length"))
             return out
         wants_logprobs = s.params.logprobs is not None  # then the sampler gave every pick its logprobs
         if wants_logprobs:
@@ -349,39 +350,38 @@ class Engine:
             if wants_logprobs:
                 out.new_logprobs.append(float(lp))
                 out.new_top_logprobs.append(top or [])
-            reason, stop_reason = check_stop(tok, len(s.output), s.params, self.tokenizer.eos_id)
-            render = reason != "stop"  # a stop token is never rendered
-            if s.matcher is not None and reason != "stop":
-                if not s.matcher.consume_token(tok):  # cannot happen: the mask allowed it
+            token_end = finishing.stop_token(tok, s.params, self._eos_ids)
+            grammar_error = grammar_complete = False
+            if s.matcher is not None and token_end is None:
+                grammar_error = not s.matcher.consume_token(tok)  # cannot happen: the mask allowed it
+                if grammar_error:
                     out.error = f"structured output: {s.matcher.get_error()}"
-                    reason = "error"
-                elif s.matcher.is_stopped():  # the structure is complete: nothing may follow
-                    reason, stop_reason = "stop", None
-            upd = s.detok.add([tok] if render else [])
+                grammar_complete = s.matcher.is_stopped()  # the structure is complete: nothing may follow
+            upd = s.detok.add([tok] if token_end is None else [])  # a stop token is never rendered
             out.text_delta += upd.text_delta
-            if upd.stop_string is not None:
-                reason, stop_reason = "stop", upd.stop_string
-            elif reason is None and s.deadline is not None and now >= s.deadline:
-                reason = "length"  # the server-side time limit: finish like a max_tokens cut
-            if reason is not None:
+            end = finishing.after_token(
+                token_end, len(s.output), s.params, stop_string=upd.stop_string, grammar_error=grammar_error,
+                grammar_complete=grammar_complete, past_deadline=finishing.past_deadline(s.deadline, now),
+            )
+            if end is not None:
                 if upd.stop_string is None:
                     out.text_delta += s.detok.flush()
                 out.num_output_tokens = len(s.output)
-                self._complete(s, out, reason, stop_reason)
+                self._complete(s, out, end)
                 return out
         out.num_output_tokens = len(s.output)
         return out
 
     # ---- endings -----------------------------------------------------------------------------
-    def _complete(self, s: _Sequence, out: RequestOutput, reason: FinishReason, stop_reason: str | int | None) -> None:
+    def _complete(self, s: _Sequence, out: RequestOutput, end: finishing.Ending) -> None:
         s.timings.finished = time.monotonic()
-        out.finished, out.finish_reason, out.stop_reason, out.timings = True, reason, stop_reason, s.timings
+        out.finished, out.finish_reason, out.stop_reason, out.timings = True, end.reason, end.stop_reason, s.timings
         del self._seqs[s.request_id]
 
     def _finish(self, s: _Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:
         out = RequestOutput(request_id=s.request_id, new_token_ids=[], text_delta="",
                             num_prompt_tokens=len(s.prompt), num_output_tokens=len(s.output), error=error)
-        self._complete(s, out, reason, None)
+        self._complete(s, out, finishing.Ending(reason))
         return out
 
     def _fail_all(self, request_ids: list[str], error: str) -> list[RequestOutput]:

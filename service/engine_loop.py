@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import litserve as ls
 from litserve.loops.base import LitLoop
 
+from service import finishing
 from service.errors import engine_refusal
 from service.settings import LOG_FORMAT, Settings
 from service.shared_state import SharedState, child_signal_handlers
@@ -250,8 +251,8 @@ class EngineWorker:
                     new_token_ids=[],
                     text_delta="",
                     finished=True,
-                    finish_reason="length",
-                    stop_reason="timeout",
+                    finish_reason=finishing.DEADLINE.reason,
+                    stop_reason=finishing.DEADLINE.stop_reason,
                     num_prompt_tokens=act.num_prompt[i],
                     num_output_tokens=act.counts[i],
                 )

@@ -1,13 +1,30 @@
-"""Response bodies and stream chunks, in the shapes of service.protocol (OpenAI and native)."""
+"""Engine outputs → response bodies and stream chunks, in the shapes of service.protocol.
+
+One formatter per endpoint (``COMPLETION``, ``CHAT``, ``GENERATE``), each answering the same
+four questions: what opens a stream, what one output becomes, the usage chunk, the whole body.
+A new endpoint is a route (service/api.py), a protocol model and a formatter here. Logprobs and
+token texts are rendered here too.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+import time
 import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from pydantic import BaseModel
 
 from service import protocol as p
-from service.serving import Choice, Job, ModelInfo, chat_logprobs, completion_logprobs, usage
+from service.choices import Choice, usage
+from service.serving import Job, ModelInfo
+from service.tokenizer import Tokenizer
 from service.types import RequestOutput
+
+if TYPE_CHECKING:
+    from service.frontend import Pending
 
 DONE = "data: [DONE]\n\n"
 
@@ -234,3 +251,125 @@ def _chat_lp(job: Job, m: ModelInfo, ids, lps, tops) -> p.ChatLogprobs | None:
     if job.logprobs != "chat" or lps is None:
         return None
     return p.ChatLogprobs(**chat_logprobs(m.tokenizer, list(ids), list(lps), tops))
+
+
+# -- logprobs and token texts ------------------------------------------------------------------
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def token_bytes(tok: Tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for (SentencePiece's ▁ is a space, <0xNN> a raw byte)."""
+    if token_id in tok.special_ids:
+        return b""
+    piece = tok.id_to_piece(token_id)
+    m = _BYTE_PIECE.match(piece)
+    return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode()
+
+
+def token_str(tok: Tokenizer, token_id: int) -> str:
+    return token_bytes(tok, token_id).decode("utf-8", errors="backslashreplace")
+
+
+def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list, tops, offset: int) -> dict:
+    """OpenAI's legacy logprobs of ``ids``, whose text starts at character ``offset``; a ``None``
+    logprob or alternatives entry (the first token of an echoed prompt) stays null."""
+    tokens = [token_str(tok, t) for t in ids]
+    offsets, pos = [], offset
+    for s in tokens:
+        offsets.append(pos)
+        pos += len(s)
+    return {
+        "tokens": tokens,
+        "token_logprobs": lps,
+        "top_logprobs": [None if alts is None else {token_str(tok, t): lp for t, lp in alts} for alts in tops]
+        if tops
+        else None,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tok: Tokenizer, ids: list[int], lps: list[float], tops) -> dict:
+    def entry(t: int, lp: float) -> dict:
+        b = token_bytes(tok, t)
+        return {"token": b.decode("utf-8", errors="backslashreplace"), "logprob": lp, "bytes": list(b)}
+
+    content = []
+    for k, (t, lp) in enumerate(zip(ids, lps, strict=False)):
+        alts = tops[k] if tops and k < len(tops) else []
+        content.append({**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]})
+    return {"content": content}
+
+
+# -- one formatter per endpoint ---------------------------------------------------------------
+
+
+class Formatter(Protocol):
+    def opening(self, job: Job, m: ModelInfo) -> Iterable[str]:
+        """Chunks a stream starts with, before any output."""
+        ...
+
+    def chunk(self, pending: Pending, m: ModelInfo, c: Choice, out: RequestOutput) -> str | None:
+        """The stream chunk of one output of choice ``c`` (already added to it); None: nothing to send."""
+        ...
+
+    def usage_chunk(self, job: Job, m: ModelInfo, choices: list[Choice]) -> str: ...
+
+    def body(self, pending: Pending, m: ModelInfo) -> BaseModel:
+        """The whole response of a request whose choices all finished."""
+        ...
+
+
+class _Completion:
+    def opening(self, job: Job, m: ModelInfo) -> Iterable[str]:
+        return ()
+
+    def chunk(self, pending: Pending, m: ModelInfo, c: Choice, out: RequestOutput) -> str | None:
+        return completion_chunk(pending.job, m, c, out, c.prev_text_len)
+
+    def usage_chunk(self, job: Job, m: ModelInfo, choices: list[Choice]) -> str:
+        return usage_chunk(job, m, choices, chat=False)
+
+    def body(self, pending: Pending, m: ModelInfo) -> BaseModel:
+        return completion_body(pending.job, m, pending.choices)
+
+
+class _Chat:
+    def opening(self, job: Job, m: ModelInfo) -> Iterable[str]:
+        return [chat_role_chunk(job, m, i) for i in range(len(job.params))]
+
+    def chunk(self, pending: Pending, m: ModelInfo, c: Choice, out: RequestOutput) -> str | None:
+        return chat_chunk(pending.job, m, c, out)
+
+    def usage_chunk(self, job: Job, m: ModelInfo, choices: list[Choice]) -> str:
+        return usage_chunk(job, m, choices, chat=True)
+
+    def body(self, pending: Pending, m: ModelInfo) -> BaseModel:
+        return chat_body(pending.job, m, pending.choices)
+
+
+class _Generate:
+    def opening(self, job: Job, m: ModelInfo) -> Iterable[str]:
+        return ()
+
+    def chunk(self, pending: Pending, m: ModelInfo, c: Choice, out: RequestOutput) -> str | None:
+        details = self._details(pending, m, c) if out.finished else None
+        return generate_chunk(pending.job, c, out, details)
+
+    def usage_chunk(self, job: Job, m: ModelInfo, choices: list[Choice]) -> str:
+        raise AssertionError("/generate has no stream_options")
+
+    def body(self, pending: Pending, m: ModelInfo) -> BaseModel:
+        c = pending.choices[0]
+        return generate_body(pending.job, m, c, self._details(pending, m, c))
+
+    @staticmethod
+    def _details(pending: Pending, m: ModelInfo, c: Choice) -> p.GenerateDetails | None:
+        if not pending.job.details:
+            return None
+        return generate_details(pending.job, m, c, pending.ttft(c), time.monotonic() - pending.arrival)
+
+
+COMPLETION: Formatter = _Completion()
+CHAT: Formatter = _Chat()
+GENERATE: Formatter = _Generate()

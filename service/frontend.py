@@ -25,8 +25,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from service.choices import Choice, merge_outputs
 from service.errors import ApiError
-from service.serving import Choice, Job, ModelInfo, merge_outputs
+from service.serving import Job, ModelInfo
 from service.settings import Settings
 from service.shared_state import Phase, SharedState
 from service.types import RequestOutput
@@ -137,6 +138,11 @@ class Pending:
             skipped.extend(self._ahead)
             self._ahead = skipped
         return merge_outputs(outs)
+
+    def ttft(self, c: Choice) -> float | None:
+        """Arrival → first token sent: its first chunk when streaming, its arrival here otherwise."""
+        t = c.first_sent_t if c.first_sent_t is not None else c.first_token_t
+        return None if t is None else t - self.arrival
 
     async def outputs(self) -> AsyncIterator[tuple[Choice, Any]]:
         """Every output until all choices finished (acks are skipped)."""

@@ -14,19 +14,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from service import formatting as fmt
 from service.errors import REJECT_REASON, ApiError
+from service.formatting import Formatter
 from service.frontend import ClientGone, Frontend, Gone, Pending
 from service.serving import Job
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["completion", "chat", "generate"]
 CLIENT_CLOSED = 499  # nginx's "client closed request", for metrics and logs only
 
 
@@ -48,11 +47,11 @@ class EventStream(StreamingResponse):
             self._on_close()
 
 
-async def generate(fe: Frontend, request: Request, route: str, job: Job, kind: Kind) -> Response:
+async def generate(fe: Frontend, request: Request, route: str, job: Job, formatter: Formatter) -> Response:
     p = fe.submit(job, request.state.arrival)
     p.request_id = request.state.request_id
     if not job.stream:
-        return await _unary(fe, request, route, p, kind)
+        return await _unary(fe, request, route, p, formatter)
     try:
         await p.next_event()  # the ack, or the engine's refusal
     except ApiError as e:
@@ -62,28 +61,16 @@ async def generate(fe: Frontend, request: Request, route: str, job: Job, kind: K
     except BaseException:  # cancelled: the request must still end (in-flight count, abort)
         _end(fe, route, p, CLIENT_CLOSED)
         raise
-    return EventStream(_events(fe, p, kind), on_close=lambda: _end(fe, route, p, 200))
+    return EventStream(_events(fe, p, formatter), on_close=lambda: _end(fe, route, p, 200))
 
 
-async def _unary(fe: Frontend, request: Request, route: str, p: Pending, kind: Kind) -> Response:
+async def _unary(fe: Frontend, request: Request, route: str, p: Pending, formatter: Formatter) -> Response:
     watcher = asyncio.create_task(_watch_disconnect(request, p))
     status = 500
     try:
         async for _ in p.outputs():
             pass
-        m, job = fe.model, p.job
-        if kind == "completion":
-            body = fmt.completion_body(job, m, p.choices)
-        elif kind == "chat":
-            body = fmt.chat_body(job, m, p.choices)
-        else:
-            c = p.choices[0]
-            details = (
-                fmt.generate_details(job, m, c, _ttft(p, c), time.monotonic() - p.arrival)
-                if job.details
-                else None
-            )
-            body = fmt.generate_body(job, m, c, details)
+        body = formatter.body(p, fe.model)
         status = 200
         return Response(body.model_dump_json(), media_type="application/json")
     except ClientGone:
@@ -97,28 +84,19 @@ async def _unary(fe: Frontend, request: Request, route: str, p: Pending, kind: K
         _end(fe, route, p, status)
 
 
-async def _events(fe: Frontend, p: Pending, kind: Kind) -> AsyncIterator[str]:
+async def _events(fe: Frontend, p: Pending, formatter: Formatter) -> AsyncIterator[str]:
     m, job = fe.model, p.job
     try:
-        if kind == "chat":
-            for i in range(len(p.choices)):
-                yield fmt.chat_role_chunk(job, m, i)
+        for chunk in formatter.opening(job, m):
+            yield chunk
         async for c, out in p.outputs():
-            if kind == "completion":
-                chunk = fmt.completion_chunk(job, m, c, out, c.prev_text_len)
-            elif kind == "chat":
-                chunk = fmt.chat_chunk(job, m, c, out)
-            else:
-                details = None
-                if out.finished and job.details:
-                    details = fmt.generate_details(job, m, c, _ttft(p, c), time.monotonic() - p.arrival)
-                chunk = fmt.generate_chunk(job, c, out, details)
+            chunk = formatter.chunk(p, m, c, out)
             if chunk:
                 if c.first_sent_t is None:
                     c.first_sent_t = time.monotonic()
                 yield chunk
         if job.include_usage:
-            yield fmt.usage_chunk(job, m, p.choices, chat=kind == "chat")
+            yield formatter.usage_chunk(job, m, p.choices)
         yield fmt.DONE
     except ApiError as e:
         p.error = e
@@ -132,12 +110,6 @@ async def _watch_disconnect(request: Request, p: Pending) -> None:
         if message["type"] == "http.disconnect":
             p.put(Gone())
             return
-
-
-def _ttft(p: Pending, c) -> float | None:
-    """Arrival → first token sent: its first chunk when streaming, its arrival here otherwise."""
-    t = c.first_sent_t if c.first_sent_t is not None else c.first_token_t
-    return None if t is None else t - p.arrival
 
 
 def _end(fe: Frontend, route: str, p: Pending, status: int) -> None:
@@ -161,7 +133,7 @@ def _end(fe: Frontend, route: str, p: Pending, status: int) -> None:
                 prompt_tokens=len(p.job.prompt_of(c.index)),
                 generation_tokens=c.num_output_tokens,
                 finish_reason=reason,
-                ttft_s=_ttft(p, c),
+                ttft_s=p.ttft(c),
                 itl_s=c.itl,
                 e2e_s=now - p.arrival,
                 queue_s=t.queue_time if t else None,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.types import FinishReason, SamplingParams, TopLogprob
+from service.types import SamplingParams, TopLogprob
 
 
 @dataclass(slots=True)
@@ -324,23 +324,3 @@ def _logprobs(
     for i, alts in zip(ask, _top_n(lp, n_max), strict=True):
         top[i] = [TopLogprob(t, v) for t, v in alts[: params[i].logprobs or 0]]
     return chosen, top
-
-
-def check_stop(
-    token_id: int, num_output_tokens: int, params: SamplingParams, eos_token_id: int | None
-) -> tuple[FinishReason | None, int | None]:
-    """Whether a sequence ends with the token just sampled.
-
-    Args:
-        token_id: the token just sampled.
-        num_output_tokens: output length including ``token_id``.
-
-    Returns:
-        ("stop", token_id) for EOS (unless ``ignore_eos``) or a stop token; ("length", None) once
-        ``max_tokens`` tokens exist; (None, None) otherwise. A stop token wins over the length limit.
-    """
-    if (token_id == eos_token_id and not params.ignore_eos) or token_id in params.stop_token_ids:
-        return "stop", token_id
-    if num_output_tokens >= params.max_tokens:
-        return "length", None
-    return None, None

@@ -11,10 +11,8 @@ Pure functions and plain state (no sockets, no processes), used by the HTTP proc
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -32,7 +30,7 @@ from service.protocol import (
 )
 from service.structured import Compiled, GrammarError, Structure
 from service.tokenizer import Tokenizer
-from service.types import InvalidRequestError, PromptTooLongError, RequestOutput, SamplingParams
+from service.types import InvalidRequestError, PromptTooLongError, SamplingParams
 
 LogprobsStyle = Literal["completion", "chat", "native"]
 DEFAULT_MAX_TOKENS = 16  # /v1/completions and /generate (OpenAI's default); chat: the rest of the context
@@ -349,148 +347,3 @@ def _params(req: SamplingFields, m: ModelInfo, prompt_len: int, n: int, prompt_p
         raise engine_refusal(e) from None
     # Choice i of a seeded request uses seed + i: reproducible, and the choices differ.
     return tuple(base if req.seed is None else replace(base, seed=(req.seed + i) % (2**63)) for i in range(n))
-
-
-# ---------------------------------------------------------------------------------------------
-# Accumulating outputs
-
-
-@dataclass
-class Choice:
-    """One choice's outputs so far, and the times they reached the HTTP process."""
-
-    index: int
-    text: list[str] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    output: RequestOutput | None = None  # the final one
-    first_token_t: float | None = None  # the first token reached the HTTP process
-    first_sent_t: float | None = None  # streaming: the first chunk with a token was sent
-    last_token_t: float | None = None
-    itl: list[float] = field(default_factory=list)
-    text_len: int = 0  # characters of text so far
-    prev_text_len: int = 0  # characters before the last delta (text_offset of its tokens)
-    prompt_logprobs: list[float | None] | None = None  # params.prompt_logprobs: one per prompt token
-    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
-    echo_sent: bool = False  # streaming echo: the prompt went out with the first chunk
-    tool_call_id: str | None = None  # chat tool calls: this choice's call id (the same in every chunk)
-
-    def add(self, out: RequestOutput, now: float) -> None:
-        self.prev_text_len = self.text_len
-        self.text_len += len(out.text_delta)
-        k = len(out.new_token_ids)
-        if k:  # one inter-token gap per token after the first
-            if self.first_token_t is None:
-                self.first_token_t = now
-                self.itl.extend([0.0] * (k - 1))
-            else:
-                self.itl.extend([(now - self.last_token_t) / k] * k)
-            self.last_token_t = now
-        self.text.append(out.text_delta)
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
-            self.prompt_top_logprobs = [[(t.token_id, t.logprob) for t in alts] for alts in out.prompt_top_logprobs or []]
-        self.token_ids.extend(out.new_token_ids)
-        if out.new_logprobs is not None:
-            self.logprobs.extend(out.new_logprobs)
-        if out.new_top_logprobs is not None:
-            self.top_logprobs.extend([(t.token_id, t.logprob) for t in tops] for tops in out.new_top_logprobs)
-        self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
-        self.num_output_tokens = max(self.num_output_tokens, out.num_output_tokens)
-        if out.finished:
-            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
-            self.output = out
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-def merge_outputs(outs: Sequence[RequestOutput]) -> RequestOutput:
-    """One output standing for several consecutive outputs of one choice, oldest first.
-
-    Token ids, logprobs and top logprobs are concatenated and the text deltas joined, so a
-    stream chunk of the merged output carries one logprobs entry per token; the counts, the
-    finish fields and the timings are the last output's (``num_output_tokens`` is a running
-    total). Logprobs are ``None`` only when every output had none.
-    """
-    if len(outs) == 1:
-        return outs[0]
-    last = outs[-1]
-    lps = [o.new_logprobs for o in outs]
-    tops = [o.new_top_logprobs for o in outs]
-    return RequestOutput(
-        request_id=last.request_id,
-        new_token_ids=[t for o in outs for t in o.new_token_ids],
-        text_delta="".join(o.text_delta for o in outs),
-        finished=last.finished,
-        finish_reason=last.finish_reason,
-        stop_reason=last.stop_reason,
-        new_logprobs=None if all(x is None for x in lps) else [v for x in lps for v in x or ()],
-        new_top_logprobs=None if all(x is None for x in tops) else [v for x in tops for v in x or ()],
-        num_prompt_tokens=next((o.num_prompt_tokens for o in reversed(outs) if o.num_prompt_tokens), 0),
-        prompt_logprobs=next((o.prompt_logprobs for o in outs if o.prompt_logprobs is not None), None),
-        prompt_top_logprobs=next((o.prompt_top_logprobs for o in outs if o.prompt_top_logprobs is not None), None),
-        num_output_tokens=max(o.num_output_tokens for o in outs),
-        timings=last.timings,
-        error=last.error,
-    )
-
-
-def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
-    completion = sum(c.num_output_tokens for c in choices)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": prompt_tokens + completion,
-    }
-
-
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-def token_bytes(tok: Tokenizer, token_id: int) -> bytes:
-    """The bytes a token stands for (SentencePiece's ▁ is a space, <0xNN> a raw byte)."""
-    if token_id in tok.special_ids:
-        return b""
-    piece = tok.id_to_piece(token_id)
-    m = _BYTE_PIECE.match(piece)
-    return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode()
-
-
-def token_str(tok: Tokenizer, token_id: int) -> str:
-    return token_bytes(tok, token_id).decode("utf-8", errors="backslashreplace")
-
-
-def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list, tops, offset: int) -> dict:
-    """OpenAI's legacy logprobs of ``ids``, whose text starts at character ``offset``; a ``None``
-    logprob or alternatives entry (the first token of an echoed prompt) stays null."""
-    tokens = [token_str(tok, t) for t in ids]
-    offsets, pos = [], offset
-    for s in tokens:
-        offsets.append(pos)
-        pos += len(s)
-    return {
-        "tokens": tokens,
-        "token_logprobs": lps,
-        "top_logprobs": [None if alts is None else {token_str(tok, t): lp for t, lp in alts} for alts in tops]
-        if tops
-        else None,
-        "text_offset": offsets,
-    }
-
-
-def chat_logprobs(tok: Tokenizer, ids: list[int], lps: list[float], tops) -> dict:
-    def entry(t: int, lp: float) -> dict:
-        b = token_bytes(tok, t)
-        return {"token": b.decode("utf-8", errors="backslashreplace"), "logprob": lp, "bytes": list(b)}
-
-    content = []
-    for k, (t, lp) in enumerate(zip(ids, lps, strict=False)):
-        alts = tops[k] if tops and k < len(tops) else []
-        content.append({**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]})
-    return {"content": content}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from service import rules
+from service import finishing, rules
 from service.detokenizer import IncrementalDetokenizer
 from service.tokenizer import Tokenizer
 from service.types import (
@@ -202,13 +202,12 @@ class FakeEngine:
             r.timings.first_token = now
         r.timings.token_times.append(now)
         update = r.detok.add([tok])
-        text, reason, stop_reason = update.text_delta, None, None
-        if update.stop_string is not None:
-            reason, stop_reason = "stop", update.stop_string
-        elif tok == self.eos_id or tok in r.params.stop_token_ids:
-            reason, stop_reason = "stop", tok
-        elif len(r.output) >= r.params.max_tokens or (r.deadline is not None and now >= r.deadline):
-            reason = "length"
+        text = update.text_delta
+        end = finishing.after_token(
+            finishing.stop_token(tok, r.params, (self.eos_id,)), len(r.output), r.params,
+            stop_string=update.stop_string, past_deadline=finishing.past_deadline(r.deadline, now),
+        )
+        reason, stop_reason = (end.reason, end.stop_reason) if end is not None else (None, None)
         if reason is not None:
             if update.stop_string is None:
                 text += r.detok.flush()

@@ -1,4 +1,4 @@
-"""Joining queued outputs into one stream event: ``serving.merge_outputs`` (pure), ``Pending``
+"""Joining queued outputs into one stream event: ``choices.merge_outputs`` (pure), ``Pending``
 (the HTTP side's per-request queue, no server), the chunks written from a joined output, and
 the wire (service.wire) that carries requests to the worker and each step's events back."""
 
@@ -12,9 +12,10 @@ import pytest
 from fakes import make_fake_bundle
 
 from service import formatting as fmt
+from service.choices import Choice, merge_outputs
 from service.errors import ApiError
 from service.frontend import Fail, Pending
-from service.serving import Choice, Job, ModelInfo, merge_outputs
+from service.serving import Job, ModelInfo
 from service.tokenizer import Tokenizer
 from service.types import RequestOutput, RequestTimings, SamplingParams, TopLogprob
 from service.wire import Abort, Ack, EngineChannel, FrontendChannel, Output, Refusal, Submit, new_channel_id
