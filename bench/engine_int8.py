@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", type=Path, default=None, help="keep the variant bundles in this folder")
     a = p.parse_args(argv)
     from bench.engine import EngineRunner, fixed_workload, measure, text_tokens
-    from service.bundle import load_bundle
+    from bundle.format import load_bundle
 
     bundle = load_bundle(a.bundle)
     work = a.keep or Path(tempfile.mkdtemp(prefix="int8-variants-"))

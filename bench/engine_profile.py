@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 
-BUCKETS = {  # concat KV layout: BatchCache; inplace: SlotCache + InplaceRunner
+BUCKETS = {  # concat KV layout: BatchCache; inplace: InplaceCache + InplaceRunner
     "schedule": "scheduler.schedule()",
-    "decode_inputs": "BatchCache / SlotCache .decode_inputs (mask, ids)",
+    "decode_inputs": "BatchCache / InplaceCache .decode_inputs (mask, ids)",
     "session.run": "InferenceSession.run / run_with_iobinding",
     "runner_rest": "runner.run minus session.run (feed dict or binding, logits slice copy)",
-    "advance": "BatchCache / SlotCache .advance",
-    "keep": "BatchCache.keep (drop finished rows, trim) / SlotCache.keep + InplaceRunner.apply (fill holes)",
-    "merge": "BatchCache.merge + left_pad_prompts / SlotCache.join + right_pad_prompts",
+    "advance": "BatchCache / InplaceCache .advance",
+    "keep": "BatchCache.keep (drop finished rows, trim) / InplaceCache.keep + InplaceRunner.apply (fill holes)",
+    "merge": "BatchCache.merge + left_pad_prompts / InplaceCache.join + right_pad_prompts",
     "sample": "sampler.sample",
     "check_stop": "sampler.check_stop (per row)",
     "detokenize": "IncrementalDetokenizer.add/flush (per row)",
@@ -73,12 +73,12 @@ def patched(obj: Any, attr: str, new: Any):
 
 def instrument(engine: Any, timers: Timers):
     """Context managers that route the engine's collaborators through timers."""
-    import service.engine as se
-    import service.runner as sr
-    import service.runner_inplace as sri
-    from service.detokenizer import IncrementalDetokenizer
-    from service.kv_cache import BatchCache
-    from service.slot_cache import SlotCache
+    import service.engine.engine as se
+    import service.engine.kv.concat_batch as sr
+    import service.engine.kv.inplace_batch as sri
+    from service.engine.detokenizer import IncrementalDetokenizer
+    from service.engine.kv.concat_cache import BatchCache
+    from service.engine.kv.inplace_cache import InplaceCache
 
     w = timers.wrap
     sess = engine.runner.session
@@ -91,10 +91,10 @@ def instrument(engine: Any, timers: Timers):
         patched(se, "check_stop", w("check_stop", se.check_stop)),
         patched(sr, "left_pad_prompts", w("merge", sr.left_pad_prompts)),
         patched(sri, "right_pad_prompts", w("merge", sri.right_pad_prompts)),
-        patched(SlotCache, "join", w("merge", SlotCache.join)),
-        patched(SlotCache, "decode_inputs", w("decode_inputs", SlotCache.decode_inputs)),
-        patched(SlotCache, "advance", w("advance", SlotCache.advance)),
-        patched(SlotCache, "keep", w("keep", SlotCache.keep)),
+        patched(InplaceCache, "join", w("merge", InplaceCache.join)),
+        patched(InplaceCache, "decode_inputs", w("decode_inputs", InplaceCache.decode_inputs)),
+        patched(InplaceCache, "advance", w("advance", InplaceCache.advance)),
+        patched(InplaceCache, "keep", w("keep", InplaceCache.keep)),
         patched(sri.InplaceRunner, "apply", w("keep", sri.InplaceRunner.apply)),
         patched(IncrementalDetokenizer, "add", w("detokenize", IncrementalDetokenizer.add)),
         patched(IncrementalDetokenizer, "flush", w("detokenize", IncrementalDetokenizer.flush)),
@@ -120,7 +120,7 @@ def profile_steps(
     (steps that admit nobody) and of admission steps (prefill plus the decode of the running rows)."""
     from contextlib import ExitStack
 
-    from service.types import SamplingParams
+    from service.engine.types import SamplingParams
 
     timers = Timers()
     steps: list[tuple[bool, float, dict[str, float]]] = []  # (prefill step?, wall, buckets)
@@ -172,7 +172,7 @@ def ort_profile(
 
     import onnxruntime as ort
 
-    from service.types import SamplingParams
+    from service.engine.types import SamplingParams
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixed-concurrency", type=int, default=32)
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
-    from service.bundle import load_bundle
-    from service.engine import Engine
+    from bundle.format import load_bundle
+    from service.engine.engine import Engine
 
     threads = a.threads or os.cpu_count() or 1
     global CLOCK

@@ -27,14 +27,14 @@ from bench.engine_profile import patched
 
 
 def _detok_stub(self, token_ids):
-    from service.detokenizer import DetokenizerUpdate
+    from service.engine.detokenizer import DetokenizerUpdate
 
     return DetokenizerUpdate("")
 
 
 def _greedy_fast(original: Callable) -> Callable:
     def sample(logits, params, rngs, prompt_ids, output_ids):
-        from service.sampler import SamplerOutput
+        from service.engine.sampler import SamplerOutput
 
         if all(
             p.temperature == 0
@@ -51,8 +51,8 @@ def _greedy_fast(original: Callable) -> Callable:
 
 
 def proposal(name: str) -> Iterator[Any]:
-    import service.engine as se
-    from service.detokenizer import IncrementalDetokenizer
+    import service.engine.engine as se
+    from service.engine.detokenizer import IncrementalDetokenizer
 
     if name == "no-detok":
         return iter(
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--proposals", default="no-detok,greedy-fast")
     p.add_argument("--repeat", type=int, default=3)
     a = p.parse_args(argv)
-    from service.bundle import load_bundle
+    from bundle.format import load_bundle
 
     bundle = load_bundle(a.bundle)
     stream = text_tokens(bundle.tokenizer_path)

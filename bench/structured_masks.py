@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.compare import STRUCTURED_SCHEMA
-from service.structured import GrammarCompiler, GrammarMatchers, Structure
-from service.tokenizer import Tokenizer
+from bundle.tokenizer import Tokenizer
+from service.engine.structured import GrammarCompiler, GrammarMatchers, Structure
 
 
 def train_tokenizer(corpus: Path, vocab: int, out_dir: Path) -> Path:

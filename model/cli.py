@@ -57,9 +57,9 @@ def _configs(a) -> tuple[GPTConfig, TrainConfig]:
 def cmd_train(a, prepared: Path | None = None, tok_path: Path | None = None):
     import numpy as np
 
+    from bundle.tokenizer import Tokenizer
     from model.data import encode_works, load_works
     from model.train import train
-    from service.tokenizer import Tokenizer
 
     prepared = prepared or cmd_prepare(a)
     tok_path = tok_path or cmd_train_tokenizer(a, prepared)
@@ -80,9 +80,9 @@ def cmd_train(a, prepared: Path | None = None, tok_path: Path | None = None):
 
 
 def cmd_export(a) -> Path:
+    from bundle.tokenizer import Tokenizer
     from model.export import export_onnx, quantize_int8, write_bundle
     from model.train import load_model
-    from service.tokenizer import Tokenizer
 
     work = a.work_dir / a.preset
     ckpt = Path(a.checkpoint) if getattr(a, "checkpoint", None) else work / "checkpoint.pt"
@@ -131,10 +131,10 @@ def cmd_export(a) -> Path:
 
 
 def cmd_verify(a, bundle_dir: Path | None = None, model=None) -> None:
+    from bundle.format import load_bundle
+    from bundle.tokenizer import Tokenizer
     from model.train import load_model
     from model.verify import PARITY_PROMPTS, check_parity, check_parity_kv_inplace
-    from service.bundle import load_bundle
-    from service.tokenizer import Tokenizer
 
     b = load_bundle(bundle_dir or a.bundle)
     if model is None:
@@ -179,9 +179,9 @@ def cmd_evaluate(a) -> dict:
 
 
 def cmd_sample(a) -> None:
-    from service.bundle import load_bundle
-    from service.engine import Engine
-    from service.types import SamplingParams
+    from bundle.format import load_bundle
+    from service.engine.engine import Engine
+    from service.engine.types import SamplingParams
 
     engine = Engine(load_bundle(a.bundle), max_running=1)
     ids = [engine.bundle.bos_id, *engine.tokenizer.encode(a.prompt)]

@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from service.bundle import load_bundle
-from service.tokenizer import Tokenizer
+from bundle.format import load_bundle
+from bundle.tokenizer import Tokenizer
 
 
 def evaluate_bundle(bundle_dir: Path, val_works: list[str], block: int = 256, batch: int = 8) -> dict[str, float]:

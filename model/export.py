@@ -22,10 +22,7 @@ from typing import Any
 
 import torch
 
-from model.export_attention import ATTENTION_FILE, attention_config
-from model.export_gqa import KV_INPLACE_FILE, kv_inplace_config
-from model.gpt import GPT
-from service.bundle import (
+from bundle.format import (
     ATTENTION_SECTION,
     CONFIG_FILE,
     DEFAULT_IO_NAMES,
@@ -33,6 +30,9 @@ from service.bundle import (
     KV_INPLACE_SECTION,
     sha256_file,
 )
+from model.export_attention import ATTENTION_FILE, attention_config
+from model.export_gqa import KV_INPLACE_FILE, kv_inplace_config
+from model.gpt import GPT
 
 OPSET = 18
 

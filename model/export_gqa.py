@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from bundle.format import DEFAULT_IO_NAMES
 from model.gpt import GPT, sinusoidal_table
-from service.bundle import DEFAULT_IO_NAMES
 
 KV_INPLACE_FILE = "model.kvinplace.onnx"
 GQA_OP = "com.microsoft.GroupQueryAttention"

@@ -58,11 +58,11 @@ def check_port_free(host: str, port: int) -> None:
 
 def build_server(settings: Settings, bundle, tokenizer):
     """Wire LitServe's server: the engine worker API, the HTTP API, the shared state."""
-    from service.api import HttpApi, model_info
-    from service.engine_loop import TextGenAPI
-    from service.frontend import Frontend
-    from service.lifecycle import TextGenServer
-    from service.shared_state import SharedState
+    from service.http.api import HttpApi, model_info
+    from service.process.frontend import Frontend
+    from service.process.lifecycle import TextGenServer
+    from service.process.shared_state import SharedState
+    from service.process.worker import TextGenAPI
 
     state = SharedState(settings.http_workers, main_pid=os.getpid())
     model = model_info(settings, bundle, tokenizer)
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
 
-    from service.bundle import BundleError, load_bundle
-    from service.tokenizer import Tokenizer
+    from bundle.format import BundleError, load_bundle
+    from bundle.tokenizer import Tokenizer
 
     try:
         bundle = load_bundle(settings.model_dir)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("settings: %s", settings.describe())
 
     from service import metrics
-    from service.lifecycle import StartupAborted
+    from service.process.lifecycle import StartupAborted
 
     metrics.init_multiprocess(settings.prometheus_multiproc_dir)  # before any process starts
     server = build_server(settings, bundle, tokenizer)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _stop_workers(server) -> None:
-    from service.shared_state import Phase
+    from service.process.shared_state import Phase
 
     server.state.phase = Phase.STOPPING
     for proc in getattr(server, "inference_workers", []):

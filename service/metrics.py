@@ -1,7 +1,7 @@
 """Every Prometheus object of the service: names, help texts, units, buckets and labels.
 
 The engine and the HTTP layer never touch ``prometheus_client`` themselves: they hand plain
-data (``service.types.StepStats``, request timings, counts) to a ``Metrics`` object, and the
+data (``service.engine.types.StepStats``, request timings, counts) to a ``Metrics`` object, and the
 HTTP layer serves ``render()`` on ``GET /metrics``. Names follow vLLM's (``vllm:`` becomes
 ``textgen_``); every series carries a ``model`` label; times are in seconds.
 
@@ -47,7 +47,7 @@ from prometheus_client import values as _values
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.multiprocess import mark_process_dead as _mark_process_dead
 
-from service.types import StepStats
+from service.engine.types import StepStats
 
 __all__ = [
     "E2E_BUCKETS",

@@ -112,7 +112,7 @@ class Settings(BaseModel):
         None, description="Shared metrics folder; default: a temp dir."
     )
     engine_class: str = Field(
-        "service.engine:Engine",
+        "service.engine.engine:Engine",
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="module:Class of the engine; tests substitute a fake engine.",
     )

@@ -54,11 +54,11 @@ def random_model_and_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPath
     """(GPT, bundle dir): seeded random weights exported with the tiny tokenizer."""
     import torch
 
+    from bundle.tokenizer import Tokenizer
     from model.config import GPTConfig
     from model.export import export_onnx, write_bundle
     from model.export_gqa import KV_INPLACE_FILE, build_kv_inplace
     from model.gpt import GPT
-    from service.tokenizer import Tokenizer
 
     torch.manual_seed(1234)
     tok = Tokenizer.load(tiny_bundle / "tokenizer.model")

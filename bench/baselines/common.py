@@ -10,9 +10,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from service.bundle import Bundle, load_bundle
+from bundle.format import Bundle, load_bundle
+from bundle.tokenizer import Tokenizer
 from service.settings import Settings
-from service.tokenizer import Tokenizer
 
 ENGINE_SETTINGS = (
     "provider",
@@ -42,7 +42,7 @@ def engine_kwargs(bundle_dir: str | Path, **overrides: Any) -> dict[str, Any]:
 
 
 def build_engine(bundle_dir: str | Path, **overrides: Any):
-    """The engine the service would build: ``TEXTGEN_ENGINE_CLASS`` (default ``service.engine:Engine``)
+    """The engine the service would build: ``TEXTGEN_ENGINE_CLASS`` (default ``service.engine.engine:Engine``)
     on the bundle, with ``engine_kwargs(dir, **overrides)``."""
     module, _, name = Settings.from_env(model_dir=str(bundle_dir)).engine_class.partition(":")
     engine_class = getattr(importlib.import_module(module), name)

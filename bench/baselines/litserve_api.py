@@ -34,7 +34,7 @@ from bench.baselines.common import (
     text_chunk,
     usage_chunk,
 )
-from service.types import SamplingParams
+from service.engine.types import SamplingParams
 
 API_PATH = "/v1/completions"
 

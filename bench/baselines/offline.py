@@ -27,7 +27,7 @@ from typing import Any
 from bench.baselines.common import PromptEncoder, build_engine, engine_kwargs
 from bench.serve import BenchmarkResult, RequestRecord, spread_itl, summarize
 from bench.workload import build_prompt, parse_range, plan_prompts, sample_requests
-from service.types import SamplingParams
+from service.engine.types import SamplingParams
 
 
 def build_prompts(

@@ -20,7 +20,7 @@ import os
 
 import onnxruntime as ort
 
-from service.engine import Engine
+from service.engine.engine import Engine
 
 VARIANT_ENV = "BENCH_ENGINE_VARIANT"
 VARIANTS = ("nospin",)
@@ -48,7 +48,7 @@ class VariantEngine(Engine):
         chosen = variants()
         base = ort.SessionOptions
         if "nospin" in chosen:
-            ort.SessionOptions = _NoSpinOptions  # service.runner builds its options from ort.SessionOptions()
+            ort.SessionOptions = _NoSpinOptions  # service.engine.kv.concat_batch builds its options from ort.SessionOptions()
         try:
             super().__init__(bundle, **kwargs)
         finally:

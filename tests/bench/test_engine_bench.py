@@ -31,7 +31,7 @@ from bench.engine import (
     write_docs,
 )
 from bench.engine_profile import BUCKETS, profile_steps
-from service.bundle import load_bundle
+from bundle.format import load_bundle
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,7 @@ def test_genai_config_names_follow_the_bundle(random_bundle: Path) -> None:
 
 def test_profile_buckets_add_up(random_bundle: Path) -> None:
     from bench.engine_profile import requests
-    from service.engine import Engine
+    from service.engine.engine import Engine
 
     b = load_bundle(random_bundle)
     engine = Engine(b, provider="cpu", intra_op_threads=1, max_running=2)

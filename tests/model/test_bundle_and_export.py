@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from service.bundle import BundleError, load_bundle
-from service.tokenizer import Tokenizer
+from bundle.format import BundleError, load_bundle
+from bundle.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,8 +101,8 @@ def test_kv_inplace_io_follows_the_genai_convention(random_bundle: Path) -> None
 def test_a_bundle_without_the_in_place_file_loads_and_serves(random_model_and_bundle, tmp_path: Path) -> None:
     from model.export import write_bundle
     from model.gpt import generate_greedy
-    from service.engine import Engine
-    from service.types import SamplingParams
+    from service.engine.engine import Engine
+    from service.engine.types import SamplingParams
 
     model, bundle_dir = random_model_and_bundle
     b = _copy(bundle_dir, tmp_path / "no-inplace")
@@ -131,8 +131,8 @@ def test_int8_export_through_the_cli_quantizes_both_files_and_serves(
 
     import onnx
 
-    from service.engine import Engine
-    from service.types import SamplingParams
+    from service.engine.engine import Engine
+    from service.engine.types import SamplingParams
 
     out = tmp_path / "int8"
     cmd = [sys.executable, "-m", "model", "export", "--preset", "tiny", "--int8", "--out", str(out),
@@ -147,7 +147,7 @@ def test_int8_export_through_the_cli_quantizes_both_files_and_serves(
     for name in ("model.onnx", "model.kvinplace.onnx"):
         ops = {n.op_type for n in onnx.load(str(out / name)).graph.node}
         assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, (name, ops)
-    with caplog.at_level(logging.WARNING, logger="service.engine"):
+    with caplog.at_level(logging.WARNING, logger="service.engine.engine"):
         Engine(fp32, max_running=2)
         assert not [r for r in caplog.records if "int8" in r.getMessage()]
         engine = Engine(b, max_running=2)

@@ -1,6 +1,6 @@
 """Faults: the inference worker dies; the service is stopped with SIGTERM under load.
 
-What the service implements (service/lifecycle.py) and these tests pin:
+What the service implements (service/process/lifecycle.py) and these tests pin:
 
 - Worker death: a supervisor thread in the main process notices within 0.1 s; the phase turns
   "dead" (/ready 503 at once), every pending request fails fast (503 JSON, or an SSE

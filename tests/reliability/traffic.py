@@ -21,7 +21,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from relkit import Sse, parse_sse
 
-from service.protocol import CompletionResponse, GenerateChunk, GenerateResponse
+from service.http.protocol import CompletionResponse, GenerateChunk, GenerateResponse
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/generate")
 PROMPTS = (

@@ -1,4 +1,4 @@
-"""Test doubles for the HTTP layer: a fake engine with service.engine.Engine's interface, and a
+"""Test doubles for the HTTP layer: a fake engine with service.engine.engine.Engine's interface, and a
 fake bundle (a real SentencePiece tokenizer, a placeholder model.onnx).
 
 The server loads the fake engine with ``TEXTGEN_ENGINE_CLASS=fakes:FakeEngine`` (this folder
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from service import finishing, rules
-from service.detokenizer import IncrementalDetokenizer
-from service.tokenizer import Tokenizer
-from service.types import (
+from bundle.tokenizer import Tokenizer
+from service.engine import finishing, rules
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.types import (
     InvalidRequestError,
     QueueFullError,
     RequestOutput,
@@ -104,7 +104,7 @@ class _Req:
 
 
 class FakeEngine:
-    """service.engine.Engine's interface, with deterministic tokens and no model."""
+    """service.engine.engine.Engine's interface, with deterministic tokens and no model."""
 
     def __init__(self, bundle, *, provider="auto", intra_op_threads=0, graph_opt_level="all", max_running=64,
                  max_waiting=256, kv_budget_tokens=0, max_prefill_tokens=512, kv_inplace="auto",

@@ -21,7 +21,7 @@ from server_harness import start
 def server(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openai")
     try:
-        import service.engine  # noqa: F401
+        import service.engine.engine  # noqa: F401
 
         bundle, fake = request.getfixturevalue("random_bundle"), False
     except (ImportError, pytest.FixtureLookupError):

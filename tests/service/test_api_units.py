@@ -9,9 +9,11 @@ import pytest
 from fakes import FAKE_CONTEXT, FAKE_VOCAB, make_fake_bundle
 from pydantic import ValidationError
 
-from service import chat_template, serving
-from service.errors import STATUS, ApiError
-from service.protocol import (
+from bundle.tokenizer import Tokenizer
+from service.http import chat_template
+from service.http import jobs as serving
+from service.http.errors import STATUS, ApiError
+from service.http.protocol import (
     MAX_STOP,
     ChatCompletionRequest,
     ChatMessage,
@@ -20,7 +22,6 @@ from service.protocol import (
     describe_validation_error,
 )
 from service.settings import Settings, SettingsError
-from service.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -330,7 +331,7 @@ def test_error_table():
 def test_below_pattern_matches_exactly_the_token_ids(n):
     import re
 
-    from service.api import below_pattern
+    from service.http.api import below_pattern
 
     pattern = re.compile(below_pattern(n))
     assert all(bool(pattern.match(str(i))) == (i < n) for i in range(n + 1000))

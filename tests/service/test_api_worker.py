@@ -1,4 +1,4 @@
-"""The inference worker's loop (service.engine_loop.EngineWorker), in-process, on the fake engine:
+"""The inference worker's loop (service.process.worker.EngineWorker), in-process, on the fake engine:
 what it sends for submits, refusals, aborts and expired requests."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ from types import SimpleNamespace
 import pytest
 from fakes import FakeEngine, make_fake_bundle
 
-from service.bundle import load_bundle
-from service.engine_loop import EngineWorker
-from service.shared_state import SharedState
-from service.types import SamplingParams
-from service.wire import Abort, Ack, Output, Refusal, Submit
+from bundle.format import load_bundle
+from service.engine.types import SamplingParams
+from service.process.shared_state import SharedState
+from service.process.wire import Abort, Ack, Output, Refusal, Submit
+from service.process.worker import EngineWorker
 
 
 class Channel:
-    """The worker's channel (service.wire.EngineChannel), recording what it sends."""
+    """The worker's channel (service.process.wire.EngineChannel), recording what it sends."""
 
     def __init__(self):
         self.sent: list[tuple[int, list]] = []

@@ -1,4 +1,4 @@
-"""Tests for service.detokenizer against a tiny real SentencePiece model with byte fallback."""
+"""Tests for service.engine.detokenizer against a tiny real SentencePiece model with byte fallback."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import pytest
 import sentencepiece as spm
 
-from service.detokenizer import IncrementalDetokenizer
+from service.engine.detokenizer import IncrementalDetokenizer
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIAL = {PAD, BOS, EOS}
@@ -261,8 +261,8 @@ def test_per_token_decode_work_is_bounded(sp: spm.SentencePieceProcessor) -> Non
 
 @pytest.mark.parametrize("seed", range(6))
 def test_table_fast_path_renders_exactly_what_decode_does(sp, seed):
-    """service.tokenizer.Tokenizer offers plain_texts: the deltas must not change at all."""
-    from service.tokenizer import Tokenizer
+    """bundle.tokenizer.Tokenizer offers plain_texts: the deltas must not change at all."""
+    from bundle.tokenizer import Tokenizer
 
     tok = Tokenizer(sp)
     assert len(tok.plain_texts) >= 30  # the fast path is really taken for ordinary pieces

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from service.bundle import load_bundle
-from service.engine import Engine
-from service.types import InvalidRequestError, PromptTooLongError, QueueFullError, SamplingParams
+from bundle.format import load_bundle
+from service.engine.engine import Engine
+from service.engine.types import InvalidRequestError, PromptTooLongError, QueueFullError, SamplingParams
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 KV_INPLACE = {"inplace": "auto", "concat": "off"}  # layout -> the Engine's kv_inplace setting
@@ -372,12 +372,12 @@ def test_logit_bias_forces_and_bans_tokens(engine_and_model) -> None:
 
 
 def test_grammar_rows_beside_free_rows_and_alone(random_bundle, layout) -> None:
-    """Constrained rows (service/structured.py) do not change their neighbours' tokens, greedy or
+    """Constrained rows (service/engine/structured.py) do not change their neighbours' tokens, greedy or
     seeded; a constrained greedy request alone does not speculate (no draft can break its grammar)
     and ends when its structure is complete."""
     import json
 
-    from service.structured import GrammarCompiler, Structure
+    from service.engine.structured import GrammarCompiler, Structure
 
     engine = make_engine(random_bundle, layout, max_running=8, speculative_tokens=3)
     schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}, "b": {"type": "integer", "minimum": 0,

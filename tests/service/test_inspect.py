@@ -16,11 +16,11 @@ import pytest
 import server_harness
 import torch
 
+from bundle.tokenizer import Tokenizer
 from model.export_attention import attention_forward
 from model.train import load_model
-from service.inspection import Inspector, RateLimit
+from service.http.inspection import Inspector, RateLimit
 from service.settings import Settings
-from service.tokenizer import Tokenizer
 
 PROMPT = "Your cat is a lovely cat. ROMEO.\nBut soft, what light through yonder window breaks?"
 

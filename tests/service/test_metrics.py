@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics
-from service.types import StepStats
+from service.engine.types import StepStats
 
 MODEL = "tiny"
 SPAWN = mp.get_context("spawn")

@@ -1,4 +1,4 @@
-"""N-gram drafts (service/ngram.py): pure logic, no model."""
+"""N-gram drafts (service/engine/ngram.py): pure logic, no model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from service.ngram import NgramIndex
+from service.engine.ngram import NgramIndex
 
 
 def brute_force(tokens: list[int], k: int, max_n: int, min_n: int) -> list[int]:

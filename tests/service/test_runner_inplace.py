@@ -6,9 +6,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from service.bundle import load_bundle
-from service.runner_inplace import InplaceRunner
-from service.slot_cache import Move, right_pad_prompts
+from bundle.format import load_bundle
+from service.engine.kv.inplace_batch import InplaceRunner
+from service.engine.kv.inplace_cache import Move, right_pad_prompts
 
 
 def test_ortvalue_from_numpy_of_a_view_shares_its_memory() -> None:

@@ -1,12 +1,12 @@
-"""Tests for service.sampler: greedy, seeds and batch invariance, truncation, penalties, logprobs, stops."""
+"""Tests for service.engine.sampler: greedy, seeds and batch invariance, truncation, penalties, logprobs, stops."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from service.sampler import check_stop, sample
-from service.types import SamplingParams
+from service.engine.sampler import check_stop, sample
+from service.engine.types import SamplingParams
 
 V = 50
 
@@ -246,7 +246,7 @@ def reference_keep(z: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
 @pytest.mark.parametrize("V", [7, 300, 3000])
 @pytest.mark.parametrize("ties", [False, True])
 def test_truncation_mask_matches_a_full_sort(V: int, ties: bool) -> None:
-    from service.sampler import _top_k_top_p_mask
+    from service.engine.sampler import _top_k_top_p_mask
 
     rnd = np.random.default_rng(V)
     settings = [(0, 0.9), (0, 0.5), (5, 1.0), (1, 1.0), (3, 0.7), (V + 10, 0.95), (0, 0.999), (50, 0.3)]
@@ -277,7 +277,7 @@ def test_wide_nucleus_is_batch_invariant() -> None:
 
 @pytest.mark.parametrize("V", [1, 255, 256, 1000, 32000])
 def test_inverse_cdf_matches_a_plain_cumsum(V: int) -> None:
-    from service.sampler import _inverse_cdf
+    from service.engine.sampler import _inverse_cdf
 
     rnd = np.random.default_rng(V)
     R = 64

@@ -1,4 +1,4 @@
-"""Tests for service.scheduler, in the style of vLLM's tests/v1/core: helper factories, no model."""
+"""Tests for service.engine.scheduler, in the style of vLLM's tests/v1/core: helper factories, no model."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from service.scheduler import Scheduler, SchedulerOutput
-from service.types import InvalidRequestError, QueueFullError
+from service.engine.scheduler import Scheduler, SchedulerOutput
+from service.engine.types import InvalidRequestError, QueueFullError
 
 
 def create_scheduler(

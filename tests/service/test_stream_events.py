@@ -1,6 +1,6 @@
 """Joining queued outputs into one stream event: ``choices.merge_outputs`` (pure), ``Pending``
 (the HTTP side's per-request queue, no server), the chunks written from a joined output, and
-the wire (service.wire) that carries requests to the worker and each step's events back."""
+the wire (service.process.wire) that carries requests to the worker and each step's events back."""
 
 from __future__ import annotations
 
@@ -11,14 +11,23 @@ import json
 import pytest
 from fakes import make_fake_bundle
 
-from service import formatting as fmt
-from service.choices import Choice, merge_outputs
-from service.errors import ApiError
-from service.frontend import Fail, Pending
-from service.serving import Job, ModelInfo
-from service.tokenizer import Tokenizer
-from service.types import RequestOutput, RequestTimings, SamplingParams, TopLogprob
-from service.wire import Abort, Ack, EngineChannel, FrontendChannel, Output, Refusal, Submit, new_channel_id
+from bundle.tokenizer import Tokenizer
+from service.engine.types import RequestOutput, RequestTimings, SamplingParams, TopLogprob
+from service.http import formatting as fmt
+from service.http.choices import Choice, merge_outputs
+from service.http.errors import ApiError
+from service.http.jobs import Job, ModelInfo
+from service.process.frontend import Fail, Pending
+from service.process.wire import (
+    Abort,
+    Ack,
+    EngineChannel,
+    FrontendChannel,
+    Output,
+    Refusal,
+    Submit,
+    new_channel_id,
+)
 
 UID = "cmpl-1"
 

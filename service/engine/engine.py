@@ -1,0 +1,394 @@
+"""The engine: token ids in, token ids and text deltas out, for many requests at once.
+
+``step()`` is one iteration of continuous batching:
+schedule -> run the model (decode the running batch, prefill the newcomers) -> sample ->
+update the sequences -> emit outputs. No HTTP, no threads: one caller owns the engine.
+
+Text at one edge: the engine takes token ids (the HTTP process tokenizes and renders chat
+templates) and gives back token ids AND text deltas, through a per-request incremental
+detokenizer where stop strings are matched. It keeps detokenization, rather than leaving it to
+the HTTP process as vLLM's output processor does, because a stop string must end its sequence in
+the step that produced it: the row leaves the batch and its KV cache at once, no token is
+computed past the stop, and usage counts exactly what was returned. The cost is small (most
+tokens take the detokenizer's table lookup, service/engine/detokenizer.py), and the HTTP process stays
+free of per-token Python work other than formatting.
+
+The running batch and its KV cache take one of two layouts (``Engine.kv_layout``, logged at
+start-up): "inplace", the bundle's model.kvinplace.onnx over cache buffers allocated once
+(service/engine/kv/inplace_batch.py; CPU, when the bundle has the file), or "concat", the generic
+model.onnx whose cache goes in and comes out every step (service/engine/kv/concat_batch.py; any bundle, CUDA).
+
+When a single greedy sequence runs on the in-place cache, a step is speculative: its last token
+goes in with up to ``speculative_tokens`` draft tokens looked up from earlier in the sequence
+(service/engine/ngram.py), and the step keeps the drafts the model agrees with plus the model's own
+next token, so it emits 1..k+1 tokens, the same tokens one-token steps would. A run over a few
+positions costs little more than over one at batch 1 (overhead-bound), so each kept draft is
+most of a step saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from bundle.format import Bundle
+from bundle.tokenizer import Tokenizer
+from service.engine import finishing, rules
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.kv.batch import KVInplace, open_batch
+from service.engine.kv.concat_batch import Provider
+from service.engine.ngram import NgramIndex
+from service.engine.sampler import prompt_logprobs, sample
+from service.engine.scheduler import Scheduler
+from service.engine.structured import GrammarError, GrammarMatchers
+from service.engine.types import (
+    FinishReason,
+    InvalidRequestError,
+    RequestOutput,
+    RequestTimings,
+    SamplingParams,
+    StepStats,
+    TopLogprob,
+)
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    rng: np.random.Generator
+    detok: IncrementalDetokenizer
+    timings: RequestTimings
+    deadline: float | None
+    output: list[int] = field(default_factory=list)
+    ngram: NgramIndex | None = None  # prompt + output, for speculative drafts (greedy requests only)
+    # params.prompt_logprobs: (logprobs, alternatives) of the prompt, from its prefill, sent with the first output
+    prompt_scores: tuple[list[float | None], list[list[TopLogprob]]] | None = None
+    matcher: Any = None  # params.grammar: an llguidance matcher fed every output token (service/engine/structured.py)
+
+
+class Engine:
+    """Continuous-batching decoder over one ONNX Runtime session.
+
+    Args:
+        bundle: the model bundle (see docs/model-bundle.md).
+        provider, intra_op_threads, graph_opt_level: ONNX Runtime settings (see service.engine.kv.concat_batch).
+        max_running: most sequences in the running batch.
+        max_waiting: most requests waiting for admission; more raise QueueFullError.
+        kv_budget_tokens: cached-token budget; each running request reserves prompt + max_tokens.
+            0 means max_running x context length.
+        max_prefill_tokens: prompt tokens prefilled per step (at least one request is always admitted),
+            so a burst of long prompts cannot stall the running streams for long.
+        seed: seeds the generators of requests that bring no seed of their own.
+        kv_inplace: "auto" runs the in-place KV cache when the bundle has it and the provider is
+            the CPU; "off" always runs the generic concat path.
+        speculative_tokens: most draft tokens a step checks when a single greedy sequence runs on
+            the in-place cache (n-gram drafts, service/engine/ngram.py; the output does not change, except
+            for int8 bundles, whose activation scale spans the run: docs/model.md);
+            0 turns speculation off.
+        speculative_ngram: longest suffix n-gram that drafts are looked up by.
+    """
+
+    def __init__(self, bundle: Bundle, *, provider: Provider = "auto", intra_op_threads: int = 0,
+                 graph_opt_level: str = "all", max_running: int = 64, max_waiting: int = 256,
+                 kv_budget_tokens: int = 0, max_prefill_tokens: int = 512, seed: int = 0,
+                 kv_inplace: KVInplace = "auto", speculative_tokens: int = 3, speculative_ngram: int = 3):
+        if speculative_tokens < 0 or speculative_ngram < 1:
+            raise ValueError(f"speculative_tokens must be >= 0 and speculative_ngram >= 1, "
+                             f"got {speculative_tokens} and {speculative_ngram}")
+        self.bundle = bundle
+        self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
+        self._batch = open_batch(bundle, provider, intra_op_threads, graph_opt_level, max_running, kv_inplace)
+        self.runner = self._batch.runner
+        self.kv_layout: Literal["inplace", "concat"] = self._batch.layout
+        # Multi-token steps need the in-place cache (the concat path has no way to drop rejected positions).
+        self.speculative_tokens = speculative_tokens if self._batch.multi_token_steps else 0
+        self.speculative_ngram = speculative_ngram
+        if speculative_tokens and not self.speculative_tokens:
+            log.info("speculative decoding: off (it needs the in-place KV cache)")
+        if bundle.int8:
+            log.warning("int8 bundle: activations are quantized with one scale per run, so a request's tokens "
+                        "depend on what shares its step (other rows, speculative drafts); fp32 bundles do not")
+        self.provider = self.runner.provider
+        self.context_length = bundle.context_length
+        self.model_name = bundle.name
+        self.num_parameters = bundle.num_parameters
+        self.vocab_size = bundle.vocab_size
+        self._eos_ids = frozenset({self.tokenizer.eos_id})  # the tokens that end a sequence
+        self.kv_budget_tokens = kv_budget_tokens or max_running * self.context_length
+        self.scheduler = Scheduler(max_running=max_running, max_waiting=max_waiting,
+                                   kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=max_prefill_tokens)
+        self.max_waiting = max_waiting
+        self._seeds = np.random.default_rng(seed)
+        self._seqs: dict[str, _Sequence] = {}
+        self._finished_early: list[RequestOutput] = []  # aborted while waiting: reported at the next step
+        self.last_step_stats: StepStats | None = None
+        self._grammars: GrammarMatchers | None = None  # created with the first constrained request
+        self._mask_time, self._num_constrained = 0.0, 0  # this step's structured-output work
+
+    # ---- requests in -------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None, deadline: float | None = None) -> None:
+        """Queue a request. Raises PromptTooLongError, QueueFullError or InvalidRequestError.
+
+        ``deadline`` (time.monotonic seconds): past it the request finishes with finish_reason "length".
+        """
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty: at least one token is required")
+        rules.check_token_ids(prompt_token_ids, self.vocab_size, "prompt")
+        rules.check(params, prompt_len=len(prompt_token_ids), vocab_size=self.vocab_size,
+                    context_length=self.context_length)
+        matcher = self._new_matcher(params.grammar) if params.grammar is not None else None
+        self.scheduler.add_request(request_id, len(prompt_token_ids), params.max_tokens)  # may raise QueueFullError
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**63))
+        self._seqs[request_id] = _Sequence(
+            request_id=request_id,
+            prompt=list(prompt_token_ids),
+            params=params,
+            rng=np.random.default_rng(seed),
+            detok=IncrementalDetokenizer(self.tokenizer, params.stop, self.tokenizer.special_ids, prompt_token_ids),
+            timings=RequestTimings(arrival=arrival_time if arrival_time is not None else time.monotonic()),
+            deadline=deadline,
+            ngram=NgramIndex(prompt_token_ids, self.speculative_ngram)
+            if self.speculative_tokens and params.temperature == 0 and matcher is None else None,
+            matcher=matcher,
+        )
+
+    def _new_matcher(self, grammar: str) -> Any:
+        if self._grammars is None:
+            self._grammars = GrammarMatchers(self.tokenizer)
+        try:
+            return self._grammars.new(grammar)
+        except GrammarError as e:
+            raise InvalidRequestError(f"grammar: {e}") from None
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its slot is freed at the next step, which reports finish_reason "abort"."""
+        seq = self._seqs.get(request_id)
+        if seq is None or not self.scheduler.abort(request_id):
+            return
+        if request_id not in self._batch:  # still waiting: gone from the scheduler already
+            self._finished_early.append(self._finish(seq, "abort"))
+
+    # ---- introspection -----------------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs) or bool(self._finished_early)
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.scheduler.kv_usage
+
+    # ---- one iteration -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.monotonic()
+        self._mask_time, self._num_constrained = 0.0, 0
+        outputs, self._finished_early = self._finished_early, []
+        sched = self.scheduler.schedule()
+        for rid in sched.aborted:
+            outputs.append(self._finish(self._seqs[rid], "abort"))
+        self._batch.keep(sched.running)
+        prefill_tokens = sum(len(self._seqs[r].prompt) for r in sched.admitted)
+        seq, draft = self._draft(sched.admitted)
+        try:
+            if draft:
+                logits = self._batch.decode_chunk(np.array([seq.output[-1], *draft], np.int64))  # (1 + k, V)
+            else:
+                logits, rows = self._run_model(sched.admitted, t0)
+        except Exception as e:  # a failed run must not wedge the engine: fail the batch, keep serving
+            log.exception("model run failed; failing %d requests", self._batch.num_live + len(sched.admitted))
+            return outputs + self._fail_all([*self._batch.live_ids, *sched.admitted], f"model run failed: {e}")
+        accepted = 0
+        if draft:
+            rows = [seq.request_id]
+            out, accepted = self._verify(seq, logits, draft)
+            outputs.append(out)
+        elif rows:
+            outputs += self._sample_and_update(logits, rows)
+        self.last_step_stats = StepStats(
+            batch_size=len(rows), num_prefill_tokens=prefill_tokens,
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.scheduler.kv_usage, step_time=time.monotonic() - t0,
+            num_draft_tokens=len(draft), num_accepted_draft_tokens=accepted,
+            num_constrained=self._num_constrained, mask_time=self._mask_time)
+        return outputs
+
+    # ---- speculative steps (one greedy sequence, n-gram drafts) --------------------------------
+    def _draft(self, admitted: list[str]) -> tuple[_Sequence | None, list[int]]:
+        """The only running sequence and the draft to check with its last token, when this step
+        can be speculative: nobody is joining, the sequence is greedy and a draft is found."""
+        if not self.speculative_tokens or admitted or self._batch.num_live != 1:
+            return None, []
+        s = self._seqs[self._batch.live_ids[0]]
+        if s.ngram is None:
+            return None, []
+        # The step emits up to k + 1 tokens, all within max_tokens (and so within the context:
+        # add_request refused prompt + max_tokens beyond it).
+        room = s.params.max_tokens - len(s.output) - 1
+        return s, s.ngram.propose(min(self.speculative_tokens, room))
+
+    def _verify(self, s: _Sequence, logits: np.ndarray, draft: list[int]) -> tuple[RequestOutput, int]:
+        """Greedy choices at the 1 + k positions, kept up to and including the first that differs
+        from the draft; the sampler runs per position on the history as it grows, so penalties
+        and logprobs are what one token per step would give. Returns the output and how many
+        draft tokens were kept."""
+        picks: list[tuple[int, float | None, list[TopLogprob] | None]] = []
+        history = list(s.output)
+        for j in range(len(draft) + 1):
+            res = sample(logits[j : j + 1], [s.params], [s.rng], [s.prompt], [history])
+            tok = int(res.token_ids[0])
+            picks.append((tok, None if res.logprobs is None else float(res.logprobs[0]),
+                          res.top_logprobs[0] if res.top_logprobs else None))
+            history.append(tok)
+            if j == len(draft) or tok != draft[j]:
+                break
+        out = self._update(s, picks, time.monotonic())
+        if out.finished:
+            self._retire([s.request_id])
+        else:
+            self._batch.advance(len(picks))  # the last token and the kept draft tokens are now cached
+        return out, len(picks) - 1
+
+    def _run_model(self, admitted: list[str], now: float) -> tuple[np.ndarray, list[str]]:
+        """Decode the running rows, prefill the admitted ones; logits (B, V) in the order of rows."""
+        parts: list[np.ndarray] = []
+        rows: list[str] = []
+        if self._batch.num_live:
+            rows += self._batch.live_ids
+            parts.append(self._batch.decode(np.array([self._seqs[r].output[-1] for r in rows], np.int64)))
+        if admitted:
+            for rid in admitted:
+                self._seqs[rid].timings.scheduled = now
+            seqs = [self._seqs[r] for r in admitted]
+            want = [s.params.prompt_logprobs is not None for s in seqs]
+            last, whole = self._batch.prefill_scored(admitted, [s.prompt for s in seqs], want)
+            for s, logits in zip(seqs, whole, strict=True):
+                if logits is not None:
+                    s.prompt_scores = prompt_logprobs(logits, s.prompt, s.params.prompt_logprobs or 0)
+            parts.append(last)
+            rows += admitted
+        return (np.concatenate(parts) if len(parts) > 1 else parts[0]) if parts else np.zeros((0, 0)), rows
+
+    def _sample_and_update(self, logits: np.ndarray, rows: list[str]) -> list[RequestOutput]:
+        seqs = [self._seqs[r] for r in rows]
+        res = sample(logits, [s.params for s in seqs], [s.rng for s in seqs], [s.prompt for s in seqs],
+                     [s.output for s in seqs], self._allowed(seqs))
+        now = time.monotonic()
+        outputs, finished = [], []
+        for i, s in enumerate(seqs):
+            lp = None if res.logprobs is None else float(res.logprobs[i])
+            top = res.top_logprobs[i] if res.top_logprobs else None
+            # max_tokens 0: the prompt was scored, nothing is generated (its sampled token is dropped)
+            picks = [(int(res.token_ids[i]), lp, top)] if s.params.max_tokens else []
+            out = self._update(s, picks, now)
+            if out.finished:
+                finished.append(s.request_id)
+            outputs.append(out)
+        if finished:
+            self._retire(finished)
+        return outputs
+
+    def _allowed(self, seqs: list[_Sequence]) -> dict[int, np.ndarray] | None:
+        """Row -> the tokens its grammar allows next, for the constrained rows of this step."""
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None and s.params.max_tokens]
+        if not rows:
+            return None
+        t = time.perf_counter()
+        masks = self._grammars.masks([seqs[i].matcher for i in rows])
+        self._mask_time += time.perf_counter() - t
+        self._num_constrained += len(rows)
+        return dict(zip(rows, masks, strict=True))
+
+    def _retire(self, finished: list[str]) -> None:
+        """Release the scheduler reservations and batch slots of requests that finished this step."""
+        for rid in finished:
+            self.scheduler.finish(rid)
+        done = set(finished)
+        self._batch.keep([r for r in self._batch.live_ids if r not in done])
+
+    def _update(self, s: _Sequence, picks: list[tuple[int, float | None, list[TopLogprob] | None]],
+                now: float) -> RequestOutput:
+        """Append the picked tokens (token, logprob, top logprobs) in order until one finishes the
+        request (the rest are dropped); the step's output for the request."""
+        out = RequestOutput(request_id=s.request_id, new_token_ids=[], text_delta="",
+                            num_prompt_tokens=len(s.prompt))
+        if s.prompt_scores is not None:  # the first output after the prefill
+            out.prompt_logprobs, out.prompt_top_logprobs = s.prompt_scores
+            s.prompt_scores = None
+        if not picks:  # scoring only (max_tokens 0)
+            self._complete(s, out, finishing.Ending("length"))
+            return out
+        wants_logprobs = s.params.logprobs is not None  # then the sampler gave every pick its logprobs
+        if wants_logprobs:
+            out.new_logprobs, out.new_top_logprobs = [], []
+        for tok, lp, top in picks:
+            s.output.append(tok)
+            if s.ngram is not None:
+                s.ngram.append(tok)
+            s.timings.token_times.append(now)
+            if s.timings.first_token is None:
+                s.timings.first_token = now
+            out.new_token_ids.append(tok)
+            if wants_logprobs:
+                out.new_logprobs.append(float(lp))
+                out.new_top_logprobs.append(top or [])
+            token_end = finishing.stop_token(tok, s.params, self._eos_ids)
+            grammar_error = grammar_complete = False
+            if s.matcher is not None and token_end is None:
+                grammar_error = not s.matcher.consume_token(tok)  # cannot happen: the mask allowed it
+                if grammar_error:
+                    out.error = f"structured output: {s.matcher.get_error()}"
+                grammar_complete = s.matcher.is_stopped()  # the structure is complete: nothing may follow
+            upd = s.detok.add([tok] if token_end is None else [])  # a stop token is never rendered
+            out.text_delta += upd.text_delta
+            end = finishing.after_token(
+                token_end, len(s.output), s.params, stop_string=upd.stop_string, grammar_error=grammar_error,
+                grammar_complete=grammar_complete, past_deadline=finishing.past_deadline(s.deadline, now),
+            )
+            if end is not None:
+                if upd.stop_string is None:
+                    out.text_delta += s.detok.flush()
+                out.num_output_tokens = len(s.output)
+                self._complete(s, out, end)
+                return out
+        out.num_output_tokens = len(s.output)
+        return out
+
+    # ---- endings -----------------------------------------------------------------------------
+    def _complete(self, s: _Sequence, out: RequestOutput, end: finishing.Ending) -> None:
+        s.timings.finished = time.monotonic()
+        out.finished, out.finish_reason, out.stop_reason, out.timings = True, end.reason, end.stop_reason, s.timings
+        del self._seqs[s.request_id]
+
+    def _finish(self, s: _Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:
+        out = RequestOutput(request_id=s.request_id, new_token_ids=[], text_delta="",
+                            num_prompt_tokens=len(s.prompt), num_output_tokens=len(s.output), error=error)
+        self._complete(s, out, finishing.Ending(reason))
+        return out
+
+    def _fail_all(self, request_ids: list[str], error: str) -> list[RequestOutput]:
+        outs = []
+        for rid in request_ids:
+            if rid in self._seqs:
+                self.scheduler.abort(rid)
+                outs.append(self._finish(self._seqs[rid], "error", error))
+        self.scheduler.schedule()  # reports the aborts and frees their reservations
+        self._batch.clear()
+        return outs

@@ -1,0 +1,191 @@
+"""Bookkeeping of the in-place KV cache: which request holds which slot, and how many tokens.
+
+The in-place decoder (model/export_gqa.py) reads and writes one preallocated buffer per layer
+and kind, ``(num_slots, H, max_len, D)``; a slot is one row. Live sequences hold slots
+0..n-1 with no gaps, so ``buf[:n]`` (a C-contiguous view) is what a decode step binds as both
+past and present. A sequence's tokens occupy positions 0..length-1 of its slot (right
+padding): nothing is ever shifted.
+
+Newcomers take slots n, n+1, ...; a sequence that leaves hands its hole to the last live slot,
+which the caller copies (only its ``length`` valid positions, see ``Move``). Pure: no model,
+no buffers, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """Copy positions 0..length-1 of slot ``src`` into slot ``dst`` (src is then free)."""
+
+    src: int
+    dst: int
+    length: int
+
+
+class InplaceCache:
+    """Slots of the in-place cache.
+
+    Args:
+        num_slots: rows of the buffers (the engine's max_running).
+        max_len: positions per row (the context length).
+    """
+
+    def __init__(self, num_slots: int, max_len: int):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.num_slots, self.max_len = num_slots, max_len
+        self._ids: list[str] = []  # slot -> request id, slots 0..n-1
+        self._slot: dict[str, int] = {}  # request id -> slot
+        self.lengths = np.zeros(num_slots, np.int64)  # cached tokens per slot; 0 beyond n
+        self._positions = np.arange(max_len + 1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._slot
+
+    @property
+    def live_ids(self) -> list[str]:
+        """Request ids in slot order (slot i holds live_ids[i])."""
+        return list(self._ids)
+
+    def slot(self, request_id: str) -> int:
+        return self._slot[request_id]
+
+    @property
+    def cached_tokens(self) -> int:
+        return int(self.lengths[: len(self._ids)].sum())
+
+    # ---- membership ----------------------------------------------------------------------
+    def join(self, request_ids: list[str], lengths: list[int] | np.ndarray) -> int:
+        """Give the newcomers slots n, n+1, ...; return n. ``lengths``: tokens each will hold."""
+        n, k = len(self._ids), len(request_ids)
+        if n + k > self.num_slots:
+            raise ValueError(f"{n} live + {k} joining exceeds the {self.num_slots} slots")
+        if len(lengths) != k:
+            raise ValueError(f"{k} request ids but {len(lengths)} lengths")
+        for rid, length in zip(request_ids, lengths, strict=True):
+            if rid in self._slot:
+                raise ValueError(f"request {rid!r} already holds slot {self._slot[rid]}")
+            if not 1 <= length <= self.max_len:
+                raise ValueError(f"request {rid!r}: length {length} is outside [1, {self.max_len}]")
+        for j, rid in enumerate(request_ids):
+            self._slot[rid] = n + j
+            self._ids.append(rid)
+        self.lengths[n : n + k] = lengths
+        return n
+
+    def remove(self, request_id: str) -> Move | None:
+        """Free a request's slot; the last live slot fills the hole (the Move to apply), if any."""
+        s = self._slot.pop(request_id)
+        last = len(self._ids) - 1
+        move = None
+        if s != last:
+            moved = self._ids[last]
+            self._ids[s], self._slot[moved] = moved, s
+            move = Move(src=last, dst=s, length=int(self.lengths[last]))
+            self.lengths[s] = self.lengths[last]
+        self._ids.pop()
+        self.lengths[last] = 0
+        return move
+
+    def keep(self, keep_ids: list[str] | set[str]) -> list[Move]:
+        """Free every slot whose request is not in keep_ids; return the moves to apply.
+
+        The survivors above the new count fill the holes below it, so each moves at most once
+        (the moves touch distinct slots: their order does not matter).
+        """
+        keep = set(keep_ids)
+        n = len(self._ids)
+        leaving = [s for s, r in enumerate(self._ids) if r not in keep]
+        if not leaving:
+            return []
+        n_new = n - len(leaving)
+        holes = [s for s in leaving if s < n_new]
+        movers = [s for s in range(n_new, n) if self._ids[s] in keep]  # as many as holes
+        moves = [
+            Move(src=src, dst=dst, length=int(self.lengths[src]))
+            for src, dst in zip(movers, holes, strict=True)
+        ]
+        for s in leaving:
+            del self._slot[self._ids[s]]
+        for m in moves:
+            rid = self._ids[m.src]
+            self._ids[m.dst], self._slot[rid] = rid, m.dst
+            self.lengths[m.dst] = self.lengths[m.src]
+        del self._ids[n_new:]
+        self.lengths[n_new:n] = 0
+        return moves
+
+    def clear(self) -> None:
+        self._ids.clear()
+        self._slot.clear()
+        self.lengths[:] = 0
+
+    # ---- one decode step -----------------------------------------------------------------
+    def decode_inputs(self, last_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """input_ids (n, 1), attention_mask (n, W), position_ids (n, 1) for one decode step.
+
+        Slot i's new token goes to position lengths[i]; its mask row is lengths[i] + 1 ones, right
+        padded to W = the longest row after the step.
+        """
+        n = len(self._ids)
+        lengths = self.lengths[:n]
+        width = int(lengths.max()) + 1 if n else 1
+        if width > self.max_len:
+            raise ValueError(f"a sequence would exceed the cache's {self.max_len} positions")
+        mask = (self._positions[:width] <= lengths[:, None]).astype(np.int64)  # (n, W)
+        return last_tokens.reshape(n, 1).astype(np.int64, copy=False), mask, lengths.reshape(n, 1).copy()
+
+    def advance(self, by: int = 1) -> None:
+        """After a decode step: every live slot holds ``by`` more tokens."""
+        self.lengths[: len(self._ids)] += by
+
+    def chunk_inputs(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """input_ids (1, T), attention_mask (1, L + T), position_ids (1, T) to run T new tokens of
+        the only live slot (L cached) in one call: a speculative step (service/engine/ngram.py).
+
+        One slot only: ONNX Runtime's CPU GroupQueryAttention refuses T > 1 over a non-empty past
+        for more than one row (model/export_gqa.py).
+        """
+        if len(self._ids) != 1:
+            raise ValueError(f"a multi-token step needs exactly one live slot, not {len(self._ids)}")
+        new, cached = len(tokens), int(self.lengths[0])
+        if cached + new > self.max_len:
+            raise ValueError(f"{cached} cached + {new} new tokens exceed the cache's {self.max_len} positions")
+        ids = np.asarray(tokens, np.int64).reshape(1, new)
+        return ids, np.ones((1, cached + new), np.int64), self._positions[cached : cached + new].reshape(1, new).copy()
+
+    # ---- checks --------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Assert that the bookkeeping is consistent (tests and debug mode)."""
+        n = len(self._ids)
+        assert n <= self.num_slots, (n, self.num_slots)
+        assert len(self._slot) == n and len(set(self._ids)) == n, "duplicate or missing ids"
+        assert all(self._slot[r] == i for i, r in enumerate(self._ids)), "slot map out of sync"
+        assert (self.lengths[:n] >= 1).all() and (self.lengths[:n] <= self.max_len).all(), self.lengths[:n]
+        assert not self.lengths[n:].any(), "a free slot holds tokens"
+
+
+def right_pad_prompts(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids, attention_mask, position_ids (B, T) for a right-padded prefill batch.
+
+    Row b's tokens sit at positions 0..len_b-1; padding has mask 0 and positions len_b..T-1
+    (any position below the context length would do: nothing reads a padding position).
+    """
+    T = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), T), pad_id, np.int64)
+    mask = np.zeros((len(prompts), T), np.int64)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = p
+        mask[b, : len(p)] = 1
+    pos = np.broadcast_to(np.arange(T, dtype=np.int64), (len(prompts), T)).copy()
+    return ids, mask, pos

@@ -1,0 +1,163 @@
+"""Answering one generation request: a JSON body, or an SSE stream, and what gets observed.
+
+Non-streaming: wait until every choice finished while watching the connection; a client that
+goes away aborts the request at once. Streaming: the HTTP status is chosen only after the
+engine accepted the request (its "ack"), so a refusal (queue full, prompt too long) is a proper
+4xx; once the stream started, an error becomes one SSE ``event: error`` and the stream closes.
+A streaming client that goes away cancels the response task (Starlette watches the
+connection), and the response's close hook aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from service.http import formatting as fmt
+from service.http.errors import REJECT_REASON, ApiError
+from service.http.formatting import Formatter
+from service.http.jobs import Job
+from service.process.frontend import ClientGone, Frontend, Gone, Pending
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # nginx's "client closed request", for metrics and logs only
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that runs ``on_close`` however it ends (done, error, client gone)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def generate(fe: Frontend, request: Request, route: str, job: Job, formatter: Formatter) -> Response:
+    p = fe.submit(job, request.state.arrival)
+    p.request_id = request.state.request_id
+    if not job.stream:
+        return await _unary(fe, request, route, p, formatter)
+    try:
+        await p.next_event()  # the ack, or the engine's refusal
+    except ApiError as e:
+        p.error = e
+        _end(fe, route, p, e.status_on(route))
+        return e.response(route)
+    except BaseException:  # cancelled: the request must still end (in-flight count, abort)
+        _end(fe, route, p, CLIENT_CLOSED)
+        raise
+    return EventStream(_events(fe, p, formatter), on_close=lambda: _end(fe, route, p, 200))
+
+
+async def _unary(fe: Frontend, request: Request, route: str, p: Pending, formatter: Formatter) -> Response:
+    watcher = asyncio.create_task(_watch_disconnect(request, p))
+    status = 500
+    try:
+        async for _ in p.outputs():
+            pass
+        body = formatter.body(p, fe.model)
+        status = 200
+        return Response(body.model_dump_json(), media_type="application/json")
+    except ClientGone:
+        status = CLIENT_CLOSED
+        return Response(status_code=CLIENT_CLOSED)
+    except ApiError as e:
+        p.error, status = e, e.status_on(route)
+        return e.response(route)
+    finally:
+        watcher.cancel()
+        _end(fe, route, p, status)
+
+
+async def _events(fe: Frontend, p: Pending, formatter: Formatter) -> AsyncIterator[str]:
+    m, job = fe.model, p.job
+    try:
+        for chunk in formatter.opening(job, m):
+            yield chunk
+        async for c, out in p.outputs():
+            chunk = formatter.chunk(p, m, c, out)
+            if chunk:
+                if c.first_sent_t is None:
+                    c.first_sent_t = time.monotonic()
+                yield chunk
+        if job.include_usage:
+            yield formatter.usage_chunk(job, m, p.choices)
+        yield fmt.DONE
+    except ApiError as e:
+        p.error = e
+        yield e.sse()
+
+
+async def _watch_disconnect(request: Request, p: Pending) -> None:
+    """After the body was read, the next ASGI message is the disconnect (if it happens)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            p.put(Gone())
+            return
+
+
+def _end(fe: Frontend, route: str, p: Pending, status: int) -> None:
+    """Finish the request once, and record it: metrics, then one log line."""
+    if p.ended:
+        return
+    fe.finish(p)
+    m = fe.metrics
+    m.observe_http(route, status)
+    now = time.monotonic()
+    if p.error is not None and not p.acked and p.error.kind in REJECT_REASON:
+        m.observe_rejected(REJECT_REASON[p.error.kind])
+    # A client that left before the engine's acknowledgement was aborted all the same: count it once,
+    # here, as an abort (the engine's late answer for it is dropped), so no request goes uncounted.
+    gone_before_ack = not p.acked and p.error is None and status == CLIENT_CLOSED
+    if p.acked or gone_before_ack:
+        for c in p.choices:
+            reason = c.finish_reason or ("error" if p.error is not None else "abort")
+            t = c.output.timings if c.output is not None else None
+            m.observe_request(
+                prompt_tokens=len(p.job.prompt_of(c.index)),
+                generation_tokens=c.num_output_tokens,
+                finish_reason=reason,
+                ttft_s=p.ttft(c),
+                itl_s=c.itl,
+                e2e_s=now - p.arrival,
+                queue_s=t.queue_time if t else None,
+                prefill_s=t.prefill_time if t else None,
+                decode_s=t.decode_time if t else None,
+            )
+    finish = ",".join(c.finish_reason or "-" for c in p.choices)
+    tokens = sum(c.num_output_tokens for c in p.choices)
+    extra = ""
+    if fe.settings.log_prompts:
+        extra = f" prompt={list(p.job.prompt_texts)!r} output={[''.join(c.text) for c in p.choices]!r}"
+    logger.info(
+        "%s %s %s status=%d prompt_tokens=%d completion_tokens=%d finish=%s e2e=%.3fs%s",
+        p.request_id,
+        p.job.id,
+        route,
+        status,
+        p.job.num_prompt_tokens,
+        tokens,
+        finish,
+        now - p.arrival,
+        extra,
+    )
+
+
+def json_response(model) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"))
