@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from service.engine.kv.inplace_cache import Move, InplaceCache, right_pad_prompts
+from service.engine.kv.inplace_cache import InplaceCache, Move, right_pad_prompts
 
 
 def test_newcomers_take_the_next_slots_and_a_leaver_is_replaced_by_the_last_slot() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.engine.sampler import check_stop, sample
+from service.engine.sampler import sample
 from service.engine.types import SamplingParams
 
 V = 50
@@ -206,28 +206,6 @@ def test_logprobs_equal_log_softmax_of_penalized_logits_before_temperature() -> 
 def test_length_mismatch_is_rejected() -> None:
     with pytest.raises(ValueError, match="batch size mismatch"):
         sample(make_logits(B=2), [SamplingParams()], [np.random.default_rng(0)], [[]], [[]])
-
-
-@pytest.mark.parametrize(
-    ("token", "n", "params", "expected"),
-    [
-        (2, 1, SamplingParams(max_tokens=5), ("stop", 2)),  # eos
-        (2, 1, SamplingParams(max_tokens=5, ignore_eos=True), (None, None)),
-        (2, 5, SamplingParams(max_tokens=5, ignore_eos=True), ("length", None)),
-        (7, 1, SamplingParams(max_tokens=5, stop_token_ids=(7,)), ("stop", 7)),
-        (7, 1, SamplingParams(max_tokens=5, stop_token_ids=(7,), ignore_eos=True), ("stop", 7)),
-        (7, 5, SamplingParams(max_tokens=5, stop_token_ids=(7,)), ("stop", 7)),  # stop wins over length
-        (9, 4, SamplingParams(max_tokens=5), (None, None)),
-        (9, 5, SamplingParams(max_tokens=5), ("length", None)),
-        (9, 1, SamplingParams(max_tokens=1), ("length", None)),
-    ],
-)
-def test_check_stop(token: int, n: int, params: SamplingParams, expected: tuple) -> None:
-    assert check_stop(token, n, params, eos_token_id=2) == expected
-
-
-def test_check_stop_without_eos() -> None:
-    assert check_stop(2, 1, SamplingParams(), eos_token_id=None) == (None, None)
 
 
 def reference_keep(z: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
