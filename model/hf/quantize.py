@@ -18,8 +18,12 @@ ACCURACY_LEVEL = 4
 
 def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int = BLOCK_SIZE) -> dict:
     """Write ``src`` with MatMulNBits weights to ``dst``; return the bundle's ``quantization`` record."""
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # one line a node
 
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
