@@ -38,3 +38,22 @@ def quantize_nbits(src: Path, dst: Path, bits: int, block_size: int = BLOCK_SIZE
     onnx.save(model, str(dst))
     return {"method": "MatMulNBits", "bits": bits, "block_size": block_size, "symmetric": True,
             "accuracy_level": ACCURACY_LEVEL, "quantized_matmuls": n}
+
+
+def quantize_bundle(src: Path, dst: Path, bits: int) -> Path:
+    """A copy of the fp32 bundle ``src`` at ``dst`` with both graphs quantized (what ``import --int4/--int8``
+    writes, without exporting again); config.json's hashes and ``quantization`` follow."""
+    import json
+    import shutil
+
+    from service.bundle import CONFIG_FILE, KV_INPLACE_SECTION, sha256_file
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    config = json.loads((dst / CONFIG_FILE).read_text(encoding="utf-8"))
+    graphs = [config["onnx"]["file"]] + ([config[KV_INPLACE_SECTION]["file"]] if KV_INPLACE_SECTION in config else [])
+    for g in graphs:
+        config["quantization"] = quantize_nbits(src / g, dst / g, bits)
+    config["name"] = dst.name
+    config["files"] = {f: {"sha256": sha256_file(dst / f), "bytes": (dst / f).stat().st_size} for f in config["files"]}
+    (dst / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return dst
