@@ -36,11 +36,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import chat_template, handlers, metrics, playground, serving
+from service import handlers, metrics, playground, serving
 from service import protocol as p
 from service.engine_loop import ENGINE_PATH
 from service.errors import REJECT_REASON, ApiError, error_from_status
 from service.frontend import Frontend
+from service.generation_defaults import GenerationDefaults
+from service.jinja_template import load_chat_template
 from service.settings import Settings
 from service.shared_state import SharedState
 from service.structured import GrammarCompiler
@@ -254,7 +256,8 @@ class HttpApi:
     # -- model routes -------------------------------------------------------------------------
     def _card(self) -> p.ModelCard:
         m = self.model
-        return p.ModelCard(id=m.name, created=m.created, root=m.name, max_model_len=m.context_length)
+        return p.ModelCard(id=m.name, created=m.created, root=m.name, max_model_len=m.context_length,
+                           generation_defaults=m.defaults.reported())
 
     async def models(self, request: Request) -> Response:
         return handlers.json_response(p.ModelList(data=[self._card()]))
@@ -278,9 +281,9 @@ class HttpApi:
             return tok.id_to_piece(i) if i >= 0 else None
 
         info = p.TokenizerInfo(
-            tokenizer_class="SentencePiece",
-            eos_token=piece(tok.eos_id),
-            bos_token=piece(tok.bos_id),
+            tokenizer_class="SentencePiece" if tok.kind == "sentencepiece" else "PreTrainedTokenizerFast",
+            eos_token=tok.eos_token,
+            bos_token=tok.bos_token,
             pad_token=piece(tok.pad_id),
             eos_token_id=tok.eos_id if tok.eos_id >= 0 else None,
             bos_token_id=tok.bos_id if tok.bos_id >= 0 else None,
@@ -300,8 +303,11 @@ class HttpApi:
             )
         text = req.text if req.text is not None else req.prompt
         if text is None:
-            text = chat_template.render(req.messages or [])
-        ids = self.model.encode_prompt(text, req.add_special_tokens)
+            chat = self.model.chat_template
+            text = chat.render(req.messages or [])
+            ids = self.model.encode_prompt(text, req.add_special_tokens and chat.add_special_tokens)
+        else:
+            ids = self.model.encode_prompt(text, req.add_special_tokens)
         out = p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.model.context_length)
         return handlers.json_response(out)
 
@@ -318,17 +324,17 @@ class HttpApi:
 
     # -- generation routes --------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
-        req = await self._read(request, p.CompletionRequest)
+        req = self.model.defaults.apply(await self._read(request, p.CompletionRequest))
         job = self._observed(serving.build_completion(req, self.model))
         return await handlers.generate(self.fe, request, "/v1/completions", job, "completion")
 
     async def chat_completions(self, request: Request) -> Response:
-        req = await self._read(request, p.ChatCompletionRequest)
+        req = self.model.defaults.apply(await self._read(request, p.ChatCompletionRequest))
         job = self._observed(serving.build_chat(req, self.model))
         return await handlers.generate(self.fe, request, "/v1/chat/completions", job, "chat")
 
     async def generate(self, request: Request) -> Response:
-        req = await self._read(request, p.GenerateRequest)
+        req = self.model.defaults.apply(await self._read(request, p.GenerateRequest))
         job = self._observed(serving.build_generate(req, self.model))
         return await handlers.generate(self.fe, request, "/generate", job, "generate")
 
@@ -423,11 +429,13 @@ def model_info(settings: Settings, bundle: Any, tokenizer: Any) -> serving.Model
         name=settings.model_name or bundle.name,
         context_length=bundle.context_length,
         tokenizer=tokenizer,
-        add_bos=bool(bundle.config.get("tokenizer", {}).get("add_bos", False)),
+        add_bos=bundle.add_bos,
         created=int(time.time()),
         # every choice is one engine request: more than the waiting queue holds would never fit
         max_choices=min(p.MAX_CHOICES, settings.max_waiting),
         compiler=GrammarCompiler(tokenizer, timeout_s=settings.grammar_compile_timeout_s),
+        chat_template=load_chat_template(bundle, tokenizer),
+        defaults=GenerationDefaults.from_bundle(bundle.generation_defaults),
     )
 
 

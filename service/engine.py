@@ -98,7 +98,7 @@ class Engine:
             raise ValueError(f"speculative_tokens must be >= 0 and speculative_ngram >= 1, "
                              f"got {speculative_tokens} and {speculative_ngram}")
         self.bundle = bundle
-        self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
+        self.tokenizer = Tokenizer.from_bundle(bundle)
         self._batch = _open_batch(bundle, provider, intra_op_threads, graph_opt_level, max_running, kv_inplace)
         self.runner = self._batch.runner
         self.kv_layout: Literal["inplace", "concat"] = self._batch.layout
@@ -344,7 +344,7 @@ class Engine:
             if wants_logprobs:
                 out.new_logprobs.append(float(lp))
                 out.new_top_logprobs.append(top or [])
-            reason, stop_reason = check_stop(tok, len(s.output), s.params, self.tokenizer.eos_id)
+            reason, stop_reason = check_stop(tok, len(s.output), s.params, self.tokenizer.eos_ids)
             render = reason != "stop"  # a stop token is never rendered
             if s.matcher is not None and reason != "stop":
                 if not s.matcher.consume_token(tok):  # cannot happen: the mask allowed it
@@ -405,7 +405,7 @@ def _open_batch(bundle: Bundle, provider: Provider, intra_op_threads: int, graph
         runner = InplaceRunner(bundle, max_running, intra_op_threads, graph_opt_level)
         log.info("KV cache layout: inplace (%s, %d slots x %d positions, at most %.0f MB of cache)",
                  bundle.kv_inplace_path.name, max_running, runner.max_len, runner.cache_bytes / 1e6)
-        return InplaceBatch(runner, bundle.pad_id)
+        return InplaceBatch(runner, bundle.padding_id)
     log.info("KV cache layout: concat (%s)", why)
-    return ConcatBatch(Runner(bundle, provider, intra_op_threads, graph_opt_level), bundle.pad_id)
+    return ConcatBatch(Runner(bundle, provider, intra_op_threads, graph_opt_level), bundle.padding_id)
 

@@ -21,7 +21,7 @@ partition of the largest logits, not a full argsort; the draw is a two-level inv
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -327,19 +327,20 @@ def _logprobs(
 
 
 def check_stop(
-    token_id: int, num_output_tokens: int, params: SamplingParams, eos_token_id: int | None
+    token_id: int, num_output_tokens: int, params: SamplingParams, eos_token_ids: Collection[int] = ()
 ) -> tuple[FinishReason | None, int | None]:
     """Whether a sequence ends with the token just sampled.
 
     Args:
         token_id: the token just sampled.
         num_output_tokens: output length including ``token_id``.
+        eos_token_ids: the model's end-of-sequence ids (several for some checkpoints: any ends it).
 
     Returns:
         ("stop", token_id) for EOS (unless ``ignore_eos``) or a stop token; ("length", None) once
         ``max_tokens`` tokens exist; (None, None) otherwise. A stop token wins over the length limit.
     """
-    if (token_id == eos_token_id and not params.ignore_eos) or token_id in params.stop_token_ids:
+    if (token_id in eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
         return "stop", token_id
     if num_output_tokens >= params.max_tokens:
         return "length", None

@@ -11,15 +11,16 @@ Pure functions and plain state (no sockets, no processes), used by the HTTP proc
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from typing import Any, Literal
 
 from service import chat_template
 from service.errors import ApiError
+from service.generation_defaults import GenerationDefaults
 from service.protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -47,6 +48,9 @@ class ModelInfo:
     created: int = field(default_factory=lambda: int(time.time()))
     max_choices: int = MAX_CHOICES  # prompts x n per request; at most the engine's waiting queue
     compiler: Any = None  # service.structured.GrammarCompiler, for structured output (None: refused)
+    # the bundle's chat template: chat_template.SCRIPT or a jinja_template.JinjaChatTemplate
+    chat_template: Any = chat_template.SCRIPT
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # the bundle's generation defaults
 
     @property
     def vocab_size(self) -> int:
@@ -127,7 +131,7 @@ def build_completion(req: CompletionRequest, m: ModelInfo) -> Job:
         else:
             prompts.append(_check_ids(prompt, m, param))
             texts.append(None)
-    max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    max_tokens = m.defaults.max_tokens(req.max_tokens, DEFAULT_MAX_TOKENS, m.context_length - max(map(len, prompts)))
     # echo shows the prompt's logprobs when logprobs are asked for; scoring alone needs them too
     prompt_lp = req.logprobs if req.echo else None
     if max_tokens == 0 and prompt_lp is None:
@@ -159,15 +163,17 @@ def build_chat(req: ChatCompletionRequest, m: ModelInfo) -> Job:
     _check_model(req, m)
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError("validation", "top_logprobs: requires logprobs to be true", "top_logprobs")
-    text = chat_template.render(req.messages)
-    ids = m.encode_prompt(text)
-    max_tokens = req.max_completion_tokens or req.max_tokens or max(1, m.context_length - len(ids))
+    chat = m.chat_template
+    text = chat.render(req.messages, [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None)
+    ids = m.encode_prompt(text, chat.add_special_tokens)
+    room = max(1, m.context_length - len(ids))
+    max_tokens = m.defaults.max_tokens(req.max_completion_tokens or req.max_tokens, room, room)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     tool, tool_structure = tool_mode(req)
     structure = compile_structure(req, m, tool_structure)
-    params = _params(
-        req, m, len(ids), max_tokens, req.n, logprobs, chat_template.STOP, "messages", structure=structure
-    )
+    params = _params(req, m, len(ids), max_tokens, req.n, logprobs, chat.stop, "messages", structure=structure)
+    if chat.end_of_turn:  # a Jinja template's end-of-turn token that is not an eos id
+        params = tuple(_replace(p, stop_token_ids=(*p.stop_token_ids, *chat.end_of_turn)) for p in params)
     return Job(
         new_id("chatcmpl"),
         (ids,),
@@ -191,7 +197,8 @@ def build_generate(req: GenerateRequest, m: ModelInfo) -> Job:
         ids, text = _check_ids(req.input_ids or [], m, "input_ids"), None
     logprobs = req.logprobs if req.logprobs is not None else (0 if req.details else None)
     structure = compile_structure(req, m)
-    params = _params(req, m, len(ids), req.max_tokens or DEFAULT_MAX_TOKENS, 1, logprobs, (), structure=structure)
+    max_tokens = m.defaults.max_tokens(req.max_tokens, DEFAULT_MAX_TOKENS, m.context_length - len(ids))
+    params = _params(req, m, len(ids), max_tokens, 1, logprobs, (), structure=structure)
     return Job(
         new_id("gen"),
         (ids,),
@@ -387,9 +394,7 @@ def _params(
 
 
 def _replace_seed(p: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(p, seed=seed)
+    return _replace(p, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,20 +496,13 @@ def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
     }
 
 
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
 def token_bytes(tok: Tokenizer, token_id: int) -> bytes:
-    """The bytes a token stands for (SentencePiece's ▁ is a space, <0xNN> a raw byte)."""
-    if token_id in tok.special_ids:
-        return b""
-    piece = tok.id_to_piece(token_id)
-    m = _BYTE_PIECE.match(piece)
-    return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode()
+    """The bytes a token stands for (SentencePiece's ▁ is a space, <0xNN> a raw byte, GPT-2's byte alphabet)."""
+    return tok.token_bytes(token_id)
 
 
 def token_str(tok: Tokenizer, token_id: int) -> str:
-    return token_bytes(tok, token_id).decode("utf-8", errors="backslashreplace")
+    return tok.token_text(token_id)
 
 
 def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list, tops, offset: int) -> dict:

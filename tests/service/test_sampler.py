@@ -223,11 +223,11 @@ def test_length_mismatch_is_rejected() -> None:
     ],
 )
 def test_check_stop(token: int, n: int, params: SamplingParams, expected: tuple) -> None:
-    assert check_stop(token, n, params, eos_token_id=2) == expected
+    assert check_stop(token, n, params, eos_token_ids=(2,)) == expected
 
 
 def test_check_stop_without_eos() -> None:
-    assert check_stop(2, 1, SamplingParams(), eos_token_id=None) == (None, None)
+    assert check_stop(2, 1, SamplingParams()) == (None, None)
 
 
 def reference_keep(z: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
