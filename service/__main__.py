@@ -82,10 +82,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from bundle.format import BundleError, load_bundle
     from bundle.tokenizer import Tokenizer
+    from service.http.jinja_template import load_chat_template
 
     try:
         bundle = load_bundle(settings.model_dir)
-        tokenizer = Tokenizer.load(bundle.tokenizer_path)
+        tokenizer = Tokenizer.from_bundle(bundle)
+        load_chat_template(bundle, tokenizer)  # a template that does not compile stops the start here
         check_port_free(settings.host, settings.http_port)
     except (BundleError, SettingsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

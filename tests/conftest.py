@@ -89,3 +89,30 @@ def bundle_without_attention(tiny_bundle: Path, tmp_path_factory: pytest.TempPat
     (out / "model.attention.onnx").unlink()
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_import(tmp_path_factory: pytest.TempPathFactory):
+    """``hf_import(family, *flags) -> (checkpoint dir, bundle dir)``: a random-weight Hugging Face checkpoint
+    of the family (tests/hf_checkpoints.py) imported through `python -m model import --hf`, once per
+    family and flags. The import's own output (its parity lines) is kept in ``<bundle>/import.log``."""
+    from hf_checkpoints import make_checkpoint
+
+    root = tmp_path_factory.mktemp("hf")
+    done: dict[tuple[str, ...], tuple[Path, Path]] = {}
+
+    def run(family: str, *flags: str) -> tuple[Path, Path]:
+        key = (family, *flags)
+        if key not in done:
+            ckpt = root / f"ckpt-{family}"
+            if not (ckpt / "config.json").is_file():
+                make_checkpoint(family, ckpt)
+            out = root / "-".join(["bundle", *key]).replace("--", "")
+            cmd = [sys.executable, "-m", "model", "import", "--hf", str(ckpt), "--out", str(out), *flags]
+            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            assert r.returncode == 0, f"import of {family} failed:\n{r.stderr[-3000:]}"
+            (out / "import.log").write_text(r.stderr)
+            done[key] = (ckpt, out)
+        return done[key]
+
+    return run

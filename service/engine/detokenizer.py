@@ -9,8 +9,12 @@ decoded behind a short *anchor* (an earlier chunk of already-emitted tokens),
 first piece(s) of a decode, so the anchor must itself decode to non-empty text (then the new
 pieces keep their spaces); at the very start there is no anchor, which reproduces the stripping
 that ``decode(all)`` does. Tokens whose text ends in U+FFFD may be an unfinished character: the
-last ≤ 3 of them are held back until it completes (text before them is released at once).
-Per-token work is bounded by the anchor and held tokens, never the whole output. Fast path:
+last ≤ 3 of them are held back until it completes (text before them is released at once). A
+byte-level BPE token (GPT-2, Llama-3, Qwen) can end inside one character and start inside another,
+so several tokens in a row may have no character boundary between them: then the text before the
+trailing U+FFFD (at most 3 of them, one per held byte) is released, and the tokens stay pending
+until a boundary comes. Per-token work is bounded by the anchor and held tokens (at most
+``_MAX_PENDING_TOKENS``), never the whole output. Fast path:
 with a tokenizer that offers ``plain_texts`` (bundle.tokenizer.Tokenizer: the text of each
 ordinary piece after other text, checked against ``decode``), pending tokens that are all
 ordinary pieces are rendered by table lookup once an anchor exists, with no decode at all; the
@@ -30,6 +34,9 @@ from typing import Protocol
 _FFFD = "\ufffd"
 _MAX_PARTIAL_TOKENS = 3  # a UTF-8 character has at most 4 bytes: at most 3 arrived while it is unfinished
 _CONTEXT_TOKENS = 8  # prompt tokens kept as the first anchor
+# Tokens without a character boundary between them before the text is taken as invalid UTF-8 and
+# released as it decodes (real text reaches a boundary within a few tokens).
+_MAX_PENDING_TOKENS = 64
 
 
 class TokenizerLike(Protocol):
@@ -77,7 +84,8 @@ class IncrementalDetokenizer:
         # anchor: emitted tokens that end on a character boundary and decode to non-empty text.
         self._anchor: list[int] = context if context_text else []
         self._anchor_text = context_text
-        self._pending: list[int] = []  # tokens whose text is not yet rendered
+        self._pending: list[int] = []  # tokens whose text is not yet rendered (or only partly)
+        self._pending_done = 0  # characters of the pending tokens' text already emitted
         self._held = ""  # rendered text held back: its tail may start a stop string
         self._text = ""
         self._done = False
@@ -114,14 +122,15 @@ class IncrementalDetokenizer:
         """Render pending tokens to text, holding back an unfinished trailing character."""
         if not self._pending:
             return ""
-        if self._anchor and self._plain:
+        done = self._pending_done  # characters of the pending tokens' text already emitted
+        if self._anchor and self._plain and not done:
             plain = self._plain
             try:
                 text = "".join([plain[t] for t in self._pending])
             except KeyError:  # a byte or other piece: decode
                 pass
             else:
-                self._pending = []
+                self._pending, self._pending_done = [], 0
                 return text
         text = self._decode_after_anchor(self._pending)
         if text.endswith(_FFFD) and not final:
@@ -131,22 +140,30 @@ class IncrementalDetokenizer:
                 head_text = self._decode_after_anchor(head)
                 if not head_text.endswith(_FFFD):
                     self._pending = self._pending[-t:]
+                    self._pending_done = max(0, done - len(head_text))
                     self._advance(head)
-                    return head_text
-            if len(self._pending) <= _MAX_PARTIAL_TOKENS:
-                return ""  # may still complete
-            # Longer than any unfinished character: invalid UTF-8, release it as is (not as an anchor).
-            self._pending = []
-            return text
+                    return head_text[done:]
+            if len(self._pending) > _MAX_PENDING_TOKENS:  # invalid UTF-8 all along: release it as is
+                self._pending, self._pending_done = [], 0
+                return text[done:]
+            # No token boundary is a character boundary (byte-level BPE tokens that end inside one
+            # character and start inside another): release the text before the last few U+FFFD, which
+            # are the only ones more bytes can still turn into a character.
+            trailing = len(text) - len(text.rstrip(_FFFD))
+            stable = len(text) - min(trailing, _MAX_PARTIAL_TOKENS)
+            if stable <= done:
+                return ""
+            self._pending_done = stable
+            return text[done:stable]
         if not text and not self._anchor and not final:
             # Nothing rendered yet: these pieces (leading '▁') may still matter, since how many leading
             # spaces decode() strips depends on the model; keep a bounded run of them.
             self._pending = self._pending[-_CONTEXT_TOKENS:]
             return ""
-        ids, self._pending = self._pending, []
+        ids, self._pending, self._pending_done = self._pending, [], 0
         if not text.endswith(_FFFD):
             self._advance(ids)
-        return text
+        return text[done:]
 
     def _advance(self, ids: list[int]) -> None:
         """Rendered ``ids`` (ending on a character boundary) become the anchor if they decode non-empty."""

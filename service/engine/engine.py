@@ -37,8 +37,8 @@ import numpy as np
 
 from bundle.format import Bundle
 from bundle.tokenizer import Tokenizer
-from service.engine import finishing, rules
 from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine import finishing, rules
 from service.engine.kv.batch import KVInplace, open_batch
 from service.engine.kv.concat_batch import Provider
 from service.engine.ngram import NgramIndex
@@ -105,7 +105,7 @@ class Engine:
             raise ValueError(f"speculative_tokens must be >= 0 and speculative_ngram >= 1, "
                              f"got {speculative_tokens} and {speculative_ngram}")
         self.bundle = bundle
-        self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
+        self.tokenizer = Tokenizer.from_bundle(bundle)
         self._batch = open_batch(bundle, provider, intra_op_threads, graph_opt_level, max_running, kv_inplace)
         self.runner = self._batch.runner
         self.kv_layout: Literal["inplace", "concat"] = self._batch.layout
@@ -122,7 +122,7 @@ class Engine:
         self.model_name = bundle.name
         self.num_parameters = bundle.num_parameters
         self.vocab_size = bundle.vocab_size
-        self._eos_ids = frozenset({self.tokenizer.eos_id})  # the tokens that end a sequence
+        self._eos_ids = frozenset(self.tokenizer.eos_ids)  # the tokens that end a sequence
         self.kv_budget_tokens = kv_budget_tokens or max_running * self.context_length
         self.scheduler = Scheduler(max_running=max_running, max_waiting=max_waiting,
                                    kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=max_prefill_tokens)

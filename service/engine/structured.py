@@ -42,7 +42,6 @@ KINDS: tuple[str, ...] = ("json_object", "json_schema", "regex", "choice", "gram
 # JSON without optional whitespace: the same documents, fewer tokens, and a model that likes
 # spaces cannot spend its max_tokens on them.
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 class GrammarError(ValueError):
@@ -68,19 +67,11 @@ class _TokenBytes:
     """What ``llguidance.TokenizerWrapper`` reads: the bytes of each token, special ids, encode."""
 
     def __init__(self, tokenizer: Tokenizer):
-        sp = tokenizer._sp
         self.eos_token_id = tokenizer.eos_id
         self.bos_token_id = tokenizer.bos_id if tokenizer.bos_id >= 0 else None
-        self.tokens: list[bytes] = []
-        self.special_token_ids: list[int] = []
-        for i in range(tokenizer.vocab_size):
-            if i in tokenizer.special_ids or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-                self.tokens.append(b"")
-                self.special_token_ids.append(i)
-                continue
-            piece = sp.id_to_piece(i)
-            m = _BYTE_PIECE.match(piece)
-            self.tokens.append(bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode())
+        no_text = tokenizer.no_text_ids
+        self.tokens: list[bytes] = [b"" if i in no_text else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        self.special_token_ids: list[int] = sorted(no_text)
         self._tokenizer = tokenizer
 
     def __call__(self, text: str | bytes) -> list[int]:

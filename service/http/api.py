@@ -38,11 +38,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
 from service.engine.structured import GrammarCompiler
-from service.http import chat_template, handlers, playground
 from service.http import formatting as fmt
+from service.http import handlers, playground
 from service.http import jobs as serving
 from service.http import protocol as p
 from service.http.errors import REJECT_REASON, ApiError, error_from_status
+from service.http.generation_defaults import GenerationDefaults
+from service.http.jinja_template import load_chat_template
 from service.process.frontend import Frontend
 from service.process.shared_state import SharedState
 from service.process.worker import ENGINE_PATH
@@ -257,7 +259,8 @@ class HttpApi:
     # -- model routes -------------------------------------------------------------------------
     def _card(self) -> p.ModelCard:
         m = self.model
-        return p.ModelCard(id=m.name, created=m.created, root=m.name, max_model_len=m.context_length)
+        return p.ModelCard(id=m.name, created=m.created, root=m.name, max_model_len=m.context_length,
+                           generation_defaults=m.defaults.reported())
 
     async def models(self, request: Request) -> Response:
         return handlers.json_response(p.ModelList(data=[self._card()]))
@@ -281,9 +284,9 @@ class HttpApi:
             return tok.id_to_piece(i) if i >= 0 else None
 
         info = p.TokenizerInfo(
-            tokenizer_class="SentencePiece",
-            eos_token=piece(tok.eos_id),
-            bos_token=piece(tok.bos_id),
+            tokenizer_class="SentencePiece" if tok.kind == "sentencepiece" else "PreTrainedTokenizerFast",
+            eos_token=tok.eos_token,
+            bos_token=tok.bos_token,
             pad_token=piece(tok.pad_id),
             eos_token_id=tok.eos_id if tok.eos_id >= 0 else None,
             bos_token_id=tok.bos_id if tok.bos_id >= 0 else None,
@@ -303,8 +306,11 @@ class HttpApi:
             )
         text = req.text if req.text is not None else req.prompt
         if text is None:
-            text = chat_template.render(req.messages or [])
-        ids = self.model.encode_prompt(text, req.add_special_tokens)
+            chat = self.model.chat_template
+            text = chat.render(req.messages or [])
+            ids = self.model.encode_prompt(text, req.add_special_tokens and chat.add_special_tokens)
+        else:
+            ids = self.model.encode_prompt(text, req.add_special_tokens)
         out = p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.model.context_length)
         return handlers.json_response(out)
 
@@ -321,17 +327,17 @@ class HttpApi:
 
     # -- generation routes --------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
-        req = await self._read(request, p.CompletionRequest)
+        req = self.model.defaults.apply(await self._read(request, p.CompletionRequest))
         job = self._observed(serving.build_completion(req, self.model))
         return await handlers.generate(self.fe, request, "/v1/completions", job, fmt.COMPLETION)
 
     async def chat_completions(self, request: Request) -> Response:
-        req = await self._read(request, p.ChatCompletionRequest)
+        req = self.model.defaults.apply(await self._read(request, p.ChatCompletionRequest))
         job = self._observed(serving.build_chat(req, self.model))
         return await handlers.generate(self.fe, request, "/v1/chat/completions", job, fmt.CHAT)
 
     async def generate(self, request: Request) -> Response:
-        req = await self._read(request, p.GenerateRequest)
+        req = self.model.defaults.apply(await self._read(request, p.GenerateRequest))
         job = self._observed(serving.build_generate(req, self.model))
         return await handlers.generate(self.fe, request, "/generate", job, fmt.GENERATE)
 
@@ -426,11 +432,13 @@ def model_info(settings: Settings, bundle: Any, tokenizer: Any) -> serving.Model
         name=settings.model_name or bundle.name,
         context_length=bundle.context_length,
         tokenizer=tokenizer,
-        add_bos=bool(bundle.config.get("tokenizer", {}).get("add_bos", False)),
+        add_bos=bundle.add_bos,
         created=int(time.time()),
         # every choice is one engine request: more than the waiting queue holds would never fit
         max_choices=min(p.MAX_CHOICES, settings.max_waiting),
         compiler=GrammarCompiler(tokenizer, timeout_s=settings.grammar_compile_timeout_s),
+        chat_template=load_chat_template(bundle, tokenizer),
+        defaults=GenerationDefaults.from_bundle(bundle.generation_defaults),
     )
 
 

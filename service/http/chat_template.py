@@ -40,3 +40,18 @@ def render(messages: Sequence[Message]) -> str:
     if messages[-1].role == "assistant":
         return "\n".join(lines)
     return "\n".join([*lines, GENERATION_CUE])
+
+
+class ScriptTemplate:
+    """The built-in template as a bundle's chat template (the interface service.http.jinja_template's
+    ``JinjaChatTemplate`` shares): stop strings end a turn, the prompt starts with bos as any text does."""
+
+    stop: tuple[str, ...] = STOP
+    end_of_turn: tuple[int, ...] = ()
+    add_special_tokens = True
+
+    def render(self, messages: Sequence[Message], tools: list[dict] | None = None) -> str:
+        return render(messages)
+
+
+SCRIPT = ScriptTemplate()

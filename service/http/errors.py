@@ -19,6 +19,7 @@ ErrorKind = Literal[
     "invalid_request",
     "validation",
     "invalid_structure",
+    "chat_template",
     "context_length_exceeded",
     "unauthorized",
     "not_found",
@@ -39,6 +40,7 @@ STATUS: dict[str, tuple[int, str]] = {
     "context_length_exceeded": (400, "invalid_request_error"),
     # a JSON schema, regex or grammar we cannot serve: 400 on every route (no JSON Schema can say it)
     "invalid_structure": (400, "invalid_request_error"),
+    "chat_template": (400, "invalid_request_error"),  # the model's Jinja template refused the messages
     "unauthorized": (401, "authentication_error"),
     "not_found": (404, "not_found_error"),
     "model_not_found": (404, "invalid_request_error"),  # OpenAI's type and code for a wrong model
@@ -63,6 +65,7 @@ REJECT_REASON = {
     "invalid_request": "validation",
     "context_length_exceeded": "validation",
     "invalid_structure": "validation",
+    "chat_template": "validation",
     "payload_too_large": "validation",
 }
 

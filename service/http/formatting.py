@@ -9,7 +9,6 @@ token texts are rendered here too.
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -256,20 +255,13 @@ def _chat_lp(job: Job, m: ModelInfo, ids, lps, tops) -> p.ChatLogprobs | None:
 
 # -- logprobs and token texts ------------------------------------------------------------------
 
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
 def token_bytes(tok: Tokenizer, token_id: int) -> bytes:
-    """The bytes a token stands for (SentencePiece's ▁ is a space, <0xNN> a raw byte)."""
-    if token_id in tok.special_ids:
-        return b""
-    piece = tok.id_to_piece(token_id)
-    m = _BYTE_PIECE.match(piece)
-    return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode()
+    """The bytes a token stands for (SentencePiece's ▁ is a space, <0xNN> a raw byte, GPT-2's byte alphabet)."""
+    return tok.token_bytes(token_id)
 
 
 def token_str(tok: Tokenizer, token_id: int) -> str:
-    return token_bytes(tok, token_id).decode("utf-8", errors="backslashreplace")
+    return tok.token_text(token_id)
 
 
 def completion_logprobs(tok: Tokenizer, ids: list[int], lps: list, tops, offset: int) -> dict:

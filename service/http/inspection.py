@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 import time
 from typing import Any
@@ -33,7 +32,6 @@ from service.settings import Settings
 
 MAX_TOP_N = 20
 DECIMALS = 6  # probabilities in the answer are rounded to 1e-6 (attention: 6 significant digits)
-_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 class InspectRequest(p._Strict):
@@ -79,11 +77,10 @@ class InspectInfo(BaseModel):
 
 def token_text(tok: Tokenizer, token_id: int) -> str:
     """A readable label of one token: its piece, '▁' as a space, an ASCII byte piece as its character."""
-    piece = tok.id_to_piece(token_id)
-    m = _BYTE_PIECE.match(piece)
-    if m and int(m.group(1), 16) < 0x80:
-        return chr(int(m.group(1), 16))
-    return piece.replace("▁", " ")
+    try:
+        return tok.token_bytes(token_id).decode("utf-8") or tok.id_to_piece(token_id)
+    except UnicodeDecodeError:  # part of a character: the vocabulary's own name for it
+        return tok.id_to_piece(token_id)
 
 
 class RateLimit:

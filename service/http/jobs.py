@@ -22,6 +22,7 @@ from service.engine.structured import Compiled, GrammarError, Structure
 from service.engine.types import InvalidRequestError, PromptTooLongError, SamplingParams
 from service.http import chat_template
 from service.http.errors import ApiError, engine_refusal
+from service.http.generation_defaults import GenerationDefaults
 from service.http.protocol import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -46,6 +47,9 @@ class ModelInfo:
     created: int = field(default_factory=lambda: int(time.time()))
     max_choices: int = MAX_CHOICES  # prompts x n per request; at most the engine's waiting queue
     compiler: Any = None  # service.engine.structured.GrammarCompiler, for structured output (None: refused)
+    # the bundle's chat template: chat_template.SCRIPT or a jinja_template.JinjaChatTemplate
+    chat_template: Any = chat_template.SCRIPT
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # the bundle's generation defaults
 
     @property
     def vocab_size(self) -> int:
@@ -126,7 +130,7 @@ def build_completion(req: CompletionRequest, m: ModelInfo) -> Job:
         else:
             prompts.append(_check_ids(prompt, m, param))
             texts.append(None)
-    max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    max_tokens = m.defaults.max_tokens(req.max_tokens, DEFAULT_MAX_TOKENS, m.context_length - max(map(len, prompts)))
     # echo shows the prompt's logprobs when logprobs are asked for; scoring alone needs them too
     prompt_lp = req.logprobs if req.echo else None
     if max_tokens == 0 and prompt_lp is None:
@@ -157,14 +161,18 @@ def build_chat(req: ChatCompletionRequest, m: ModelInfo) -> Job:
     _check_model(req, m)
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError("validation", "top_logprobs: requires logprobs to be true", "top_logprobs")
-    text = chat_template.render(req.messages)
-    ids = m.encode_prompt(text)
-    max_tokens = req.max_completion_tokens or req.max_tokens or max(1, m.context_length - len(ids))
+    chat = m.chat_template
+    text = chat.render(req.messages, [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None)
+    ids = m.encode_prompt(text, chat.add_special_tokens)
+    room = max(1, m.context_length - len(ids))
+    max_tokens = m.defaults.max_tokens(req.max_completion_tokens or req.max_tokens, room, room)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     tool, tool_structure = tool_mode(req)
     structure = compile_structure(req, m, tool_structure)
     params = _params(req, m, len(ids), req.n, "messages", max_tokens=max_tokens, logprobs=logprobs,
-                     stop=tuple(dict.fromkeys([*req.stop, *chat_template.STOP])), grammar=_grammar(structure))
+                     stop=tuple(dict.fromkeys([*req.stop, *chat.stop])), grammar=_grammar(structure))
+    if chat.end_of_turn:  # a Jinja template's end-of-turn token that is not an eos id
+        params = tuple(replace(p, stop_token_ids=(*p.stop_token_ids, *chat.end_of_turn)) for p in params)
     return Job(
         new_id("chatcmpl"),
         (ids,),
@@ -188,8 +196,8 @@ def build_generate(req: GenerateRequest, m: ModelInfo) -> Job:
         ids, text = _check_ids(req.input_ids or [], m, "input_ids"), None
     logprobs = req.logprobs if req.logprobs is not None else (0 if req.details else None)
     structure = compile_structure(req, m)
-    params = _params(req, m, len(ids), 1, max_tokens=req.max_tokens or DEFAULT_MAX_TOKENS, logprobs=logprobs,
-                     grammar=_grammar(structure))
+    max_tokens = m.defaults.max_tokens(req.max_tokens, DEFAULT_MAX_TOKENS, m.context_length - len(ids))
+    params = _params(req, m, len(ids), 1, max_tokens=max_tokens, logprobs=logprobs, grammar=_grammar(structure))
     return Job(
         new_id("gen"),
         (ids,),

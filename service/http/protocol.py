@@ -628,7 +628,11 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "textgen"
     root: str | None = None  # vLLM's field: the model the served name stands for
-    max_model_len: int
+    max_model_len: int  # the context length: prompt + output tokens
+    generation_defaults: dict[str, float | int] = Field(
+        default_factory=dict,
+        description="What a request gets for a field it leaves out (from the model's generation_config.json).",
+    )
 
 
 class ModelList(BaseModel):

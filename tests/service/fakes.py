@@ -23,8 +23,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from bundle.tokenizer import Tokenizer
-from service.engine import finishing, rules
 from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine import finishing, rules
 from service.engine.types import (
     InvalidRequestError,
     QueueFullError,

@@ -262,9 +262,9 @@ def test_per_token_decode_work_is_bounded(sp: spm.SentencePieceProcessor) -> Non
 @pytest.mark.parametrize("seed", range(6))
 def test_table_fast_path_renders_exactly_what_decode_does(sp, seed):
     """bundle.tokenizer.Tokenizer offers plain_texts: the deltas must not change at all."""
-    from bundle.tokenizer import Tokenizer
+    from bundle.tokenizer import SentencePieceTokenizer
 
-    tok = Tokenizer(sp)
+    tok = SentencePieceTokenizer(sp)
     assert len(tok.plain_texts) >= 30  # the fast path is really taken for ordinary pieces
 
     class DecodeOnly:  # the same tokenizer without the table: the decode path

@@ -92,6 +92,6 @@ def open_batch(bundle: Bundle, provider: str, intra_op_threads: int, graph_opt_l
         runner = InplaceRunner(bundle, max_running, intra_op_threads, graph_opt_level)
         log.info("KV cache layout: inplace (%s, %d slots x %d positions, at most %.0f MB of cache)",
                  bundle.kv_inplace_path.name, max_running, runner.max_len, runner.cache_bytes / 1e6)
-        return InplaceBatch(runner, bundle.pad_id)
+        return InplaceBatch(runner, bundle.padding_id)
     log.info("KV cache layout: concat (%s)", why)
-    return ConcatBatch(Runner(bundle, provider, intra_op_threads, graph_opt_level), bundle.pad_id)
+    return ConcatBatch(Runner(bundle, provider, intra_op_threads, graph_opt_level), bundle.padding_id)

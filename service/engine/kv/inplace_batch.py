@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from bundle.format import Bundle
 from service.engine.kv.concat_batch import session_options
-from service.engine.kv.inplace_cache import Move, InplaceCache, right_pad_prompts
+from service.engine.kv.inplace_cache import InplaceCache, Move, right_pad_prompts
 
 log = logging.getLogger(__name__)
 

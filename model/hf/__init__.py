@@ -1,0 +1,1 @@
+"""Import of Hugging Face causal LM checkpoints into textgen bundles (``python -m model import --hf``)."""
