@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     from service.bundle import load_bundle
     from service.engine import Engine
+    from service.engine_config import EngineConfig
 
     threads = a.threads or os.cpu_count() or 1
     global CLOCK
@@ -254,10 +255,12 @@ def main(argv: list[str] | None = None) -> None:
     for batch in [int(x) for x in a.batches.split(",")]:
         engine = Engine(
             bundle,
-            provider="cpu",
-            intra_op_threads=threads,
-            max_running=batch,
-            max_prefill_tokens=max(4096, batch * a.prompt_len),
+            EngineConfig(
+                provider="cpu",
+                intra_op_threads=threads,
+                max_running=batch,
+                max_prefill_tokens=max(4096, batch * a.prompt_len),
+            ),
         )
         prompts = requests(bundle, batch, a.prompt_len)
         profile_steps(engine, prompts, 4, f"warm{batch}")
@@ -286,11 +289,13 @@ def main(argv: list[str] | None = None) -> None:
         wl = mixed_workload(text_tokens(bundle.tokenizer_path), bundle.bos_id, a.mixed, a.mixed_concurrency)
         engine = Engine(
             bundle,
-            provider="cpu",
-            intra_op_threads=threads,
-            max_running=a.mixed_concurrency,
-            max_waiting=4096,
-            max_prefill_tokens=4096,
+            EngineConfig(
+                provider="cpu",
+                intra_op_threads=threads,
+                max_running=a.mixed_concurrency,
+                max_waiting=4096,
+                max_prefill_tokens=4096,
+            ),
         )
         prompts, lengths = [r.prompt for r in wl.requests], [r.max_tokens for r in wl.requests]
         profile_steps(engine, prompts[:2], 4, "warm-mixed")

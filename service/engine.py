@@ -29,6 +29,7 @@ import numpy as np
 
 from service.bundle import Bundle
 from service.detokenizer import IncrementalDetokenizer
+from service.engine_config import EngineConfig, KVInplace
 from service.ngram import NgramIndex
 from service.runner import ConcatBatch, Provider, Runner, want_cuda
 from service.runner_inplace import InplaceBatch, InplaceRunner
@@ -48,8 +49,6 @@ from service.types import (
 )
 
 log = logging.getLogger(__name__)
-
-KVInplace = Literal["auto", "off"]
 
 
 @dataclass
@@ -73,39 +72,22 @@ class Engine:
 
     Args:
         bundle: the model bundle (see docs/model-bundle.md).
-        provider, intra_op_threads, graph_opt_level: ONNX Runtime settings (see service.runner).
-        max_running: most sequences in the running batch.
-        max_waiting: most requests waiting for admission; more raise QueueFullError.
-        kv_budget_tokens: cached-token budget; each running request reserves prompt + max_tokens.
-            0 means max_running x context length.
-        max_prefill_tokens: prompt tokens prefilled per step (at least one request is always admitted),
-            so a burst of long prompts cannot stall the running streams for long.
-        seed: seeds the generators of requests that bring no seed of their own.
-        kv_inplace: "auto" runs the in-place KV cache when the bundle has it and the provider is
-            the CPU; "off" always runs the generic concat path.
-        speculative_tokens: most draft tokens a step checks when a single greedy sequence runs on
-            the in-place cache (n-gram drafts, service/ngram.py; the output does not change, except
-            for int8 bundles, whose activation scale spans the run: docs/model.md);
-            0 turns speculation off.
-        speculative_ngram: longest suffix n-gram that drafts are looked up by.
+        config: the engine's options (service/engine_config.py; the service builds it with
+            ``Settings.engine_config()``).
     """
 
-    def __init__(self, bundle: Bundle, *, provider: Provider = "auto", intra_op_threads: int = 0,
-                 graph_opt_level: str = "all", max_running: int = 64, max_waiting: int = 256,
-                 kv_budget_tokens: int = 0, max_prefill_tokens: int = 512, seed: int = 0,
-                 kv_inplace: KVInplace = "auto", speculative_tokens: int = 3, speculative_ngram: int = 3):
-        if speculative_tokens < 0 or speculative_ngram < 1:
-            raise ValueError(f"speculative_tokens must be >= 0 and speculative_ngram >= 1, "
-                             f"got {speculative_tokens} and {speculative_ngram}")
+    def __init__(self, bundle: Bundle, config: EngineConfig = EngineConfig()):
+        c = self.config = config
         self.bundle = bundle
         self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
-        self._batch = _open_batch(bundle, provider, intra_op_threads, graph_opt_level, max_running, kv_inplace)
+        self._batch = _open_batch(bundle, c.provider, c.intra_op_threads, c.graph_opt_level, c.max_running,
+                                  c.kv_inplace)
         self.runner = self._batch.runner
         self.kv_layout: Literal["inplace", "concat"] = self._batch.layout
         # Multi-token steps need the in-place cache (the concat path has no way to drop rejected positions).
-        self.speculative_tokens = speculative_tokens if isinstance(self._batch, InplaceBatch) else 0
-        self.speculative_ngram = speculative_ngram
-        if speculative_tokens and not self.speculative_tokens:
+        self.speculative_tokens = c.speculative_tokens if isinstance(self._batch, InplaceBatch) else 0
+        self.speculative_ngram = c.speculative_ngram
+        if c.speculative_tokens and not self.speculative_tokens:
             log.info("speculative decoding: off (it needs the in-place KV cache)")
         if bundle.int8:
             log.warning("int8 bundle: activations are quantized with one scale per run, so a request's tokens "
@@ -115,11 +97,11 @@ class Engine:
         self.model_name = bundle.name
         self.num_parameters = bundle.num_parameters
         self.vocab_size = bundle.vocab_size
-        self.kv_budget_tokens = kv_budget_tokens or max_running * self.context_length
-        self.scheduler = Scheduler(max_running=max_running, max_waiting=max_waiting,
-                                   kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=max_prefill_tokens)
-        self.max_waiting = max_waiting
-        self._seeds = np.random.default_rng(seed)
+        self.kv_budget_tokens = c.kv_budget_tokens or c.max_running * self.context_length
+        self.scheduler = Scheduler(max_running=c.max_running, max_waiting=c.max_waiting,
+                                   kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=c.max_prefill_tokens)
+        self.max_waiting = c.max_waiting
+        self._seeds = np.random.default_rng(c.seed)
         self._seqs: dict[str, _Sequence] = {}
         self._finished_early: list[RequestOutput] = []  # aborted while waiting: reported at the next step
         self.last_step_stats: StepStats | None = None

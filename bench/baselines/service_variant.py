@@ -21,6 +21,7 @@ import os
 import onnxruntime as ort
 
 from service.engine import Engine
+from service.engine_config import EngineConfig
 
 VARIANT_ENV = "BENCH_ENGINE_VARIANT"
 VARIANTS = ("nospin",)
@@ -44,12 +45,12 @@ class _NoSpinOptions(ort.SessionOptions):
 class VariantEngine(Engine):
     """The service's Engine; its ONNX Runtime session is built with the variants' options."""
 
-    def __init__(self, bundle, **kwargs):
+    def __init__(self, bundle, config: EngineConfig = EngineConfig()):
         chosen = variants()
         base = ort.SessionOptions
         if "nospin" in chosen:
             ort.SessionOptions = _NoSpinOptions  # service.runner builds its options from ort.SessionOptions()
         try:
-            super().__init__(bundle, **kwargs)
+            super().__init__(bundle, config)
         finally:
             ort.SessionOptions = base

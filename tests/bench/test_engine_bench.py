@@ -221,9 +221,10 @@ def test_genai_config_names_follow_the_bundle(random_bundle: Path) -> None:
 def test_profile_buckets_add_up(random_bundle: Path) -> None:
     from bench.engine_profile import requests
     from service.engine import Engine
+    from service.engine_config import EngineConfig
 
     b = load_bundle(random_bundle)
-    engine = Engine(b, provider="cpu", intra_op_threads=1, max_running=2)
+    engine = Engine(b, EngineConfig(provider="cpu", intra_op_threads=1, max_running=2))
     res = profile_steps(engine, requests(b, 2, 5), 4, "t")
     d = res["decode_ms"]
     assert res["decode_steps"] == 3 and res["prefill_steps"] == 1

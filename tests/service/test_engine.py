@@ -15,6 +15,7 @@ import pytest
 
 from service.bundle import load_bundle
 from service.engine import Engine
+from service.engine_config import EngineConfig
 from service.types import InvalidRequestError, PromptTooLongError, QueueFullError, SamplingParams
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -29,7 +30,7 @@ def layout(request) -> str:
 def make_engine(bundle_dir, layout: str, **kwargs) -> Engine:
     if layout == "inplace":
         kwargs.setdefault("provider", "cpu")  # "auto" would choose CUDA, and so concat, on a GPU machine
-    engine = Engine(load_bundle(bundle_dir), kv_inplace=KV_INPLACE[layout], **kwargs)
+    engine = Engine(load_bundle(bundle_dir), EngineConfig(kv_inplace=KV_INPLACE[layout], **kwargs))
     assert engine.kv_layout == layout
     return engine
 
@@ -223,7 +224,7 @@ def test_inplace_rows_stay_contiguous_and_leavers_hand_their_slot_to_the_last_ro
     run_to_completion(engine)
     check_idle(engine)
     with pytest.raises(ValueError, match="kv_inplace must be"):
-        Engine(load_bundle(random_bundle), kv_inplace="on")  # type: ignore[arg-type]
+        Engine(load_bundle(random_bundle), EngineConfig(kv_inplace="on"))  # type: ignore[arg-type]
 
 
 def test_kv_inplace_setting_is_validated() -> None:
@@ -320,7 +321,7 @@ def test_no_speculation_on_the_concat_layout_or_with_company(random_bundle) -> N
         assert engine.last_step_stats.num_draft_tokens == 0
     run_to_completion(engine)
     with pytest.raises(ValueError, match="speculative_tokens"):
-        Engine(load_bundle(random_bundle), speculative_tokens=-1)
+        Engine(load_bundle(random_bundle), EngineConfig(speculative_tokens=-1))
 
 
 def test_prompt_logprobs_equal_the_pytorch_model_and_scoring_holds_no_slot(engine_and_model) -> None:
