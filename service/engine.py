@@ -184,6 +184,7 @@ class Engine:
         self._batch.keep(sched.running)
         prefill_tokens = sum(len(self._seqs[r].prompt) for r in sched.admitted)
         seq, draft = self._draft(sched.admitted)
+        t_run = time.monotonic()
         try:
             if draft:
                 logits = self._batch.decode_chunk(np.array([seq.output[-1], *draft], np.int64))  # (1 + k, V)
@@ -192,6 +193,7 @@ class Engine:
         except Exception as e:  # a failed run must not wedge the engine: fail the batch, keep serving
             log.exception("model run failed; failing %d requests", self._batch.num_live + len(sched.admitted))
             return outputs + self._fail_all([*self._batch.live_ids, *sched.admitted], f"model run failed: {e}")
+        t_ran = time.monotonic()
         accepted = 0
         if draft:
             rows = [seq.request_id]
@@ -204,7 +206,8 @@ class Engine:
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.scheduler.kv_usage, step_time=time.monotonic() - t0,
             num_draft_tokens=len(draft), num_accepted_draft_tokens=accepted,
-            num_constrained=self._num_constrained, mask_time=self._mask_time)
+            num_constrained=self._num_constrained, mask_time=self._mask_time,
+            schedule_time=t_run - t0, model_time=t_ran - t_run)
         return outputs
 
     # ---- speculative steps (one greedy sequence, n-gram drafts) --------------------------------

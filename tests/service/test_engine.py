@@ -168,6 +168,21 @@ def test_deadline_finishes_as_length(engine_and_model) -> None:
     check_idle(engine)
 
 
+def test_step_stats_split_the_step_time(engine_and_model) -> None:
+    """schedule_time + model_time + the rest = step_time, for prefill and decode steps alike."""
+    engine, _ = engine_and_model
+    engine.add_request("phases", [1, 5, 9], SamplingParams(max_tokens=3, **GREEDY))
+    prefill, tokens = [], 0
+    while engine.has_unfinished():
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+        s = engine.last_step_stats
+        assert s.model_time > 0 and s.schedule_time >= 0
+        assert s.schedule_time + s.model_time <= s.step_time
+        prefill.append(s.num_prefill_tokens)
+    assert prefill[0] == 3 and tokens == 3  # a prefill step, then decode steps (speculative or not)
+    check_idle(engine)
+
+
 def test_request_errors(random_bundle, layout) -> None:
     engine = make_engine(random_bundle, layout, max_running=1, max_waiting=1)
     with pytest.raises(PromptTooLongError, match="250 tokens and max_tokens is 10"):

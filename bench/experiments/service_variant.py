@@ -2,7 +2,7 @@
 without editing service/.
 
     python -m bench.compare --bundle artifacts/small --servers service,offline \\
-        --env TEXTGEN_ENGINE_CLASS=bench.baselines.service_variant:VariantEngine \\
+        --env TEXTGEN_ENGINE_CLASS=bench.experiments.service_variant:VariantEngine \\
         --env BENCH_ENGINE_VARIANT=nospin
 
 ``TEXTGEN_ENGINE_CLASS`` is the service's own setting (module:Class of the engine, imported in
@@ -11,7 +11,8 @@ baselines and the offline engine run the same variant. Variants (comma-separated
 ``BENCH_ENGINE_VARIANT``):
 
 - ``nospin``: ONNX Runtime's intra-op threads do not spin while waiting for work
-  (session config ``session.intra_op.allow_spinning = "0"``; the default spins).
+  (session config ``session.intra_op.allow_spinning = "0"``; the service has since made it its
+  default in service/runner.py, so this variant now changes nothing).
 """
 
 from __future__ import annotations
