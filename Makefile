@@ -108,4 +108,4 @@ bench-engine: $(STAMP) $(BUNDLE)/config.json $(INT8_BUNDLE)/config.json bench-en
 	$(PIP) install -q -e '.[bench]'
 	$(PY) -m bench.engine --bundle $(BUNDLE) --int8-bundle $(INT8_BUNDLE) --mixed 64 --bpc \
 		--out docs/BENCHMARKS.md --plot docs/img/engine_bench.png --json bench/results/engine.json
-	$(PY) -m bench.engine_profile --bundle $(BUNDLE) --batches 1,32,64 --mixed 64 --ort
+	$(PY) -m bench.engine_profile --bundle $(BUNDLE) --batches 1,32,64 --mixed 64

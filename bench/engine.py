@@ -49,11 +49,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+
+from service.engine.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = ("engine", "engine-nospec", "engine-concat", "ortloop", "nocache", "torch", "hf", "genai", "genai-concat", "int8", "int8-nospec")
@@ -209,9 +211,11 @@ class EngineRunner:
 
         self.name = name
         self.bundle = load_bundle(bundle_dir)
-        self.threads, self.max_prefill_tokens, self.kv_inplace = threads, max_prefill_tokens, kv_inplace
-        # None: the Engine's default
-        self.engine_options = {} if speculative_tokens is None else {"speculative_tokens": speculative_tokens}
+        # Per concurrency, max_running is set on a copy; speculative_tokens None: the default.
+        self.config = EngineConfig(provider="cpu", intra_op_threads=threads, max_waiting=4096,
+                                   max_prefill_tokens=max_prefill_tokens, kv_inplace=kv_inplace)
+        if speculative_tokens is not None:
+            self.config = replace(self.config, speculative_tokens=speculative_tokens)
         self._engines: dict[int, Any] = {}
         self._count = 0
         self.layouts: set[str] = set()
@@ -221,16 +225,7 @@ class EngineRunner:
         from service.engine.engine import Engine
 
         if max_running not in self._engines:
-            self._engines[max_running] = Engine(
-                self.bundle,
-                provider="cpu",
-                intra_op_threads=self.threads,
-                max_running=max_running,
-                max_waiting=4096,
-                max_prefill_tokens=self.max_prefill_tokens,
-                kv_inplace=self.kv_inplace,
-                **self.engine_options,
-            )
+            self._engines[max_running] = Engine(self.bundle, replace(self.config, max_running=max_running))
             self.layouts.add(self._engines[max_running].kv_layout)
         return self._engines[max_running]
 

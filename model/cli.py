@@ -180,10 +180,11 @@ def cmd_evaluate(a) -> dict:
 
 def cmd_sample(a) -> None:
     from bundle.format import load_bundle
+    from service.engine.config import EngineConfig
     from service.engine.engine import Engine
     from service.engine.types import SamplingParams
 
-    engine = Engine(load_bundle(a.bundle), max_running=1)
+    engine = Engine(load_bundle(a.bundle), EngineConfig(max_running=1))
     ids = [engine.bundle.bos_id, *engine.tokenizer.encode(a.prompt)]
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
     engine.add_request("sample", ids, params)

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from service.engine.config import EngineConfig, GraphOptLevel, KVInplace, Provider
+
 ENV_PREFIX = "TEXTGEN_"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
 # LitServe's own restriction on the bind address (litserve.server.LitServer.run).
 Host = Literal["127.0.0.1", "0.0.0.0", "::"]
+_ENGINE = EngineConfig()  # the engine options' defaults, defined once (service/engine/config.py)
 
 
 class SettingsError(ValueError):
@@ -37,31 +41,31 @@ class Settings(BaseModel):
     api_key: SecretStr | None = Field(
         None, description="Bearer key for the API routes (not /health, /ready, /metrics)."
     )
-    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime execution provider.")
+    provider: Provider = Field(_ENGINE.provider, description="ONNX Runtime execution provider.")
     intra_op_threads: int = Field(
-        0, ge=0, le=1024,
+        _ENGINE.intra_op_threads, ge=0, le=1024,
         description="ONNX Runtime intra-op threads; 0 = auto: the usable cores minus one, at least 1.",
     )
-    graph_opt_level: Literal["disable", "basic", "extended", "all"] = Field(
-        "all", description="ONNX Runtime graph optimizations."
+    graph_opt_level: GraphOptLevel = Field(
+        _ENGINE.graph_opt_level, description="ONNX Runtime graph optimizations."
     )
-    kv_inplace: Literal["auto", "off"] = Field(
-        "auto",
+    kv_inplace: KVInplace = Field(
+        _ENGINE.kv_inplace,
         description="In-place KV cache (the bundle's model.kvinplace.onnx) on CPU: auto = when present; "
         "off = always the generic concat path.",
     )
     speculative_tokens: int = Field(
-        3, ge=0, le=16,
+        _ENGINE.speculative_tokens, ge=0, le=16,
         description="Draft tokens an engine step checks when one greedy request runs alone (n-gram "
         "speculation on the in-place KV cache; the output does not change); 0 = off.",
     )
     speculative_ngram: int = Field(
-        3, ge=1, le=8, description="Longest suffix n-gram that speculative drafts are looked up by."
+        _ENGINE.speculative_ngram, ge=1, le=8, description="Longest suffix n-gram that speculative drafts are looked up by."
     )
-    max_running: int = Field(64, ge=1, le=4096, description="Sequences in the running batch.")
-    max_waiting: int = Field(256, ge=1, le=1_000_000, description="Bounded waiting queue; beyond: 429.")
-    kv_budget_tokens: int = Field(0, ge=0, description="Cached-token budget; 0 = max_running x context.")
-    max_prefill_tokens: int = Field(512, ge=1, description="Prompt tokens prefilled per engine step.")
+    max_running: int = Field(_ENGINE.max_running, ge=1, le=4096, description="Sequences in the running batch.")
+    max_waiting: int = Field(_ENGINE.max_waiting, ge=1, le=1_000_000, description="Bounded waiting queue; beyond: 429.")
+    kv_budget_tokens: int = Field(_ENGINE.kv_budget_tokens, ge=0, description="Cached-token budget; 0 = max_running x context.")
+    max_prefill_tokens: int = Field(_ENGINE.max_prefill_tokens, ge=1, description="Prompt tokens prefilled per engine step.")
     request_timeout_s: float = Field(300.0, gt=0, description="Generation time limit per request.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body limit (413 beyond).")
     drain_timeout_s: float = Field(30.0, ge=0, description="Grace period for running requests at shutdown.")
@@ -133,6 +137,12 @@ class Settings(BaseModel):
         33-66 ms with 1, at the same output tokens/s (docs/BENCHMARKS.md).
         """
         return self.intra_op_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's options from these settings: every field of EngineConfig that is a setting
+        (``seed`` is not: the engine's default), with ``intra_op_threads`` resolved (onnx_threads)."""
+        names = [f.name for f in fields(EngineConfig) if f.name in type(self).model_fields]
+        return EngineConfig(**{**{n: getattr(self, n) for n in names}, "intra_op_threads": self.onnx_threads})
 
     @staticmethod
     def split(value: str) -> list[str]:

@@ -8,5 +8,5 @@
 - ``bench.baselines.serve``: the command line that starts one of those servers.
 - ``bench.baselines.offline``: the engine in-process, no HTTP, as a closed loop of N sequences:
   the ceiling.
-- ``bench.baselines.common``: what they share (engine settings, prompt encoding, SSE chunks).
+- ``bench.baselines.common``: what they share (engine options, prompt encoding, SSE chunks).
 """

@@ -1,4 +1,4 @@
-"""What the baselines share with each other and with the service: engine settings, prompt
+"""What the baselines share with each other and with the service: engine options, prompt
 encoding, and the minimal OpenAI completion stream chunks that ``bench.serve`` reads."""
 
 from __future__ import annotations
@@ -7,48 +7,33 @@ import importlib
 import json
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bundle.format import Bundle, load_bundle
 from bundle.tokenizer import Tokenizer
+from service.engine.config import EngineConfig
 from service.settings import Settings
 
-ENGINE_SETTINGS = (
-    "provider",
-    "intra_op_threads",
-    "graph_opt_level",
-    "kv_inplace",
-    "speculative_tokens",
-    "speculative_ngram",
-    "max_running",
-    "max_waiting",
-    "kv_budget_tokens",
-    "max_prefill_tokens",
-)
 DONE = "data: [DONE]\n\n"
 
 
-def engine_kwargs(bundle_dir: str | Path, **overrides: Any) -> dict[str, Any]:
-    """The Engine arguments the service would use (its defaults and any ``TEXTGEN_*`` variables).
+def engine_config(bundle_dir: str | Path, **overrides: Any) -> EngineConfig:
+    """The engine options the service would use (its defaults and any ``TEXTGEN_*`` variables).
 
     ``overrides`` with a value of None are ignored.
     """
-    settings = Settings.from_env(model_dir=str(bundle_dir))
-    kwargs = {name: getattr(settings, name) for name in ENGINE_SETTINGS}
-    kwargs["intra_op_threads"] = settings.onnx_threads  # 0 resolved as the service resolves it
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    return kwargs
+    config = Settings.from_env(model_dir=str(bundle_dir)).engine_config()
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def build_engine(bundle_dir: str | Path, **overrides: Any):
     """The engine the service would build: ``TEXTGEN_ENGINE_CLASS`` (default ``service.engine.engine:Engine``)
-    on the bundle, with ``engine_kwargs(dir, **overrides)``."""
+    on the bundle, with ``engine_config(dir, **overrides)``."""
     module, _, name = Settings.from_env(model_dir=str(bundle_dir)).engine_class.partition(":")
     engine_class = getattr(importlib.import_module(module), name)
-    return engine_class(
-        load_bundle(bundle_dir, verify_hashes=False), **engine_kwargs(bundle_dir, **overrides)
-    )
+    return engine_class(load_bundle(bundle_dir, verify_hashes=False), engine_config(bundle_dir, **overrides))
 
 
 class PromptEncoder:

@@ -19,12 +19,12 @@ import argparse
 import asyncio
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.baselines.common import PromptEncoder, build_engine, engine_kwargs
+from bench.baselines.common import PromptEncoder, build_engine, engine_config
 from bench.serve import BenchmarkResult, RequestRecord, spread_itl, summarize
 from bench.workload import build_prompt, parse_range, plan_prompts, sample_requests
 from service.engine.types import SamplingParams
@@ -145,7 +145,7 @@ def benchmark_offline(
         "temperature": temperature,
         "ignore_eos": True,
         "mode": "closed",
-        "engine": engine_kwargs(bundle_dir, max_running=engine.scheduler.max_running),
+        "engine": asdict(engine_config(bundle_dir, max_running=engine.scheduler.max_running)),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     summary = summarize(records, duration, {}, concurrency)

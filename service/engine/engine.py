@@ -37,10 +37,10 @@ import numpy as np
 
 from bundle.format import Bundle
 from bundle.tokenizer import Tokenizer
-from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine import finishing, rules
-from service.engine.kv.batch import KVInplace, open_batch
-from service.engine.kv.concat_batch import Provider
+from service.engine.config import EngineConfig
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.kv.batch import open_batch
 from service.engine.ngram import NgramIndex
 from service.engine.sampler import prompt_logprobs, sample
 from service.engine.scheduler import Scheduler
@@ -80,39 +80,22 @@ class Engine:
 
     Args:
         bundle: the model bundle (see docs/model-bundle.md).
-        provider, intra_op_threads, graph_opt_level: ONNX Runtime settings (see service.engine.kv.concat_batch).
-        max_running: most sequences in the running batch.
-        max_waiting: most requests waiting for admission; more raise QueueFullError.
-        kv_budget_tokens: cached-token budget; each running request reserves prompt + max_tokens.
-            0 means max_running x context length.
-        max_prefill_tokens: prompt tokens prefilled per step (at least one request is always admitted),
-            so a burst of long prompts cannot stall the running streams for long.
-        seed: seeds the generators of requests that bring no seed of their own.
-        kv_inplace: "auto" runs the in-place KV cache when the bundle has it and the provider is
-            the CPU; "off" always runs the generic concat path.
-        speculative_tokens: most draft tokens a step checks when a single greedy sequence runs on
-            the in-place cache (n-gram drafts, service/engine/ngram.py; the output does not change, except
-            for int8 bundles, whose activation scale spans the run: docs/model.md);
-            0 turns speculation off.
-        speculative_ngram: longest suffix n-gram that drafts are looked up by.
+        config: the engine's options (service/engine/config.py; the service builds it with
+            ``Settings.engine_config()``).
     """
 
-    def __init__(self, bundle: Bundle, *, provider: Provider = "auto", intra_op_threads: int = 0,
-                 graph_opt_level: str = "all", max_running: int = 64, max_waiting: int = 256,
-                 kv_budget_tokens: int = 0, max_prefill_tokens: int = 512, seed: int = 0,
-                 kv_inplace: KVInplace = "auto", speculative_tokens: int = 3, speculative_ngram: int = 3):
-        if speculative_tokens < 0 or speculative_ngram < 1:
-            raise ValueError(f"speculative_tokens must be >= 0 and speculative_ngram >= 1, "
-                             f"got {speculative_tokens} and {speculative_ngram}")
+    def __init__(self, bundle: Bundle, config: EngineConfig = EngineConfig()):
+        c = self.config = config
         self.bundle = bundle
         self.tokenizer = Tokenizer.from_bundle(bundle)
-        self._batch = open_batch(bundle, provider, intra_op_threads, graph_opt_level, max_running, kv_inplace)
+        self._batch = open_batch(bundle, c.provider, c.intra_op_threads, c.graph_opt_level, c.max_running,
+                                 c.kv_inplace)
         self.runner = self._batch.runner
         self.kv_layout: Literal["inplace", "concat"] = self._batch.layout
         # Multi-token steps need the in-place cache (the concat path has no way to drop rejected positions).
-        self.speculative_tokens = speculative_tokens if self._batch.multi_token_steps else 0
-        self.speculative_ngram = speculative_ngram
-        if speculative_tokens and not self.speculative_tokens:
+        self.speculative_tokens = c.speculative_tokens if self._batch.multi_token_steps else 0
+        self.speculative_ngram = c.speculative_ngram
+        if c.speculative_tokens and not self.speculative_tokens:
             log.info("speculative decoding: off (it needs the in-place KV cache)")
         if bundle.int8:
             log.warning("int8 bundle: activations are quantized with one scale per run, so a request's tokens "
@@ -123,11 +106,11 @@ class Engine:
         self.num_parameters = bundle.num_parameters
         self.vocab_size = bundle.vocab_size
         self._eos_ids = frozenset(self.tokenizer.eos_ids)  # the tokens that end a sequence
-        self.kv_budget_tokens = kv_budget_tokens or max_running * self.context_length
-        self.scheduler = Scheduler(max_running=max_running, max_waiting=max_waiting,
-                                   kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=max_prefill_tokens)
-        self.max_waiting = max_waiting
-        self._seeds = np.random.default_rng(seed)
+        self.kv_budget_tokens = c.kv_budget_tokens or c.max_running * self.context_length
+        self.scheduler = Scheduler(max_running=c.max_running, max_waiting=c.max_waiting,
+                                   kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=c.max_prefill_tokens)
+        self.max_waiting = c.max_waiting
+        self._seeds = np.random.default_rng(c.seed)
         self._seqs: dict[str, _Sequence] = {}
         self._finished_early: list[RequestOutput] = []  # aborted while waiting: reported at the next step
         self.last_step_stats: StepStats | None = None
@@ -207,6 +190,7 @@ class Engine:
         self._batch.keep(sched.running)
         prefill_tokens = sum(len(self._seqs[r].prompt) for r in sched.admitted)
         seq, draft = self._draft(sched.admitted)
+        t_run = time.monotonic()
         try:
             if draft:
                 logits = self._batch.decode_chunk(np.array([seq.output[-1], *draft], np.int64))  # (1 + k, V)
@@ -215,6 +199,7 @@ class Engine:
         except Exception as e:  # a failed run must not wedge the engine: fail the batch, keep serving
             log.exception("model run failed; failing %d requests", self._batch.num_live + len(sched.admitted))
             return outputs + self._fail_all([*self._batch.live_ids, *sched.admitted], f"model run failed: {e}")
+        t_ran = time.monotonic()
         accepted = 0
         if draft:
             rows = [seq.request_id]
@@ -227,7 +212,8 @@ class Engine:
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.scheduler.kv_usage, step_time=time.monotonic() - t0,
             num_draft_tokens=len(draft), num_accepted_draft_tokens=accepted,
-            num_constrained=self._num_constrained, mask_time=self._mask_time)
+            num_constrained=self._num_constrained, mask_time=self._mask_time,
+            schedule_time=t_run - t0, model_time=t_ran - t_run)
         return outputs
 
     # ---- speculative steps (one greedy sequence, n-gram drafts) --------------------------------

@@ -142,3 +142,7 @@ class StepStats:
     num_accepted_draft_tokens: int = 0  # of which kept
     num_constrained: int = 0  # rows whose tokens a grammar constrained this step (service/engine/structured.py)
     mask_time: float = 0.0  # seconds spent computing their token masks
+    # Where step_time went (for profiling: bench/engine_profile.py); the rest of it is sampling,
+    # updating the sequences, detokenizing and building the outputs.
+    schedule_time: float = 0.0  # seconds: scheduler, the batch's bookkeeping, drafts
+    model_time: float = 0.0  # seconds: the model run (ONNX Runtime and the KV layout around it)

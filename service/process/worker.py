@@ -76,19 +76,7 @@ class TextGenAPI(ls.LitAPI):
 
         s = self.settings
         bundle = load_bundle(s.model_dir, verify_hashes=False)  # the main process verified it
-        self.engine = import_string(s.engine_class)(
-            bundle,
-            provider=s.provider,
-            intra_op_threads=s.onnx_threads,
-            graph_opt_level=s.graph_opt_level,
-            kv_inplace=s.kv_inplace,
-            speculative_tokens=s.speculative_tokens,
-            speculative_ngram=s.speculative_ngram,
-            max_running=s.max_running,
-            max_waiting=s.max_waiting,
-            kv_budget_tokens=s.kv_budget_tokens,
-            max_prefill_tokens=s.max_prefill_tokens,
-        )
+        self.engine = import_string(s.engine_class)(bundle, s.engine_config())
         self.metrics = Metrics(self.model_name)
         self.metrics.set_model_info(
             parameters=self.engine.num_parameters,

@@ -101,6 +101,7 @@ def test_kv_inplace_io_follows_the_genai_convention(random_bundle: Path) -> None
 def test_a_bundle_without_the_in_place_file_loads_and_serves(random_model_and_bundle, tmp_path: Path) -> None:
     from model.export import write_bundle
     from model.gpt import generate_greedy
+    from service.engine.config import EngineConfig
     from service.engine.engine import Engine
     from service.engine.types import SamplingParams
 
@@ -114,7 +115,7 @@ def test_a_bundle_without_the_in_place_file_loads_and_serves(random_model_and_bu
     bundle = load_bundle(b)
     assert set(bundle.config["files"]) == {"model.onnx", "tokenizer.model"}
     assert bundle.kv_inplace is None and bundle.kv_inplace_path is None
-    engine = Engine(bundle, max_running=2)
+    engine = Engine(bundle, EngineConfig(max_running=2))
     assert engine.kv_layout == "concat"
     prompt = [1, 40, 50, 60]
     engine.add_request("r", prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
@@ -131,6 +132,7 @@ def test_int8_export_through_the_cli_quantizes_both_files_and_serves(
 
     import onnx
 
+    from service.engine.config import EngineConfig
     from service.engine.engine import Engine
     from service.engine.types import SamplingParams
 
@@ -148,9 +150,9 @@ def test_int8_export_through_the_cli_quantizes_both_files_and_serves(
         ops = {n.op_type for n in onnx.load(str(out / name)).graph.node}
         assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, (name, ops)
     with caplog.at_level(logging.WARNING, logger="service.engine.engine"):
-        Engine(fp32, max_running=2)
+        Engine(fp32, EngineConfig(max_running=2))
         assert not [r for r in caplog.records if "int8" in r.getMessage()]
-        engine = Engine(b, max_running=2)
+        engine = Engine(b, EngineConfig(max_running=2))
     assert any("int8 bundle" in r.getMessage() for r in caplog.records)
     engine.add_request("r", [b.bos_id, 40, 50], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     outs = []

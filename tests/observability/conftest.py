@@ -7,12 +7,15 @@ worker, all writing to one PROMETHEUS_MULTIPROC_DIR) on an ephemeral loopback po
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from obs_harness import ROOT, Proc, Prometheus, free_port, http_get, start_service, wait_until
+from obs_harness import ROOT, Prometheus, http_get, wait_until
+
+from bench.server import Server, free_port, start_service
 
 ALERT_RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 
@@ -30,7 +33,7 @@ SERVICE_ENV = {
 
 @dataclass
 class Stack:
-    service: Proc
+    service: Server
     base_url: str  # http://127.0.0.1:PORT
     metrics_dir: Path
     prometheus: Prometheus
@@ -48,7 +51,8 @@ def stack(tiny_bundle, tmp_path_factory) -> Iterator[Stack]:
     metrics_dir = workdir / "prometheus-multiproc"
     port = free_port()
     service = start_service(
-        Path(tiny_bundle), port, workdir, {**SERVICE_ENV, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        Path(tiny_bundle), workdir / "service.log", {**SERVICE_ENV, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+        port=port, timeout=180,
     )
     prometheus = None
     try:
@@ -64,4 +68,4 @@ def stack(tiny_bundle, tmp_path_factory) -> Iterator[Stack]:
     finally:
         if prometheus is not None:
             prometheus.stop()
-        service.stop()
+        service.stop(signal.SIGINT, 20)

@@ -1,5 +1,6 @@
-"""Harness of the observability tests: the real service and the real Prometheus server as
-subprocesses on ephemeral loopback ports, polling with deadlines, and small PromQL tools.
+"""Harness of the observability tests: the real Prometheus server on an ephemeral loopback port
+(started, like the service, by bench/server.py: the harness the tests and the benchmarks share),
+polling with deadlines, and small PromQL tools.
 
 Nothing here sleeps for a fixed time to "let things settle": every wait polls a condition
 until a deadline and fails with what it was waiting for and the tail of the process's log.
@@ -7,15 +8,11 @@ until a deadline and fails with what it was waiting for and the tail of the proc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -26,6 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from bench.server import Server, free_port, launch
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -49,13 +48,6 @@ def require_binary(name: str, package: str = "prometheus") -> str:
             pytest.fail(f"{msg}; it is required under CI")
         pytest.skip(msg)
     return path
-
-
-def free_port() -> int:
-    """A port the kernel considers free now (the caller binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1,
@@ -87,95 +79,6 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, bytes, dict[str, str
         return e.code, e.read(), dict(e.headers)
 
 
-@dataclass
-class Proc:
-    """A subprocess in its own session (so its children can be stopped with it), logging to a file."""
-
-    name: str
-    args: list[str]
-    log_path: Path
-    env: dict[str, str] | None = None
-    popen: subprocess.Popen | None = None
-
-    def start(self) -> Proc:
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            self.args,
-            cwd=ROOT,
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return self
-
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def log_tail(self, n: int = 60) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return f"--- last lines of {self.name} log ({self.log_path}) ---\n" + "\n".join(lines[-n:])
-
-    def stop(self, sig: int = signal.SIGINT, grace: float = 20.0) -> int | None:
-        """Send ``sig`` to the process; after ``grace`` seconds kill its whole session."""
-        if self.popen is None:
-            return None
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(grace)
-        # Whatever it started and left behind (its session id is its pid) goes too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(10)
-        self._log.close()
-        return self.popen.returncode
-
-
-# ---------------------------------------------------------------------------------------------
-# The service
-# ---------------------------------------------------------------------------------------------
-
-
-def service_env(extra: dict[str, str]) -> dict[str, str]:
-    """This environment without the service's own variables (a developer's shell must not leak
-    into the test), plus ``extra``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("TEXTGEN_") and k not in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
-    }
-    env.update(extra)
-    return env
-
-
-def start_service(
-    bundle: Path, port: int, workdir: Path, env: dict[str, str], timeout: float = 180.0
-) -> Proc:
-    """``python -m service --model BUNDLE --port PORT --host 127.0.0.1``; returns once /ready is 200."""
-    proc = Proc(
-        "service",
-        [sys.executable, "-m", "service", "--model", str(bundle), "--port", str(port), "--host", "127.0.0.1"],
-        workdir / "service.log",
-        service_env(env),
-    ).start()
-
-    def ready() -> bool:
-        if not proc.alive():
-            raise RuntimeError(f"the service exited with code {proc.popen.returncode}\n{proc.log_tail()}")
-        return http_get(f"http://127.0.0.1:{port}/ready", timeout=2)[0] == 200
-
-    try:
-        wait_until(ready, timeout, "the service's /ready", interval=0.25, on_timeout=proc.log_tail)
-    except BaseException:
-        proc.stop()
-        raise
-    return proc
-
-
 # ---------------------------------------------------------------------------------------------
 # Prometheus
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +89,7 @@ class Prometheus:
     """A Prometheus server scraping one target every second, with the project's alert rules."""
 
     url: str
-    proc: Proc
+    proc: Server
     queries: list[str] = field(default_factory=list)  # every expression sent, for reports
 
     @classmethod
@@ -201,30 +104,17 @@ class Prometheus:
             "scrape_configs:\n  - job_name: textgen\n    metrics_path: /metrics\n"
             f"    static_configs:\n      - targets: [{json.dumps(target)}]\n"
         )
-        proc = Proc(
-            "prometheus",
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            workdir / "prometheus.log",
-        ).start()
-        prom = cls(f"http://127.0.0.1:{port}", proc)
-
-        def ready() -> bool:
-            if not proc.alive():
-                raise RuntimeError(f"prometheus exited with code {proc.popen.returncode}\n{proc.log_tail()}")
-            return http_get(prom.url + "/-/ready", timeout=2)[0] == 200
-
-        try:
-            wait_until(ready, timeout, "prometheus /-/ready", interval=0.2, on_timeout=proc.log_tail)
-        except BaseException:
-            proc.stop(signal.SIGTERM)
-            raise
-        return prom
+        argv = [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ]
+        proc = launch(argv, workdir / "prometheus.log", port=port, env=os.environ, ready_path="/-/ready",
+                      name="prometheus")  # fmt: skip
+        proc.wait_ready(timeout)
+        return cls(proc.base_url, proc)
 
     def stop(self) -> None:
         self.proc.stop(signal.SIGTERM)

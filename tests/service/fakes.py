@@ -23,8 +23,9 @@ from pathlib import Path
 import sentencepiece as spm
 
 from bundle.tokenizer import Tokenizer
-from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine import finishing, rules
+from service.engine.config import EngineConfig
+from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.types import (
     InvalidRequestError,
     QueueFullError,
@@ -106,9 +107,7 @@ class _Req:
 class FakeEngine:
     """service.engine.engine.Engine's interface, with deterministic tokens and no model."""
 
-    def __init__(self, bundle, *, provider="auto", intra_op_threads=0, graph_opt_level="all", max_running=64,
-                 max_waiting=256, kv_budget_tokens=0, max_prefill_tokens=512, kv_inplace="auto",
-                 speculative_tokens=3, speculative_ngram=3):  # fmt: skip
+    def __init__(self, bundle, config: EngineConfig = EngineConfig()):
         self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
         self.context_length = bundle.context_length
         self.vocab_size = bundle.vocab_size
@@ -116,7 +115,7 @@ class FakeEngine:
         self.provider = "FakeExecutionProvider"
         self.num_parameters = bundle.num_parameters
         self.model_name = bundle.name
-        self.max_running, self.max_waiting = max_running, max_waiting
+        self.max_running, self.max_waiting = config.max_running, config.max_waiting
         self.step_s = float(os.environ.get("TEXTGEN_FAKE_STEP_S", "0.002"))
         self.burst = int(os.environ.get("TEXTGEN_FAKE_BURST", "1"))
         self.waiting: deque[_Req] = deque()

@@ -1,114 +1,32 @@
-"""Run the real service (``python -m service``) as a subprocess on an ephemeral port.
+"""Run the real service (``python -m service``) as a subprocess on an ephemeral port, for tests.
 
-Readiness is polled on /ready with a deadline (never a fixed sleep); the log goes to a file
-that is shown when start-up fails.
+The harness itself is bench/server.py, shared with the benchmarks: readiness polled on /ready
+with a deadline (never a fixed sleep), the log in a file shown when start-up fails. Here it gets
+the tests' defaults: no ``TEXTGEN_*`` variable from the developer's shell, ``TEXTGEN_LOG_LEVEL=info``,
+and with ``fake=True`` the fake engine of fakes.py (this folder goes on the server's PYTHONPATH).
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import psutil
+from bench import server as harness
+from bench.server import REPO, START_TIMEOUT_S, Server, free_port, service_argv
 
-REPO = Path(__file__).resolve().parents[2]
+__all__ = ["REPO", "START_TIMEOUT_S", "Server", "free_port", "launch", "server_env", "start"]
+
 HERE = Path(__file__).resolve().parent
-START_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def url(self, path: str) -> str:
-        return self.base_url + path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def descendants(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        """Signal the main process; wait for it; kill whatever is left. Returns its exit code."""
-        children = self.descendants()
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        _, alive = psutil.wait_procs(children, timeout=10)
-        for p in alive:
-            p.kill()
-        return code
-
-    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} while starting:\n{self.log()}")
-            try:
-                if httpx.get(self.url("/ready"), timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.stop(signal.SIGKILL)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
 
 
 def server_env(fake: bool, **settings: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("TEXTGEN_") and k != "PROMETHEUS_MULTIPROC_DIR"
-    }
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(REPO), env.get("PYTHONPATH", "")])
-    env["TEXTGEN_LOG_LEVEL"] = "info"
-    if fake:
-        env["TEXTGEN_ENGINE_CLASS"] = "fakes:FakeEngine"
-    env.update({k: str(v) for k, v in settings.items()})
-    return env
+    extra = {"TEXTGEN_LOG_LEVEL": "info", **({"TEXTGEN_ENGINE_CLASS": "fakes:FakeEngine"} if fake else {})}
+    return harness.server_env({**extra, **settings}, pythonpath=[HERE])
 
 
 def launch(bundle: Path, log_path: Path, *, fake: bool, port: int | None = None, **settings: str) -> Server:
     """Start the service without waiting for it."""
     port = port or free_port()
-    env = server_env(fake, **settings)
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--model", str(bundle), "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # signals from the terminal running pytest do not reach it
-    )
-    return Server(proc, port, log_path)
+    return harness.launch(service_argv(bundle, port), log_path, port=port, env=server_env(fake, **settings))
 
 
 def start(bundle: Path, log_path: Path, *, fake: bool, **settings: str) -> Server:

@@ -4,12 +4,14 @@ building, error table. No server, no engine."""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import pytest
 from fakes import FAKE_CONTEXT, FAKE_VOCAB, make_fake_bundle
 from pydantic import ValidationError
 
 from bundle.tokenizer import Tokenizer
+from service.engine.config import EngineConfig
 from service.http import chat_template
 from service.http import jobs as serving
 from service.http.errors import STATUS, ApiError
@@ -47,6 +49,21 @@ def test_onnx_threads_leave_a_core_for_the_http_process(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     assert Settings.from_env({}).onnx_threads == 15
     assert Settings.from_env({"TEXTGEN_INTRA_OP_THREADS": "4"}).onnx_threads == 4  # explicit wins
+
+
+def test_engine_config_comes_from_the_settings(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    # Every engine option except the seed is a setting, with the same default.
+    options = {f.name for f in fields(EngineConfig)} - {"seed"}
+    assert options <= set(Settings.model_fields)
+    assert Settings.from_env({}).engine_config() == EngineConfig(intra_op_threads=3)  # 0 resolved
+    env = {"TEXTGEN_MAX_RUNNING": "8", "TEXTGEN_KV_INPLACE": "off", "TEXTGEN_SPECULATIVE_TOKENS": "0",
+           "TEXTGEN_INTRA_OP_THREADS": "2", "TEXTGEN_PROVIDER": "cpu"}  # fmt: skip
+    cfg = Settings.from_env(env).engine_config()
+    assert (cfg.max_running, cfg.kv_inplace, cfg.speculative_tokens, cfg.intra_op_threads, cfg.provider) == (
+        8, "off", 0, 2, "cpu")  # fmt: skip
+    with pytest.raises(ValueError, match="speculative_ngram"):
+        EngineConfig(speculative_ngram=0)
 
 
 def test_settings_ignores_kubernetes_port_variable():

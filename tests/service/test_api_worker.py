@@ -11,6 +11,7 @@ import pytest
 from fakes import FakeEngine, make_fake_bundle
 
 from bundle.format import load_bundle
+from service.engine.config import EngineConfig
 from service.engine.types import SamplingParams
 from service.process.shared_state import SharedState
 from service.process.wire import Abort, Ack, Output, Refusal, Submit
@@ -39,7 +40,7 @@ def bundle(tmp_path_factory):
 
 
 def make_worker(bundle, max_running: int = 1, max_waiting: int = 1) -> EngineWorker:
-    engine = FakeEngine(bundle, max_running=max_running, max_waiting=max_waiting)
+    engine = FakeEngine(bundle, EngineConfig(max_running=max_running, max_waiting=max_waiting))
     steps = []
     api = SimpleNamespace(engine=engine, metrics=SimpleNamespace(observe_step=steps.append),
                           state=SharedState(1, os.getpid()), settings=SimpleNamespace(max_running=max_running))  # fmt: skip

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bundle.format import load_bundle
+from service.engine.config import EngineConfig
 from service.engine.engine import Engine
 from service.engine.types import InvalidRequestError, PromptTooLongError, QueueFullError, SamplingParams
 
@@ -29,7 +30,7 @@ def layout(request) -> str:
 def make_engine(bundle_dir, layout: str, **kwargs) -> Engine:
     if layout == "inplace":
         kwargs.setdefault("provider", "cpu")  # "auto" would choose CUDA, and so concat, on a GPU machine
-    engine = Engine(load_bundle(bundle_dir), kv_inplace=KV_INPLACE[layout], **kwargs)
+    engine = Engine(load_bundle(bundle_dir), EngineConfig(kv_inplace=KV_INPLACE[layout], **kwargs))
     assert engine.kv_layout == layout
     return engine
 
@@ -167,6 +168,21 @@ def test_deadline_finishes_as_length(engine_and_model) -> None:
     check_idle(engine)
 
 
+def test_step_stats_split_the_step_time(engine_and_model) -> None:
+    """schedule_time + model_time + the rest = step_time, for prefill and decode steps alike."""
+    engine, _ = engine_and_model
+    engine.add_request("phases", [1, 5, 9], SamplingParams(max_tokens=3, **GREEDY))
+    prefill, tokens = [], 0
+    while engine.has_unfinished():
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+        s = engine.last_step_stats
+        assert s.model_time > 0 and s.schedule_time >= 0
+        assert s.schedule_time + s.model_time <= s.step_time
+        prefill.append(s.num_prefill_tokens)
+    assert prefill[0] == 3 and tokens == 3  # a prefill step, then decode steps (speculative or not)
+    check_idle(engine)
+
+
 def test_request_errors(random_bundle, layout) -> None:
     engine = make_engine(random_bundle, layout, max_running=1, max_waiting=1)
     with pytest.raises(PromptTooLongError, match="250 tokens and max_tokens is 10"):
@@ -223,7 +239,7 @@ def test_inplace_rows_stay_contiguous_and_leavers_hand_their_slot_to_the_last_ro
     run_to_completion(engine)
     check_idle(engine)
     with pytest.raises(ValueError, match="kv_inplace must be"):
-        Engine(load_bundle(random_bundle), kv_inplace="on")  # type: ignore[arg-type]
+        Engine(load_bundle(random_bundle), EngineConfig(kv_inplace="on"))  # type: ignore[arg-type]
 
 
 def test_kv_inplace_setting_is_validated() -> None:
@@ -320,7 +336,7 @@ def test_no_speculation_on_the_concat_layout_or_with_company(random_bundle) -> N
         assert engine.last_step_stats.num_draft_tokens == 0
     run_to_completion(engine)
     with pytest.raises(ValueError, match="speculative_tokens"):
-        Engine(load_bundle(random_bundle), speculative_tokens=-1)
+        Engine(load_bundle(random_bundle), EngineConfig(speculative_tokens=-1))
 
 
 def test_prompt_logprobs_equal_the_pytorch_model_and_scoring_holds_no_slot(engine_and_model) -> None:

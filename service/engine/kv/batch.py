@@ -16,11 +16,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from bundle.format import Bundle
+from service.engine.config import KVInplace, Provider
 
 log = logging.getLogger(__name__)
 
 Layout = Literal["inplace", "concat"]
-KVInplace = Literal["auto", "off"]
 
 
 class KVBatch(Protocol):
@@ -73,7 +73,7 @@ class KVBatch(Protocol):
         ...
 
 
-def open_batch(bundle: Bundle, provider: str, intra_op_threads: int, graph_opt_level: str,
+def open_batch(bundle: Bundle, provider: Provider, intra_op_threads: int, graph_opt_level: str,
                max_running: int, kv_inplace: KVInplace) -> KVBatch:
     """The running batch on the in-place layout where it can run, else on the concat one; logs which."""
     from service.engine.kv.concat_batch import ConcatBatch, Runner, want_cuda

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from bundle.format import Bundle
+from service.engine.config import Provider
 from service.engine.kv.concat_cache import BatchCache, left_pad_prompts
 
 log = logging.getLogger(__name__)
 
-Provider = Literal["auto", "cpu", "cuda"]
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

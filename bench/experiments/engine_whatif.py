@@ -6,7 +6,7 @@ a drop-in replacement patched in for one run, side by side with the engine as it
 - ``greedy-fast``: the sampler short-circuits an all-greedy batch with no penalties and no logprobs
   to ``logits.argmax(1)``.
 
-    python -m bench.engine_whatif --bundle artifacts/small --batches 1,64 --mixed 64
+    python -m bench.experiments.engine_whatif --bundle artifacts/small --batches 1,64 --mixed 64
 
 Tokens per CPU second of one thread (robust to other load); interleaved rounds, best of each.
 """
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from bench.engine import EngineRunner, Workload, fixed_workload, measure, mixed_workload, text_tokens
-from bench.engine_profile import patched
+from bench.experiments.engine_profile import patched
 
 
 def _detok_stub(self, token_ids):
@@ -82,7 +82,7 @@ class PatchedEngine(EngineRunner):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.engine_whatif", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.experiments.engine_whatif", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, default=Path("artifacts/small"))
     p.add_argument("--batches", default="1,64")
     p.add_argument(

@@ -2,7 +2,7 @@
 without editing service/.
 
     python -m bench.compare --bundle artifacts/small --servers service,offline \\
-        --env TEXTGEN_ENGINE_CLASS=bench.baselines.service_variant:VariantEngine \\
+        --env TEXTGEN_ENGINE_CLASS=bench.experiments.service_variant:VariantEngine \\
         --env BENCH_ENGINE_VARIANT=nospin
 
 ``TEXTGEN_ENGINE_CLASS`` is the service's own setting (module:Class of the engine, imported in
@@ -11,7 +11,8 @@ baselines and the offline engine run the same variant. Variants (comma-separated
 ``BENCH_ENGINE_VARIANT``):
 
 - ``nospin``: ONNX Runtime's intra-op threads do not spin while waiting for work
-  (session config ``session.intra_op.allow_spinning = "0"``; the default spins).
+  (session config ``session.intra_op.allow_spinning = "0"``; the service has since made it its
+  default in service/engine/kv/concat_batch.py, so this variant now changes nothing).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 
 import onnxruntime as ort
 
+from service.engine.config import EngineConfig
 from service.engine.engine import Engine
 
 VARIANT_ENV = "BENCH_ENGINE_VARIANT"
@@ -44,12 +46,12 @@ class _NoSpinOptions(ort.SessionOptions):
 class VariantEngine(Engine):
     """The service's Engine; its ONNX Runtime session is built with the variants' options."""
 
-    def __init__(self, bundle, **kwargs):
+    def __init__(self, bundle, config: EngineConfig = EngineConfig()):
         chosen = variants()
         base = ort.SessionOptions
         if "nospin" in chosen:
             ort.SessionOptions = _NoSpinOptions  # service.engine.kv.concat_batch builds its options from ort.SessionOptions()
         try:
-            super().__init__(bundle, **kwargs)
+            super().__init__(bundle, config)
         finally:
             ort.SessionOptions = base
