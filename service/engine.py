@@ -33,7 +33,7 @@ from service.ngram import NgramIndex
 from service.runner import ConcatBatch, Provider, Runner, want_cuda
 from service.runner_inplace import InplaceBatch, InplaceRunner
 from service.sampler import check_stop, prompt_logprobs, sample
-from service.scheduler import Scheduler
+from service.scheduler import Scheduler, size_kv_budget
 from service.structured import GrammarError, GrammarMatchers
 from service.tokenizer import Tokenizer
 from service.types import (
@@ -77,7 +77,9 @@ class Engine:
         max_running: most sequences in the running batch.
         max_waiting: most requests waiting for admission; more raise QueueFullError.
         kv_budget_tokens: cached-token budget; each running request reserves prompt + max_tokens.
-            0 means max_running x context length.
+            0 sizes it from ``kv_cache_mb`` (scheduler.size_kv_budget).
+        kv_cache_mb: memory the KV cache may take, in MiB, at the model's bytes per token
+            (bundle.kv_bytes_per_token), capped at max_running x context length tokens.
         max_prefill_tokens: prompt tokens prefilled per step (at least one request is always admitted),
             so a burst of long prompts cannot stall the running streams for long.
         seed: seeds the generators of requests that bring no seed of their own.
@@ -92,7 +94,7 @@ class Engine:
 
     def __init__(self, bundle: Bundle, *, provider: Provider = "auto", intra_op_threads: int = 0,
                  graph_opt_level: str = "all", max_running: int = 64, max_waiting: int = 256,
-                 kv_budget_tokens: int = 0, max_prefill_tokens: int = 512, seed: int = 0,
+                 kv_budget_tokens: int = 0, kv_cache_mb: int = 4096, max_prefill_tokens: int = 512, seed: int = 0,
                  kv_inplace: KVInplace = "auto", speculative_tokens: int = 3, speculative_ngram: int = 3):
         if speculative_tokens < 0 or speculative_ngram < 1:
             raise ValueError(f"speculative_tokens must be >= 0 and speculative_ngram >= 1, "
@@ -115,7 +117,14 @@ class Engine:
         self.model_name = bundle.name
         self.num_parameters = bundle.num_parameters
         self.vocab_size = bundle.vocab_size
-        self.kv_budget_tokens = kv_budget_tokens or max_running * self.context_length
+        self.kv_budget_tokens = size_kv_budget(
+            max_running=max_running, context_length=self.context_length, bytes_per_token=bundle.kv_bytes_per_token,
+            cache_bytes=kv_cache_mb * 2**20, tokens=kv_budget_tokens)
+        log.info("KV cache budget: %d tokens x %d bytes per token = %.0f MiB", self.kv_budget_tokens,
+                 bundle.kv_bytes_per_token, self.kv_budget_tokens * bundle.kv_bytes_per_token / 2**20)
+        if self.kv_budget_tokens < self.context_length:
+            log.warning("the KV cache budget (%d tokens) is below the context length (%d): longer requests are "
+                        "refused; raise TEXTGEN_KV_CACHE_MB", self.kv_budget_tokens, self.context_length)
         self.scheduler = Scheduler(max_running=max_running, max_waiting=max_waiting,
                                    kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=max_prefill_tokens)
         self.max_waiting = max_waiting

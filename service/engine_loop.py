@@ -91,6 +91,7 @@ class TextGenAPI(ls.LitAPI):
             max_running=s.max_running,
             max_waiting=s.max_waiting,
             kv_budget_tokens=s.kv_budget_tokens,
+            kv_cache_mb=s.kv_cache_mb,
             max_prefill_tokens=s.max_prefill_tokens,
         )
         self.metrics = Metrics(self.model_name)
