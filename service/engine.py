@@ -101,6 +101,7 @@ class Engine:
                              f"got {speculative_tokens} and {speculative_ngram}")
         self.bundle = bundle
         self.tokenizer = Tokenizer.from_bundle(bundle)
+        _ = self.tokenizer.plain_texts  # the detokenizer's table: built now, not in the first request (152k tokens)
         self._batch = _open_batch(bundle, provider, intra_op_threads, graph_opt_level, max_running, kv_inplace)
         self.runner = self._batch.runner
         self.kv_layout: Literal["inplace", "concat"] = self._batch.layout
