@@ -53,8 +53,12 @@ class Tokenizer:
     eos_token: str | None
 
     @staticmethod
-    def load(path: str | Path) -> SentencePieceTokenizer:
-        """A SentencePiece ``tokenizer.model`` on its own (training and evaluation read this)."""
+    def load(path: str | Path) -> Tokenizer:
+        """A tokenizer file on its own: ``tokenizer.model`` (training and evaluation read this) or a
+        ``tokenizer.json``, whose special ids then come from the file alone (no bos, no end ids: use
+        ``from_bundle`` to serve)."""
+        if Path(path).suffix == ".json":
+            return HuggingFaceTokenizer.load(path, {}, 0)
         return SentencePieceTokenizer.load(path)
 
     @staticmethod
