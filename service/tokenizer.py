@@ -225,7 +225,8 @@ class HuggingFaceTokenizer(Tokenizer):
     def __init__(self, tokenizer: Any, section: dict[str, Any], vocab_size: int, byte_level: bool):
         self._tok = tokenizer
         self._size = tokenizer.get_vocab_size(with_added_tokens=True)  # ids it defines: [0, _size)
-        self.vocab_size = max(vocab_size, self._size)
+        # the model's logits width (0: the tokenizer's own size); ids past the tokenizer decode to nothing
+        self.vocab_size = vocab_size or self._size
         self._byte_level = byte_level
 
         def id_of(key: str) -> int:
