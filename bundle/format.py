@@ -90,6 +90,16 @@ class Bundle:
         return int(self.arch["head_dim"])
 
     @property
+    def kv_dtype(self) -> str:
+        return self.config.get("onnx", {}).get("kv_dtype", self.dtype)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes one cached token takes: layers x (key + value) x KV heads x head dim x dtype bytes."""
+        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(self.kv_dtype, 4)
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
+
+    @property
     def num_parameters(self) -> int:
         return int(self.config.get("num_parameters", 0))
 

@@ -14,6 +14,7 @@ Used by both the HTTP process (tokenize, detokenize, prompt rendering) and the i
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 from pathlib import Path
@@ -52,8 +53,12 @@ class Tokenizer:
     eos_token: str | None
 
     @staticmethod
-    def load(path: str | Path) -> SentencePieceTokenizer:
-        """A SentencePiece ``tokenizer.model`` on its own (training and evaluation read this)."""
+    def load(path: str | Path) -> Tokenizer:
+        """A tokenizer file on its own: ``tokenizer.model`` (training and evaluation read this) or a
+        ``tokenizer.json``, whose special ids then come from the file alone (no bos, no end ids: use
+        ``from_bundle`` to serve)."""
+        if Path(path).suffix == ".json":
+            return HuggingFaceTokenizer.load(path, {}, 0)
         return SentencePieceTokenizer.load(path)
 
     @staticmethod
@@ -220,7 +225,8 @@ class HuggingFaceTokenizer(Tokenizer):
     def __init__(self, tokenizer: Any, section: dict[str, Any], vocab_size: int, byte_level: bool):
         self._tok = tokenizer
         self._size = tokenizer.get_vocab_size(with_added_tokens=True)  # ids it defines: [0, _size)
-        self.vocab_size = max(vocab_size, self._size)
+        # the model's logits width (0: the tokenizer's own size); ids past the tokenizer decode to nothing
+        self.vocab_size = vocab_size or self._size
         self._byte_level = byte_level
 
         def id_of(key: str) -> int:
@@ -246,8 +252,9 @@ class HuggingFaceTokenizer(Tokenizer):
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            tok = HFTokenizer.from_str(json.dumps(raw))
+            text = path.read_text(encoding="utf-8")
+            raw = json.loads(text)
+            tok = HFTokenizer.from_str(text)
         except Exception as e:  # json, UTF-8 or the tokenizers library's own error type
             raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
         return cls(tok, section, vocab_size, _uses_byte_level(raw.get("decoder")))
@@ -266,16 +273,22 @@ class HuggingFaceTokenizer(Tokenizer):
 
     @functools.cached_property
     def _bytes_table(self) -> list[bytes]:
-        alphabet = _byte_alphabet()
+        to_latin1 = {ord(c): b for c, b in _byte_alphabet().items()}  # GPT-2's alphabet -> one char per byte
+        pieces: list[str | None] = [None] * self.vocab_size
+        for piece, i in self._tok.get_vocab(with_added_tokens=False).items():
+            if i < self.vocab_size:
+                pieces[i] = piece
         table: list[bytes] = []
-        for i in range(self.vocab_size):
-            piece = self._tok.id_to_token(i) if i < self._size else None
-            if piece is None or i in self.special_ids:
+        for i, piece in enumerate(pieces):
+            if i in self.special_ids or (piece is None and i not in self._added):
                 table.append(b"")
             elif i in self._added:  # added tokens are literal text in every kind of tokenizer
                 table.append(self._added[i].encode())
-            elif self._byte_level and all(c in alphabet for c in piece):
-                table.append(bytes(alphabet[c] for c in piece))
+            elif self._byte_level:
+                try:
+                    table.append(piece.translate(to_latin1).encode("latin-1"))
+                except UnicodeEncodeError:  # a character outside the byte alphabet: the piece is text
+                    table.append(piece.encode())
             elif m := _BYTE_PIECE.match(piece):
                 table.append(bytes([int(m.group(1), 16)]))
             else:
@@ -293,7 +306,11 @@ class HuggingFaceTokenizer(Tokenizer):
         # text depends on their neighbours.
         candidates = [i for i in range(self._size) if i not in self.special_ids and i != self.unk_id
                       and (self._byte_level or not _BYTE_PIECE.match(self._tok.id_to_token(i) or ""))]
-        refs = [i for i in candidates if self._tok.decode([i]).strip() and _FFFD not in self._tok.decode([i])][:2]
+        def whole_text(i: int) -> bool:
+            text = self._tok.decode([i])
+            return bool(text.strip()) and _FFFD not in text
+
+        refs = list(itertools.islice(filter(whole_text, candidates), 2))
         if len(refs) < 2:
             return {}
         texts: list[list[str]] = []

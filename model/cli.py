@@ -185,7 +185,8 @@ def cmd_sample(a) -> None:
     from service.engine.types import SamplingParams
 
     engine = Engine(load_bundle(a.bundle), EngineConfig(max_running=1))
-    ids = [engine.bundle.bos_id, *engine.tokenizer.encode(a.prompt)]
+    bos = [engine.bundle.bos_id] if engine.bundle.add_bos else []  # an imported bundle may have no bos
+    ids = [*bos, *engine.tokenizer.encode(a.prompt)]
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
     engine.add_request("sample", ids, params)
     sys.stdout.write(a.prompt)

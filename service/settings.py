@@ -64,7 +64,14 @@ class Settings(BaseModel):
     )
     max_running: int = Field(_ENGINE.max_running, ge=1, le=4096, description="Sequences in the running batch.")
     max_waiting: int = Field(_ENGINE.max_waiting, ge=1, le=1_000_000, description="Bounded waiting queue; beyond: 429.")
-    kv_budget_tokens: int = Field(_ENGINE.kv_budget_tokens, ge=0, description="Cached-token budget; 0 = max_running x context.")
+    kv_budget_tokens: int = Field(
+        _ENGINE.kv_budget_tokens, ge=0, description="Cached-token budget; 0 = sized from kv_cache_mb at the model's bytes per token."
+    )
+    kv_cache_mb: int = Field(
+        _ENGINE.kv_cache_mb, ge=1,
+        description="Memory for the KV cache in MiB: the token budget is this over the model's bytes per token "
+        "(layers x 2 x KV heads x head dim x dtype bytes), at most max_running x context length.",
+    )
     max_prefill_tokens: int = Field(_ENGINE.max_prefill_tokens, ge=1, description="Prompt tokens prefilled per engine step.")
     request_timeout_s: float = Field(300.0, gt=0, description="Generation time limit per request.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Request body limit (413 beyond).")

@@ -41,7 +41,7 @@ class PromptEncoder:
     when the bundle says ``tokenizer.add_bos``)."""
 
     def __init__(self, bundle: Bundle):
-        self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
+        self.tokenizer = Tokenizer.from_bundle(bundle)
         self.add_bos = bool(bundle.config.get("tokenizer", {}).get("add_bos", False))
         self.model_name = bundle.name
         self.context_length = bundle.context_length

@@ -36,7 +36,9 @@ class EngineConfig:
         max_running: most sequences in the running batch.
         max_waiting: most requests waiting for admission; more raise QueueFullError.
         kv_budget_tokens: cached-token budget; each running request reserves prompt + max_tokens.
-            0 means max_running x context length.
+            0 sizes it from ``kv_cache_mb`` (scheduler.size_kv_budget).
+        kv_cache_mb: memory the KV cache may take, in MiB, at the model's bytes per token
+            (bundle.kv_bytes_per_token), capped at max_running x context length tokens.
         max_prefill_tokens: prompt tokens prefilled per step (at least one request is always
             admitted), so a burst of long prompts cannot stall the running streams for long.
         seed: seeds the generators of requests that bring no seed of their own.
@@ -51,6 +53,7 @@ class EngineConfig:
     max_running: int = 64
     max_waiting: int = 256
     kv_budget_tokens: int = 0
+    kv_cache_mb: int = 4096
     max_prefill_tokens: int = 512
     seed: int = 0
 

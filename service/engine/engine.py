@@ -43,7 +43,7 @@ from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.kv.batch import open_batch
 from service.engine.ngram import NgramIndex
 from service.engine.sampler import prompt_logprobs, sample
-from service.engine.scheduler import Scheduler
+from service.engine.scheduler import Scheduler, size_kv_budget
 from service.engine.structured import GrammarError, GrammarMatchers
 from service.engine.types import (
     FinishReason,
@@ -88,6 +88,7 @@ class Engine:
         c = self.config = config
         self.bundle = bundle
         self.tokenizer = Tokenizer.from_bundle(bundle)
+        _ = self.tokenizer.plain_texts  # the detokenizer's table: built now, not in the first request (152k tokens)
         self._batch = open_batch(bundle, c.provider, c.intra_op_threads, c.graph_opt_level, c.max_running,
                                  c.kv_inplace)
         self.runner = self._batch.runner
@@ -106,7 +107,14 @@ class Engine:
         self.num_parameters = bundle.num_parameters
         self.vocab_size = bundle.vocab_size
         self._eos_ids = frozenset(self.tokenizer.eos_ids)  # the tokens that end a sequence
-        self.kv_budget_tokens = c.kv_budget_tokens or c.max_running * self.context_length
+        self.kv_budget_tokens = size_kv_budget(
+            max_running=c.max_running, context_length=self.context_length, bytes_per_token=bundle.kv_bytes_per_token,
+            cache_bytes=c.kv_cache_mb * 2**20, tokens=c.kv_budget_tokens)
+        log.info("KV cache budget: %d tokens x %d bytes per token = %.0f MiB", self.kv_budget_tokens,
+                 bundle.kv_bytes_per_token, self.kv_budget_tokens * bundle.kv_bytes_per_token / 2**20)
+        if self.kv_budget_tokens < self.context_length:
+            log.warning("the KV cache budget (%d tokens) is below the context length (%d): longer requests are "
+                        "refused; raise TEXTGEN_KV_CACHE_MB", self.kv_budget_tokens, self.context_length)
         self.scheduler = Scheduler(max_running=c.max_running, max_waiting=c.max_waiting,
                                    kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=c.max_prefill_tokens)
         self.max_waiting = c.max_waiting

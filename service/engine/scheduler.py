@@ -160,3 +160,14 @@ class Scheduler:
         assert self._reserved == sum(r.need for r in self._running.values()), self._reserved
         assert 0 <= self._reserved <= self.kv_budget_tokens, (self._reserved, self.kv_budget_tokens)
         assert self._aborting.keys() <= self._running.keys(), "an aborted request is not running"
+
+
+def size_kv_budget(*, max_running: int, context_length: int, bytes_per_token: int, cache_bytes: int,
+                   tokens: int = 0) -> int:
+    """The cached-token budget: ``tokens`` when given (TEXTGEN_KV_BUDGET_TOKENS); otherwise the tokens
+    ``cache_bytes`` holds at the model's ``bytes_per_token``, and never more than ``max_running`` full
+    contexts (more could not be used). At least 1.
+    """
+    if tokens > 0:
+        return tokens
+    return max(1, min(max_running * context_length, cache_bytes // max(1, bytes_per_token)))

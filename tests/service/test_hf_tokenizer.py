@@ -202,3 +202,13 @@ def test_structured_output_reads_the_token_bytes(tok: HuggingFaceTokenizer) -> N
     assert digits and digits <= allowed
     assert all(tok.token_bytes(i).isdigit() for i in allowed if i not in tok.no_text_ids)
     assert not allowed & tok.special_ids
+
+
+def test_a_tokenizer_json_alone_encodes_and_decodes(tmp_path: Path) -> None:
+    """Tokenizer.load reads either file kind (benchmarks tokenize text with it); ids come from a bundle."""
+    from bundle.tokenizer import Tokenizer
+
+    bundle_section(byte_level_bpe(), tmp_path, eos=["<|endoftext|>"])
+    tok = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert tok.kind == "huggingface" and tok.decode(tok.encode(TEXTS[0])) == TEXTS[0]
+    assert tok.eos_ids == () and tok.bos_id == -1

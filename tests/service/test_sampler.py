@@ -271,3 +271,80 @@ def test_inverse_cdf_matches_a_plain_cumsum(V: int) -> None:
     assert (w[np.arange(R), got] > 0).all()  # never a zero-weight token
     close = np.abs(cdf[np.arange(R), np.minimum(ref, got)] - target) < 1e-5 * cdf[:, -1]
     assert ((got == ref) | close).all()
+
+
+def peaked(R: int, V: int, seed: int) -> np.ndarray:
+    """Logits like a trained model's: a Zipf-like head over a permuted vocabulary."""
+    rnd = np.random.default_rng(seed)
+    base = (-3.3 * np.log(np.arange(1, V + 1))).astype(np.float32)
+    return np.stack([rnd.permutation(base) + 0.3 * rnd.standard_normal(V).astype(np.float32) for _ in range(R)])
+
+
+CANDIDATE_SETTINGS = [(50, 1.0), (50, 0.9), (0, 0.9), (0, 0.5), (20, 0.8), (1, 1.0), (0, 0.999), (3000, 0.95)]
+
+
+@pytest.mark.parametrize("V", [32000, 152064])
+@pytest.mark.parametrize("ties", [False, True])
+def test_candidate_path_draws_from_exactly_the_full_sort_set(V: int, ties: bool) -> None:
+    """Top-k/top-p at real vocabulary sizes decide their kept set from a thresholded candidate set;
+    it must be the full sort's set (ties at the cut included), and draw as the full path does."""
+    from service.engine.sampler import _draw_candidates, _draw_full
+
+    R = len(CANDIDATE_SETTINGS)
+    z = peaked(R, V, seed=V)
+    z[2] /= 8.0  # a flatter row: its nucleus spans hundreds of tokens
+    if ties:
+        z = np.round(z)  # many equal logits, including at the cut
+    top_k = np.array([k for k, _ in CANDIDATE_SETTINGS])
+    top_p = np.array([p for _, p in CANDIDATE_SETTINGS], dtype=np.float32)
+    need = np.where(top_k > 0, top_k, 256)
+    zero = np.zeros(R, dtype=np.float32)
+    refs = [reference_keep(z[r], k, p) for r, (k, p) in enumerate(CANDIDATE_SETTINGS)]
+    agree = decided = 0
+    for u in np.random.default_rng(0).random((50, R)):
+        ids, ok = _draw_candidates(z, top_k, top_p, zero, u, need)
+        full = _draw_full(z, top_k, top_p, zero, u)
+        for r in np.flatnonzero(ok):
+            assert refs[r][ids[r]], (r, CANDIDATE_SETTINGS[r], ids[r])
+            agree += ids[r] == full[r]
+            decided += 1
+    assert decided >= 50 * (R - 2)  # the candidate path decides nearly every row
+    assert agree >= 0.99 * decided  # the same token but where float sums round differently at a boundary
+
+
+def test_candidate_path_is_batch_invariant_and_matches_the_distribution() -> None:
+    V = 32000
+    row = peaked(1, V, seed=5)
+    p = SamplingParams(temperature=0.9, top_k=5)
+    alone = [run(row, [p], seeds=[s]).token_ids[0] for s in range(40)]
+    others = peaked(3, V, seed=6)
+    mates = [SamplingParams(temperature=1.0, top_p=0.999), SamplingParams(temperature=0.0),
+             SamplingParams(temperature=1.0, min_p=0.1, logprobs=2)]
+    for s in range(40):
+        batch = np.concatenate([others[:1], row, others[1:]])
+        out = run(batch, [mates[0], p, *mates[1:]], seeds=[100, s, 101, 102])
+        assert out.token_ids[1] == alone[s]
+    N = 20_000
+    many = np.repeat(row, N, axis=0)
+    out = sample(many, [p] * N, [np.random.default_rng(7)] * N, [[]] * N, [[]] * N)
+    top5 = np.argsort(-row[0])[:5]
+    assert set(out.token_ids.tolist()) <= set(top5.tolist())
+    expected = softmax(row[0, top5].astype(np.float64) / 0.9) * N
+    observed = np.array([(out.token_ids == t).sum() for t in top5])
+    keep = expected > 5
+    chi2 = float((((observed - expected) ** 2 / expected)[keep]).sum())
+    assert chi2 < 25.0, (chi2, observed, expected)
+
+
+@pytest.mark.parametrize("V", [32000, 152064])
+@pytest.mark.parametrize(("k", "p"), [(20, 0.8), (50, 1.0), (0, 0.95), (1, 1.0)])
+def test_real_vocabularies_take_the_candidate_path(V: int, k: int, p: float) -> None:
+    """The fast path is really taken for trained-model-like logits (a regression guard: a too tight
+    candidate cap sent every top-k 20 row at 152k through the full-vocabulary path)."""
+    from service.engine.sampler import _draw_candidates
+
+    z = peaked(8, V, seed=k)
+    R = len(z)
+    _, ok = _draw_candidates(z, np.full(R, k), np.full(R, p, dtype=np.float32), np.zeros(R, dtype=np.float32),
+                             np.full(R, 0.5), np.full(R, k if k else 256))
+    assert ok.all()

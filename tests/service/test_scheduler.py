@@ -236,3 +236,26 @@ def test_randomized_soak_keeps_invariants() -> None:
     step(s)
     assert s.num_running == s.num_waiting == s.reserved_tokens == 0
     assert s.kv_usage == 0.0 and not s.has_unfinished()
+
+
+def test_kv_budget_is_sized_from_the_models_bytes_per_token() -> None:
+    from service.engine.scheduler import size_kv_budget
+
+    # Qwen2-0.5B-like: 24 layers x 2 x 2 KV heads x 64 x 4 bytes = 24,576 bytes per token, 32k context
+    qwen = dict(max_running=64, context_length=32768, bytes_per_token=24 * 2 * 2 * 64 * 4)
+    assert size_kv_budget(**qwen, cache_bytes=4096 * 2**20) == 174762  # 4 GiB, not 64 x 32k = 2.1M tokens
+    assert size_kv_budget(**qwen, cache_bytes=4096 * 2**20, tokens=1000) == 1000  # an explicit budget wins
+    # a small model: the cache never needs more than max_running full contexts
+    assert size_kv_budget(max_running=64, context_length=512, bytes_per_token=6144, cache_bytes=4096 * 2**20) == 64 * 512
+    assert size_kv_budget(max_running=4, context_length=512, bytes_per_token=10**9, cache_bytes=1) == 1
+
+
+def test_bundle_bytes_per_token_counts_kv_heads_and_dtype() -> None:
+    from pathlib import Path
+
+    from bundle.format import Bundle
+
+    arch = {"n_layer": 24, "n_head": 14, "n_kv_head": 2, "head_dim": 64}
+    assert Bundle(Path("."), {"architecture": arch}).kv_bytes_per_token == 24 * 2 * 2 * 64 * 4
+    half = {"architecture": arch, "onnx": {"kv_dtype": "float16"}}
+    assert Bundle(Path("."), half).kv_bytes_per_token == 24 * 2 * 2 * 64 * 2
