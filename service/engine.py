@@ -16,6 +16,12 @@ goes in with up to ``speculative_tokens`` draft tokens looked up from earlier in
 next token, so it emits 1..k+1 tokens, the same tokens one-token steps would. A run over a few
 positions costs little more than over one at batch 1 (overhead-bound), so each kept draft is
 most of a step saved.
+
+Prefix caching (service/prefix_cache.py, service/prefix_pool.py): after a prefill, the prompt's
+full blocks are copied into a block pool that shares the KV budget with the running requests; a
+newcomer whose leading blocks are there gets them copied into its row and prefills only the rest
+(one run per such row). Requests that ask for prompt logprobs prefill everything (the logits of
+cached positions are not kept), and ``cache_prompt=False`` requests neither read nor write blocks.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import numpy as np
 from service.bundle import Bundle
 from service.detokenizer import IncrementalDetokenizer
 from service.ngram import NgramIndex
+from service.prefix_cache import DEFAULT_BLOCK_SIZE, BlockIndex, block_hashes, lookup_blocks
+from service.prefix_pool import BlockPool
 from service.runner import ConcatBatch, Provider, Runner, want_cuda
 from service.runner_inplace import InplaceBatch, InplaceRunner
 from service.sampler import check_stop, prompt_logprobs, sample
@@ -66,6 +74,8 @@ class _Sequence:
     # params.prompt_logprobs: (logprobs, alternatives) of the prompt, from its prefill, sent with the first output
     prompt_scores: tuple[list[float | None], list[list[TopLogprob]]] | None = None
     matcher: Any = None  # params.grammar: an llguidance matcher fed every output token (service/structured.py)
+    block_hashes: list[bytes] = field(default_factory=list)  # the prompt's full blocks, to cache after its prefill
+    lookup: bool = False  # it looked its prompt up in the prefix cache (counts as a query)
 
 
 class Engine:
@@ -88,12 +98,16 @@ class Engine:
             for int8 bundles, whose activation scale spans the run: docs/model.md);
             0 turns speculation off.
         speculative_ngram: longest suffix n-gram that drafts are looked up by.
+        prefix_caching: keep the KV cache of prompts' full blocks and skip recomputing them for
+            later prompts that start with the same blocks (outputs do not change).
+        prefix_block_size: tokens per prefix-cache block.
     """
 
     def __init__(self, bundle: Bundle, *, provider: Provider = "auto", intra_op_threads: int = 0,
                  graph_opt_level: str = "all", max_running: int = 64, max_waiting: int = 256,
                  kv_budget_tokens: int = 0, max_prefill_tokens: int = 512, seed: int = 0,
-                 kv_inplace: KVInplace = "auto", speculative_tokens: int = 3, speculative_ngram: int = 3):
+                 kv_inplace: KVInplace = "auto", speculative_tokens: int = 3, speculative_ngram: int = 3,
+                 prefix_caching: bool = True, prefix_block_size: int = DEFAULT_BLOCK_SIZE):
         if speculative_tokens < 0 or speculative_ngram < 1:
             raise ValueError(f"speculative_tokens must be >= 0 and speculative_ngram >= 1, "
                              f"got {speculative_tokens} and {speculative_ngram}")
@@ -116,8 +130,21 @@ class Engine:
         self.num_parameters = bundle.num_parameters
         self.vocab_size = bundle.vocab_size
         self.kv_budget_tokens = kv_budget_tokens or max_running * self.context_length
+        if prefix_block_size < 1:
+            raise ValueError(f"prefix_block_size must be >= 1, got {prefix_block_size}")
+        self.block_size = prefix_block_size
+        self.prefix_cache: BlockIndex | None = None
+        self._pool: BlockPool | None = None
+        if prefix_caching:
+            n = self.kv_budget_tokens // prefix_block_size
+            self.prefix_cache = BlockIndex(n)
+            self._pool = BlockPool(bundle.num_layers, bundle.num_kv_heads, bundle.head_dim, n, prefix_block_size,
+                                   self.runner.kv_dtype)
+        # Anything besides the tokens that changes a block's cache goes into the hash: the model.
+        self._salt = f"{bundle.name}:{bundle.num_parameters}:{np.dtype(self.runner.kv_dtype).name}".encode()
         self.scheduler = Scheduler(max_running=max_running, max_waiting=max_waiting,
-                                   kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=max_prefill_tokens)
+                                   kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=max_prefill_tokens,
+                                   prefix_cache=self.prefix_cache, block_size=prefix_block_size)
         self.max_waiting = max_waiting
         self._seeds = np.random.default_rng(seed)
         self._seqs: dict[str, _Sequence] = {}
@@ -144,7 +171,13 @@ class Engine:
         if len(prompt_token_ids) + params.max_tokens > self.context_length:
             raise PromptTooLongError(len(prompt_token_ids), params.max_tokens, self.context_length)
         matcher = self._new_matcher(params.grammar) if params.grammar is not None else None
-        self.scheduler.add_request(request_id, len(prompt_token_ids), params.max_tokens)  # may raise QueueFullError
+        hashes = (block_hashes(prompt_token_ids, self.block_size, self._salt)
+                  if self.prefix_cache is not None and params.cache_prompt else [])
+        # Prompt logprobs need the logits of every prompt position: such a prompt is computed whole.
+        lookup = bool(hashes) and params.prompt_logprobs is None
+        n_lookup = lookup_blocks(len(prompt_token_ids), self.block_size) if lookup else 0
+        self.scheduler.add_request(request_id, len(prompt_token_ids), params.max_tokens,  # may raise QueueFullError
+                                   tuple(hashes[:n_lookup]))
         seed = params.seed if params.seed is not None else int(self._seeds.integers(2**63))
         self._seqs[request_id] = _Sequence(
             request_id=request_id,
@@ -157,6 +190,8 @@ class Engine:
             ngram=NgramIndex(prompt_token_ids, self.speculative_ngram)
             if self.speculative_tokens and params.temperature == 0 and matcher is None else None,
             matcher=matcher,
+            block_hashes=hashes,
+            lookup=self.prefix_cache is not None and params.cache_prompt and params.prompt_logprobs is None,
         )
 
     def _new_matcher(self, grammar: str) -> Any:
@@ -200,16 +235,20 @@ class Engine:
         for rid in sched.aborted:
             outputs.append(self._finish(self._seqs[rid], "abort"))
         self._batch.keep(sched.running)
-        prefill_tokens = sum(len(self._seqs[r].prompt) for r in sched.admitted)
+        hits = sum(len(b) for b in sched.cached.values()) * self.block_size
+        prefill_tokens = sum(len(self._seqs[r].prompt) for r in sched.admitted) - hits
+        queries = sum(len(self._seqs[r].prompt) for r in sched.admitted if self._seqs[r].lookup)
         seq, draft = self._draft(sched.admitted)
         try:
             if draft:
                 logits = self._batch.decode_chunk(np.array([seq.output[-1], *draft], np.int64))  # (1 + k, V)
             else:
-                logits, rows = self._run_model(sched.admitted, t0)
+                logits, rows = self._run_model(sched.admitted, sched.cached, t0)
         except Exception as e:  # a failed run must not wedge the engine: fail the batch, keep serving
             log.exception("model run failed; failing %d requests", self._batch.num_live + len(sched.admitted))
             return outputs + self._fail_all([*self._batch.live_ids, *sched.admitted], f"model run failed: {e}")
+        finally:
+            self._release(sched.cached)
         accepted = 0
         if draft:
             rows = [seq.request_id]
@@ -222,7 +261,9 @@ class Engine:
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.scheduler.kv_usage, step_time=time.monotonic() - t0,
             num_draft_tokens=len(draft), num_accepted_draft_tokens=accepted,
-            num_constrained=self._num_constrained, mask_time=self._mask_time)
+            num_constrained=self._num_constrained, mask_time=self._mask_time,
+            prefix_cache_queries=queries, prefix_cache_hits=hits, prefix_cache_blocks=self.prefix_cache_blocks,
+            prefix_cache_usage=self.scheduler.cached_tokens / self.kv_budget_tokens)
         return outputs
 
     # ---- speculative steps (one greedy sequence, n-gram drafts) --------------------------------
@@ -261,8 +302,9 @@ class Engine:
             self._batch.advance(len(picks))  # the last token and the kept draft tokens are now cached
         return out, len(picks) - 1
 
-    def _run_model(self, admitted: list[str], now: float) -> tuple[np.ndarray, list[str]]:
-        """Decode the running rows, prefill the admitted ones; logits (B, V) in the order of rows."""
+    def _run_model(self, admitted: list[str], cached: dict[str, list[int]], now: float) -> tuple[np.ndarray, list[str]]:
+        """Decode the running rows, prefill the admitted ones (those in ``cached`` over their cached
+        blocks); logits (B, V) in the order of rows."""
         parts: list[np.ndarray] = []
         rows: list[str] = []
         if self._batch.num_live:
@@ -271,15 +313,45 @@ class Engine:
         if admitted:
             for rid in admitted:
                 self._seqs[rid].timings.scheduled = now
-            seqs = [self._seqs[r] for r in admitted]
-            want = [s.params.prompt_logprobs is not None for s in seqs]
-            last, whole = self._batch.prefill_scored(admitted, [s.prompt for s in seqs], want)
-            for s, logits in zip(seqs, whole, strict=True):
-                if logits is not None:
-                    s.prompt_scores = prompt_logprobs(logits, s.prompt, s.params.prompt_logprobs or 0)
-            parts.append(last)
-            rows += admitted
+            fresh = [r for r in admitted if r not in cached]
+            if fresh:
+                seqs = [self._seqs[r] for r in fresh]
+                want = [s.params.prompt_logprobs is not None for s in seqs]
+                last, whole = self._batch.prefill_scored(fresh, [s.prompt for s in seqs], want)
+                for s, logits in zip(seqs, whole, strict=True):
+                    if logits is not None:
+                        s.prompt_scores = prompt_logprobs(logits, s.prompt, s.params.prompt_logprobs or 0)
+                parts.append(last)
+                rows += fresh
+            reused = [r for r in admitted if r in cached]
+            if reused:
+                kv = [self._pool.read(cached[r]) for r in reused]
+                parts.append(self._batch.prefill_cached(reused, [self._seqs[r].prompt for r in reused], kv))
+                rows += reused
+            self._cache_prompts(admitted)
         return (np.concatenate(parts) if len(parts) > 1 else parts[0]) if parts else np.zeros((0, 0)), rows
+
+    # ---- prefix cache ---------------------------------------------------------------------------
+    def _cache_prompts(self, admitted: list[str]) -> None:
+        """Copy the prefilled prompts' full blocks that the cache lacks into its pool, as far as
+        the budget left by the reservations allows (older blocks are evicted for them)."""
+        if self.prefix_cache is None:
+            return
+        new = {r: self.scheduler.cache_blocks(self._seqs[r].block_hashes) for r in admitted}
+        new = {r: blocks for r, blocks in new.items() if blocks}
+        if new:
+            kv = self._batch.row_kv(list(new))
+            for r, blocks in new.items():
+                self._pool.write(blocks, kv[r])
+
+    def _release(self, cached: dict[str, list[int]]) -> None:
+        """Unpin the cached blocks newcomers were admitted with (their prefill has copied them)."""
+        for ids in cached.values():
+            self.prefix_cache.release(ids)
+
+    @property
+    def prefix_cache_blocks(self) -> int:
+        return 0 if self.prefix_cache is None else self.prefix_cache.num_blocks
 
     def _sample_and_update(self, logits: np.ndarray, rows: list[str]) -> list[RequestOutput]:
         seqs = [self._seqs[r] for r in rows]
@@ -385,7 +457,7 @@ class Engine:
             if rid in self._seqs:
                 self.scheduler.abort(rid)
                 outs.append(self._finish(self._seqs[rid], "error", error))
-        self.scheduler.schedule()  # reports the aborts and frees their reservations
+        self._release(self.scheduler.schedule().cached)  # reports the aborts and frees their reservations
         self._batch.clear()
         return outs
 

@@ -88,6 +88,8 @@ class TextGenAPI(ls.LitAPI):
             kv_inplace=s.kv_inplace,
             speculative_tokens=s.speculative_tokens,
             speculative_ngram=s.speculative_ngram,
+            prefix_caching=s.prefix_caching,
+            prefix_block_size=s.prefix_block_size,
             max_running=s.max_running,
             max_waiting=s.max_waiting,
             kv_budget_tokens=s.kv_budget_tokens,

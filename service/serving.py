@@ -375,6 +375,7 @@ def _params(
         logit_bias=req.logit_bias,
         prompt_logprobs=prompt_logprobs,
         grammar=structure.grammar if structure is not None else None,
+        cache_prompt=req.cache_prompt,
     )
     try:
         base.validate(m.vocab_size)

@@ -69,6 +69,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # An llguidance grammar (service.structured): every sampled token keeps the output a valid prefix.
     grammar: str | None = None
+    # False: the prompt neither reuses nor leaves behind prefix-cache blocks (llama.cpp's name).
+    cache_prompt: bool = True
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidRequestError naming the field and the limit."""
@@ -185,3 +187,9 @@ class StepStats:
     num_accepted_draft_tokens: int = 0  # of which kept
     num_constrained: int = 0  # rows whose tokens a grammar constrained this step (service/structured.py)
     mask_time: float = 0.0  # seconds spent computing their token masks
+    # Prefix cache (service/prefix_cache.py), vLLM's names: prompt tokens of this step's newcomers
+    # that were looked up, and of those the tokens found cached (their prefill was skipped).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_blocks: int = 0  # blocks held after the step (pinned or evictable)
+    prefix_cache_usage: float = 0.0  # their tokens as a fraction (0..1) of the KV budget

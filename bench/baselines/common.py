@@ -21,6 +21,8 @@ ENGINE_SETTINGS = (
     "kv_inplace",
     "speculative_tokens",
     "speculative_ngram",
+    "prefix_caching",
+    "prefix_block_size",
     "max_running",
     "max_waiting",
     "kv_budget_tokens",
