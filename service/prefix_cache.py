@@ -23,7 +23,9 @@ import numpy as np
 DEFAULT_BLOCK_SIZE = 16  # tokens per block (vLLM's default)
 
 
-def block_hashes(tokens: Sequence[int], block_size: int, salt: bytes, num_blocks: int | None = None) -> list[bytes]:
+def block_hashes(
+    tokens: Sequence[int], block_size: int, salt: bytes, num_blocks: int | None = None
+) -> list[bytes]:
     """The chained hashes of the first ``num_blocks`` full blocks of ``tokens`` (default: all).
 
     hash_i = blake2b(hash_{i-1} + tokens of block i as int64), hash_{-1} = blake2b(salt).

@@ -23,8 +23,15 @@ class BlockPool:
         dtype: the cache's dtype.
     """
 
-    def __init__(self, num_layers: int, num_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: np.dtype | type = np.float32):
+    def __init__(
+        self,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: np.dtype | type = np.float32,
+    ):
         self.block_size = block_size
         shape = (num_blocks, num_heads, block_size, head_dim)
         self.arrays = [np.zeros(shape, dtype) for _ in range(2 * num_layers)]  # 2L x (N, H, bs, D)

@@ -40,8 +40,13 @@ def test_a_thousand_requests_with_shared_prefixes_aborts_and_eviction(random_bun
         while submitted < N and engine.num_waiting < 24 and rng.random() < 0.8:
             rid = f"p{submitted:04d}"
             prompt = rng.choice(systems) + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 40))]
-            params = SamplingParams(max_tokens=rng.randrange(1, 10), temperature=rng.choice([0.0, 0.8]),
-                                    seed=rng.randrange(1000), ignore_eos=True, cache_prompt=rng.random() > 0.05)
+            params = SamplingParams(
+                max_tokens=rng.randrange(1, 10),
+                temperature=rng.choice([0.0, 0.8]),
+                seed=rng.randrange(1000),
+                ignore_eos=True,
+                cache_prompt=rng.random() > 0.05,
+            )
             requests[rid] = (prompt, params)
             engine.add_request(rid, prompt, params)
             live.add(rid)
@@ -83,5 +88,7 @@ def test_a_thousand_requests_with_shared_prefixes_aborts_and_eviction(random_bun
     again = run_to_completion(off, schedule)
     for rid in sample:
         assert again[rid]["tokens"] == finished[rid][1], rid
-    print(f"\n{layout}: {N} requests, hit rate {hits / queries:.2f}, {evictions} steps evicted, "
-          f"{time.monotonic() - t0:.1f} s")
+    print(
+        f"\n{layout}: {N} requests, hit rate {hits / queries:.2f}, {evictions} steps evicted, "
+        f"{time.monotonic() - t0:.1f} s"
+    )

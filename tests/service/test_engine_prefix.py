@@ -15,7 +15,9 @@ import pytest
 from service.types import SamplingParams, StepStats
 from tests.service.test_engine import KV_INPLACE, make_engine, run_to_completion
 
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)  # logprobs: a sharper check
+GREEDY = SamplingParams(
+    max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0
+)  # logprobs: a sharper check
 BS = 8  # small blocks: prompts of a few dozen tokens span several
 
 
@@ -90,8 +92,10 @@ def test_a_later_prompt_with_the_same_beginning_reuses_its_blocks(engines) -> No
 
     def scenario(e):
         a, b = uid(e, "a"), uid(e, "b")
-        return {0: [lambda: e.add_request(a, first, dataclasses.replace(GREEDY, logprobs=2))],
-                3: [lambda: e.add_request(b, second, dataclasses.replace(GREEDY, logprobs=2))]}
+        return {
+            0: [lambda: e.add_request(a, first, dataclasses.replace(GREEDY, logprobs=2))],
+            3: [lambda: e.add_request(b, second, dataclasses.replace(GREEDY, logprobs=2))],
+        }
 
     on, off, rec = run_both(engines, scenario)
     same_tokens(_by_order(on), _by_order(off))
@@ -117,9 +121,11 @@ def test_a_fully_cached_prompt_still_computes_its_last_token(engines) -> None:
 
     def scenario(e):
         a, b, c = uid(e, "a"), uid(e, "b"), uid(e, "c")
-        return {0: [lambda: e.add_request(a, p, GREEDY)],
-                2: [lambda: e.add_request(b, p, GREEDY)],
-                3: [lambda: e.add_request(c, p[: 3 * BS + 1], GREEDY)]}  # one token past block 3
+        return {
+            0: [lambda: e.add_request(a, p, GREEDY)],
+            2: [lambda: e.add_request(b, p, GREEDY)],
+            3: [lambda: e.add_request(c, p[: 3 * BS + 1], GREEDY)],
+        }  # one token past block 3
 
     on, off, rec = run_both(engines, scenario)
     same_tokens(_by_order(on), _by_order(off))
@@ -133,9 +139,11 @@ def test_blocks_of_an_aborted_request_serve_a_later_one(engines) -> None:
 
     def scenario(e):
         a, b = uid(e, "a"), uid(e, "b")
-        return {0: [lambda: e.add_request(a, prompt(7, 60, system), GREEDY)],
-                2: [lambda: e.abort(a)],
-                4: [lambda: e.add_request(b, prompt(8, 56, system), GREEDY)]}
+        return {
+            0: [lambda: e.add_request(a, prompt(7, 60, system), GREEDY)],
+            2: [lambda: e.abort(a)],
+            4: [lambda: e.add_request(b, prompt(8, 56, system), GREEDY)],
+        }
 
     on, off, rec = run_both(engines, scenario)
     same_tokens(_by_order(on), _by_order(off))
@@ -148,9 +156,13 @@ def test_two_requests_with_the_same_prefix_in_one_step(engines) -> None:
 
     def scenario(e):
         ids = [uid(e, f"r{i}") for i in range(3)]
-        return {0: [lambda: e.add_request(ids[0], prompt(20, 80, system), GREEDY),
-                    lambda: e.add_request(ids[1], prompt(21, 75, system), GREEDY)],
-                1: [lambda: e.add_request(ids[2], prompt(22, 70, system), GREEDY)]}
+        return {
+            0: [
+                lambda: e.add_request(ids[0], prompt(20, 80, system), GREEDY),
+                lambda: e.add_request(ids[1], prompt(21, 75, system), GREEDY),
+            ],
+            1: [lambda: e.add_request(ids[2], prompt(22, 70, system), GREEDY)],
+        }
 
     on, off, rec = run_both(engines, scenario)
     same_tokens(_by_order(on), _by_order(off))
@@ -164,8 +176,10 @@ def test_prompt_logprobs_are_computed_whole_and_equal(engines) -> None:
 
     def scenario(e):
         a, b = uid(e, "a"), uid(e, "b")
-        return {0: [lambda: e.add_request(a, prompt(12, 60, system), GREEDY)],
-                2: [lambda: e.add_request(b, prompt(13, 64, system), scoring)]}
+        return {
+            0: [lambda: e.add_request(a, prompt(12, 60, system), GREEDY)],
+            2: [lambda: e.add_request(b, prompt(13, 64, system), scoring)],
+        }
 
     on, off, rec = run_both(engines, scenario)
     same_tokens(_by_order(on), _by_order(off))
@@ -183,8 +197,13 @@ def test_cache_prompt_false_neither_reads_nor_writes(engines) -> None:
     rec = Recorder(on)
     on.step = rec.step
     try:
-        run_to_completion(on, {0: [lambda: on.add_request(uid(on, "a"), p, opt_out)],
-                               2: [lambda: on.add_request(uid(on, "b"), p, opt_out)]})
+        run_to_completion(
+            on,
+            {
+                0: [lambda: on.add_request(uid(on, "a"), p, opt_out)],
+                2: [lambda: on.add_request(uid(on, "b"), p, opt_out)],
+            },
+        )
     finally:
         del on.step
     assert rec.queries == 0 and rec.hits == 0 and on.prefix_cache.num_blocks == 0
@@ -198,15 +217,20 @@ def test_eviction_under_pressure_mid_burst(random_bundle, layout) -> None:
     off = make_engine(random_bundle, layout, prefix_caching=False, **kw)
     systems = [prompt(30 + k, 64) for k in range(4)]
     rng = random.Random(3)
-    plan = [(step, k, prompt(100 + i, 64 + rng.randrange(1, 40), systems[k]))
-            for i, (step, k) in enumerate((rng.randrange(30), rng.randrange(4)) for _ in range(24))]
+    plan = [
+        (step, k, prompt(100 + i, 64 + rng.randrange(1, 40), systems[k]))
+        for i, (step, k) in enumerate((rng.randrange(30), rng.randrange(4)) for _ in range(24))
+    ]
     blocks_seen: list[int] = []
 
     def scenario(e):
         sched: dict[int, list] = {}
         for i, (step, _, p) in enumerate(plan):
             sched.setdefault(step, []).append(
-                lambda i=i, p=p: e.add_request(f"r{i:02d}-{id(e)}", p, dataclasses.replace(GREEDY, max_tokens=8)))
+                lambda i=i, p=p: e.add_request(
+                    f"r{i:02d}-{id(e)}", p, dataclasses.replace(GREEDY, max_tokens=8)
+                )
+            )
         return sched
 
     orig = on.step
@@ -222,7 +246,7 @@ def test_eviction_under_pressure_mid_burst(random_bundle, layout) -> None:
     same_tokens(_by_order(a), _by_order(b))
     assert rec.hits > 0
     assert max(blocks_seen) * BS <= 400
-    assert min(blocks_seen[blocks_seen.index(max(blocks_seen)):]) < max(blocks_seen)  # evicted mid-burst
+    assert min(blocks_seen[blocks_seen.index(max(blocks_seen)) :]) < max(blocks_seen)  # evicted mid-burst
 
 
 def _by_order(results: dict) -> dict:

@@ -101,7 +101,9 @@ def test_random_operations_keep_the_bookkeeping_consistent() -> None:
     pinned: list[list[int]] = []
     for _ in range(3000):
         op = rng.random()
-        tokens = rng.choice(prefixes)[: rng.randrange(0, 41)] + [rng.randrange(50) for _ in range(rng.randrange(8))]
+        tokens = rng.choice(prefixes)[: rng.randrange(0, 41)] + [
+            rng.randrange(50) for _ in range(rng.randrange(8))
+        ]
         if op < 0.4:
             idx.insert(H(tokens), max_blocks=rng.randrange(0, 33))
         elif op < 0.7:
