@@ -57,11 +57,14 @@ class BlockPool:
             dst[ids] = whole[:, pos].transpose(1, 0, 2, 3)
 
     def read(self, ids: Sequence[int]) -> list[np.ndarray]:
-        """The blocks ``ids`` in order as one row's cache: 2L x (H, len(ids) * bs, D), new arrays."""
+        """The blocks ``ids`` in order as one row's cache: 2L x (H, n, bs, D), n = len(ids), the
+        row's tokens 0..n*bs-1 (token t at [:, t // bs, t % bs]). One copy; each array is a
+        transposed view, which the caller writes where it wants it (``as_tokens`` or in place)."""
         idx = np.asarray(ids, np.int64)
-        out = []
-        for a in self.arrays:
-            blocks = a[idx]  # (n, H, bs, D)
-            n, H, bs, D = blocks.shape
-            out.append(np.ascontiguousarray(blocks.transpose(1, 0, 2, 3)).reshape(H, n * bs, D))
-        return out
+        return [a[idx].transpose(1, 0, 2, 3) for a in self.arrays]  # (n, H, bs, D) -> (H, n, bs, D)
+
+
+def as_tokens(blocks: np.ndarray) -> np.ndarray:
+    """(H, n, bs, D) blocks of ``BlockPool.read`` as a contiguous (H, n * bs, D) row cache."""
+    H, n, bs, D = blocks.shape
+    return np.ascontiguousarray(blocks).reshape(H, n * bs, D)

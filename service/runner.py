@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from service.bundle import Bundle
 from service.kv_cache import BatchCache, left_pad_prompts, pad_rows
+from service.prefix_pool import as_tokens
 
 log = logging.getLogger(__name__)
 
@@ -217,18 +218,20 @@ class ConcatBatch:
 
     def prefill_cached(self, request_ids: list[str], prompts: list[list[int]],
                        cached: list[list[np.ndarray]]) -> np.ndarray:
-        """Prefill newcomers whose leading tokens' cache is given (2L x (H, P_i, D) each, P_i < the
-        prompt's length): one run per row over that past computes the rest. Returns logits (k, V).
+        """Prefill newcomers whose leading tokens' cache is given (per row 2L x (H, n, bs, D): n
+        blocks of bs tokens, service.prefix_pool, n * bs < the prompt's length): one run per row
+        over that past computes the rest. Returns logits (k, V).
 
         One row per run: rows with different cached lengths would leave holes between past and
         new tokens, which the batch's bookkeeping (right-aligned rows) does not hold.
         """
         logits, rows = [], []
         for p, kv in zip(prompts, cached, strict=True):
-            P, T = kv[0].shape[1], len(p) - kv[0].shape[1]
+            past = self.runner.to_device([as_tokens(a)[None] for a in kv])  # 2L x (1, H, P, D)
+            P = kv[0].shape[1] * kv[0].shape[2]
+            T = len(p) - P
             ids = np.asarray(p[P:], np.int64).reshape(1, T)
             pos = np.arange(P, len(p), dtype=np.int64).reshape(1, T)
-            past = self.runner.to_device([np.ascontiguousarray(a[None]) for a in kv])  # (1, H, P, D)
             out = self.runner.run(ids, np.ones((1, len(p)), np.int64), pos, past)
             logits.append(out.logits)
             rows.append(self.runner.to_host(out.presents))  # 2L x (1, H, len(p), D)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.prefix_cache import BlockIndex, block_hashes, lookup_blocks
-from service.prefix_pool import BlockPool
+from service.prefix_pool import BlockPool, as_tokens
 from service.scheduler import Scheduler
 
 SALT = b"model-a"
@@ -129,7 +129,7 @@ def test_pool_round_trips_blocks_of_a_row() -> None:
     rng = np.random.default_rng(0)
     row = [rng.standard_normal((3, 14, 5)).astype(np.float32) for _ in range(4)]  # 14 tokens: 3 full blocks
     pool.write([(0, 5), (2, 1)], row)  # blocks 0 and 2 of the row into ids 5 and 1
-    got = pool.read([5, 1])
+    got = [as_tokens(b) for b in pool.read([5, 1])]
     for g, r in zip(got, row, strict=True):
         assert g.shape == (3, 8, 5)
         np.testing.assert_array_equal(g[:, :4], r[:, 0:4])
