@@ -11,9 +11,9 @@ import random
 
 import numpy as np
 import pytest
+from test_engine import KV_INPLACE, make_engine, run_to_completion
 
 from service.types import SamplingParams, StepStats
-from tests.service.test_engine import KV_INPLACE, make_engine, run_to_completion
 
 GREEDY = SamplingParams(
     max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0

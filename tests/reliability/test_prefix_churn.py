@@ -13,9 +13,9 @@ import random
 import time
 
 import pytest
+from test_engine import KV_INPLACE, make_engine, run_to_completion
 
 from service.types import SamplingParams
-from tests.service.test_engine import KV_INPLACE, make_engine, run_to_completion
 
 N = 1000
 BS = 8
