@@ -171,10 +171,10 @@ class Engine:
         if len(prompt_token_ids) + params.max_tokens > self.context_length:
             raise PromptTooLongError(len(prompt_token_ids), params.max_tokens, self.context_length)
         matcher = self._new_matcher(params.grammar) if params.grammar is not None else None
-        hashes = (block_hashes(prompt_token_ids, self.block_size, self._salt)
-                  if self.prefix_cache is not None and params.cache_prompt else [])
+        cache = self.prefix_cache is not None and params.cache_prompt
+        hashes = block_hashes(prompt_token_ids, self.block_size, self._salt) if cache else []
         # Prompt logprobs need the logits of every prompt position: such a prompt is computed whole.
-        lookup = bool(hashes) and params.prompt_logprobs is None
+        lookup = cache and params.prompt_logprobs is None
         n_lookup = lookup_blocks(len(prompt_token_ids), self.block_size) if lookup else 0
         self.scheduler.add_request(request_id, len(prompt_token_ids), params.max_tokens,  # may raise QueueFullError
                                    tuple(hashes[:n_lookup]))
@@ -191,7 +191,7 @@ class Engine:
             if self.speculative_tokens and params.temperature == 0 and matcher is None else None,
             matcher=matcher,
             block_hashes=hashes,
-            lookup=self.prefix_cache is not None and params.cache_prompt and params.prompt_logprobs is None,
+            lookup=lookup,
         )
 
     def _new_matcher(self, grammar: str) -> Any:
@@ -339,10 +339,15 @@ class Engine:
             return
         new = {r: self.scheduler.cache_blocks(self._seqs[r].block_hashes) for r in admitted}
         new = {r: blocks for r, blocks in new.items() if blocks}
-        if new:
+        if not new:
+            return
+        try:
             kv = self._batch.row_kv(list(new))
             for r, blocks in new.items():
                 self._pool.write(blocks, kv[r])
+        except BaseException:  # an indexed block must never name data that was not written
+            self.prefix_cache.forget([i for blocks in new.values() for _, i in blocks])
+            raise
 
     def _release(self, cached: dict[str, list[int]]) -> None:
         """Unpin the cached blocks newcomers were admitted with (their prefill has copied them)."""

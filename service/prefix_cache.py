@@ -152,6 +152,14 @@ class BlockIndex:
             dropped += 1
         return dropped
 
+    def forget(self, ids: Sequence[int]) -> None:
+        """Drop these unpinned blocks now (their data could not be written)."""
+        for i in ids:
+            if i in self._pins:
+                raise ValueError(f"forget: block {i} is pinned")
+            if i in self._lru:
+                self._drop(i)
+
     def _drop(self, i: int) -> None:
         del self._lru[i]
         del self._by_hash[self._hash_of.pop(i)]

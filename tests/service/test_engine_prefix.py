@@ -273,3 +273,27 @@ def test_a_hit_row_holds_the_cache_a_whole_prefill_computes(engines) -> None:
     for got, want in zip(*rows, strict=True):
         assert got.shape == want.shape == (want.shape[0], 70, want.shape[2])
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_failed_step_leaves_no_block_without_data(engines, monkeypatch) -> None:
+    """The step fails while the prefilled prompts' blocks are copied: the blocks indexed for them
+    are dropped (nothing names unwritten data), nothing stays pinned, and the engine serves on."""
+    on, off = engines
+    system = prompt(50, 56)
+    calls = []
+
+    def broken(request_ids):
+        calls.append(request_ids)
+        raise RuntimeError("copy failed")
+
+    before = on.prefix_cache.num_blocks
+    monkeypatch.setattr(on._batch, "row_kv", broken)
+    on.add_request("fails", prompt(51, 64, system), GREEDY)
+    (out,) = on.step()
+    assert calls and out.finish_reason == "error"
+    assert on.prefix_cache.num_blocks == before and on.prefix_cache.num_pinned == 0
+    monkeypatch.undo()
+    got = run_to_completion(on, {0: [lambda: on.add_request("after", prompt(52, 60, system), GREEDY)]})
+    want = run_to_completion(off, {0: [lambda: off.add_request("after", prompt(52, 60, system), GREEDY)]})
+    assert got["after"]["tokens"] == want["after"]["tokens"]
+    on.scheduler.check_invariants()

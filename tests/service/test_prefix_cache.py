@@ -86,6 +86,18 @@ def test_pinned_blocks_are_never_evicted() -> None:
     idx.check_invariants()
 
 
+def test_forget_drops_blocks_whose_data_was_not_written() -> None:
+    idx = BlockIndex(8)
+    a = H(list(range(12)))
+    new = idx.insert(a, 8)
+    idx.forget([i for _, i in new[1:]])
+    assert len(idx.match(a)) == 1 and idx.num_blocks == 1
+    idx.acquire(idx.match(a))
+    with pytest.raises(ValueError, match="pinned"):
+        idx.forget(idx.match(a))
+    idx.check_invariants()
+
+
 def test_insert_stops_at_the_first_block_without_room_and_never_evicts_its_own() -> None:
     idx = BlockIndex(8)
     new = idx.insert(H(list(range(40))), max_blocks=3)  # 10 blocks, room for 3
