@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
 import json
 import math
@@ -360,8 +361,12 @@ async def send_request(
     prompt_tokens_hint: int | None,
     run_start: float,
     timeout: float = math.inf,
+    text: list[str] | None = None,
 ) -> RequestRecord:
-    """Send one streaming request and time it. Never raises for a failed request."""
+    """Send one streaming request and time it. Never raises for a failed request.
+
+    ``text``: when given, the streamed pieces of text are appended to it (multi-turn workloads).
+    """
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     chunk_times: list[float] = []
     chunk_chars: list[int] = []  # characters of text per chunk: how spread_itl shares tokens out
@@ -401,6 +406,8 @@ async def send_request(
                             else choice.get("text")
                         )
                         chars += len(piece or "")
+                        if text is not None and piece:
+                            text.append(piece)
                         reason = choice.get("finish_reason")
                         if reason in ("error", "abort"):
                             error = f"finish_reason {reason!r}"
@@ -844,7 +851,107 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--plot-dir", default=None, help="write PNG plots here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    chat = p.add_argument_group(
+        "multi-turn chat (bench/chat_workload.py): one system prompt, conversations that grow turn by turn"
+    )
+    chat.add_argument("--chat-turns", type=int, default=None,
+                      help="run the chat workload with this many turns per conversation (replaces the load options)")
+    chat.add_argument("--conversations", type=int, default=4, help="conversations at once (default: 4)")
+    chat.add_argument("--system-len", type=int, default=1228, help="system prompt tokens (default: 1228)")
+    chat.add_argument("--user-len", type=int, default=48, help="tokens per user message (default: 48)")
+    chat.add_argument("--compare-cache", action="store_true",
+                      help="run each round with cache_prompt false and on, and compare TTFT, tokens/s, hit rate")
+    chat.add_argument("--rounds", type=int, default=2, help="--compare-cache: rounds (default: 2)")
+    chat.add_argument("--prefix-block-size", type=int, default=16,
+                      help="the server's prefix-cache block size, for the predicted hit rate (default: 16)")
     return p
+
+
+async def run_chat_compare(config: BenchmarkConfig, work: Any, rounds: int, compare: bool = True) -> dict[str, Any]:
+    """The multi-turn chat workload, with and without prefix caching (``compare``), in one run."""
+    from bench.chat_workload import (
+        conversation_texts,
+        predicted_hits,
+        prefix_counters,
+        run_pass,
+        token_ids,
+    )
+
+    work.validate()
+    headers = dict(config.headers)
+    if config.api_key:
+        headers["Authorization"] = f"Bearer {config.api_key}"
+    async with httpx.AsyncClient(base_url=base_url(config.url), headers=headers, timeout=config.timeout) as client:
+        model = config.model or await fetch_model(client)
+        count = await tokenize_counter(client)
+        t0 = time.perf_counter()
+
+        async def send(body: dict[str, Any], sink: list[str]) -> RequestRecord:
+            return await send_request(client, "chat", body, None, t0, config.timeout, sink)
+
+        variants = ("off", "on") if compare else ("on",)
+        passes: dict[str, dict[str, Any]] = {v: {"records": [], "duration": 0.0, "sent": [],
+                                                  "queries": 0.0, "hits": 0.0} for v in variants}
+        # Warm-up: one short conversation outside the figures (first-run allocations, thread pools).
+        warm = dataclasses.replace(work, conversations=1, turns=1, system_len=64)
+        system, users = await conversation_texts(count, warm, rounds + 1)
+        await run_pass(client, send, model, warm, system, users, {"cache_prompt": False})
+        for r in range(rounds):
+            system, users = await conversation_texts(count, work, r)
+            for v in variants if r % 2 == 0 else variants[::-1]:  # alternate which goes first
+                before = await prefix_counters(client)
+                extra = {"ignore_eos": config.ignore_eos, "cache_prompt": v == "on", **config.extra_body}
+                records, sent, dt = await run_pass(client, send, model, work, system, users, extra)
+                after = await prefix_counters(client)
+                p = passes[v]
+                p["records"] += records
+                p["sent"] += sent
+                p["duration"] += dt
+                if before is not None and after is not None:
+                    p["queries"] += after[0] - before[0]
+                    p["hits"] += after[1] - before[1]
+                if config.progress:
+                    print(f"round {r + 1}/{rounds}, cache {v}: {len(records)} requests in {dt:.1f} s", file=sys.stderr)
+        ids = [await token_ids(client, m) for m in passes["on"]["sent"]] if count is not None else []
+    hits, queries = predicted_hits(ids, work.block_size) if ids else (0, 0)
+    out: dict[str, Any] = {"workload": dataclasses.asdict(work), "rounds": rounds, "model": model,
+                           "predicted_hit_rate": hits / queries if queries else None}
+    for v, p in passes.items():
+        s = summarize(p["records"], p["duration"], config.slo)
+        s["hit_rate"] = p["hits"] / p["queries"] if p["queries"] else None
+        out[v] = s
+    if compare:
+        on, off = out["on"], out["off"]
+        out["ttft_p50_speedup"] = off["ttft_s"]["p50"] / on["ttft_s"]["p50"] if on["ttft_s"]["p50"] else None
+        out["output_throughput_ratio"] = (
+            on["output_throughput"] / off["output_throughput"] if off["output_throughput"] else None
+        )
+    return out
+
+
+def chat_table(result: dict[str, Any]) -> str:
+    """The chat comparison as a markdown table (latencies in milliseconds)."""
+    variants = [v for v in ("off", "on") if v in result]
+    rows = ["| | " + " | ".join(f"cache {v}" for v in variants) + " |", "|---|" + "---:|" * len(variants)]
+
+    def row(name: str, f: Any) -> None:
+        rows.append(f"| {name} | " + " | ".join(f(result[v]) for v in variants) + " |")
+
+    row("requests (failed)", lambda s: f"{s['completed']} ({s['failed']})")
+    row("TTFT p50 / p99 (ms)", lambda s: f"{_ms(s['ttft_s']['p50'])} / {_ms(s['ttft_s']['p99'])}")
+    row("ITL p50 (ms)", lambda s: _ms(s["itl_s"]["p50"]))
+    row("e2e p50 (ms)", lambda s: _ms(s["e2e_s"]["p50"]))
+    row("output tokens/s", lambda s: f"{s['output_throughput']:.1f}")
+    row("prompt tokens", lambda s: str(s["total_prompt_tokens"]))
+    row("measured hit rate", lambda s: "-" if s["hit_rate"] is None else f"{s['hit_rate']:.3f}")
+    lines = rows
+    pred = result.get("predicted_hit_rate")
+    lines.append("")
+    lines.append(f"predicted hit rate (cache on): {'-' if pred is None else f'{pred:.3f}'}")
+    if "ttft_p50_speedup" in result:
+        lines.append(f"TTFT p50 off / on: {result['ttft_p50_speedup']:.2f}x; "
+                     f"output tokens/s on / off: {result['output_throughput_ratio']:.2f}x")
+    return "\n".join(lines)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchmarkConfig:
@@ -880,6 +987,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0, or 1 when no request succeeded."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.chat_turns is not None:
+        return _main_chat(parser, args)
     try:
         config = config_from_args(args)
         config.validate()
@@ -894,6 +1003,29 @@ def main(argv: list[str] | None = None) -> int:
         for path in plot_results(result, args.plot_dir):
             print(f"wrote {path}", file=sys.stderr)
     return 0 if result.summary["completed"] > 0 else 1
+
+
+def _main_chat(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from bench.chat_workload import ChatWorkload
+
+    out_len = parse_range(args.output_len, "--output-len")[1]
+    work = ChatWorkload(conversations=args.conversations, turns=args.chat_turns, system_len=args.system_len,
+                        user_len=args.user_len, output_len=out_len, block_size=args.prefix_block_size,
+                        seed=args.seed)
+    try:
+        work.validate()
+        config = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    result = asyncio.run(run_chat_compare(config, work, args.rounds, compare=args.compare_cache))
+    print(chat_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(
+            {k: v for k, v in result.items()}, indent=2, default=str))
+        print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0 if result["on"]["completed"] > 0 else 1
 
 
 if __name__ == "__main__":

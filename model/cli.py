@@ -43,7 +43,8 @@ def cmd_train_tokenizer(a, prepared: Path | None = None) -> Path:
 def _configs(a) -> tuple[GPTConfig, TrainConfig]:
     preset = PRESETS[a.preset]
     mc = dataclasses.replace(preset.model, vocab_size=a.vocab_size or preset.vocab_size,
-                             activation=getattr(a, "activation", None) or preset.model.activation)
+                             activation=getattr(a, "activation", None) or preset.model.activation,
+                             context_length=getattr(a, "context_length", None) or preset.model.context_length)
     tc = dataclasses.replace(preset.train)
     if getattr(a, "max_steps", None) is not None:
         tc.budget_s = 0.0  # an explicit step count is trained as given
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
             sp.add_argument("--vocab-size", type=int, default=None, help="override the preset's vocabulary size")
             sp.add_argument("--activation", choices=ACTIVATIONS, default=None,
                             help="override the preset's feed-forward activation")
+            sp.add_argument("--context-length", type=int, default=None,
+                            help="override the preset's context length (positions the exported model serves; "
+                                 "training still uses the preset's block size)")
 
     def training(sp):
         sp.add_argument("--max-steps", type=int, default=None)

@@ -180,6 +180,8 @@ class _Families:
     generation_tokens: prometheus_client.Counter
     draft_tokens: prometheus_client.Counter
     accepted_tokens: prometheus_client.Counter
+    prefix_queries: prometheus_client.Counter
+    prefix_hits: prometheus_client.Counter
     finished: prometheus_client.Counter
     rejected: prometheus_client.Counter
     http: prometheus_client.Counter
@@ -191,6 +193,8 @@ class _Families:
     waiting: prometheus_client.Gauge
     capacity: prometheus_client.Gauge
     kv_cache: prometheus_client.Gauge
+    prefix_blocks: prometheus_client.Gauge
+    prefix_usage: prometheus_client.Gauge
     info: prometheus_client.Gauge
 
 
@@ -280,6 +284,18 @@ def _create_families() -> _Families:
             "Draft tokens that speculative decode steps kept (each saved a model run).",
             m,
         ),
+        # vLLM's prefix-cache counters, in tokens: hits / queries is the hit rate.
+        prefix_queries=C(
+            "textgen_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (requests that ask for prompt logprobs or set "
+            "cache_prompt false are not looked up).",
+            m,
+        ),
+        prefix_hits=C(
+            "textgen_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache, whose prefill was skipped.",
+            m,
+        ),
         finished=C(
             "textgen_requests_finished",
             "Requests that left the engine, by finish reason.",
@@ -337,6 +353,18 @@ def _create_families() -> _Families:
             m,
             multiprocess_mode="livemax",
         ),
+        prefix_blocks=G(
+            "textgen_prefix_cache_blocks",
+            "Blocks held by the prefix cache (in use by newcomers or kept for later ones).",
+            m,
+            multiprocess_mode="livesum",
+        ),
+        prefix_usage=G(
+            "textgen_prefix_cache_usage_perc",
+            "Fraction (0..1) of the KV-cache token budget held by prefix-cache blocks; the most loaded engine.",
+            m,
+            multiprocess_mode="livemax",
+        ),
         info=G(
             "textgen_model_info",
             "Model being served; the value is always 1.",
@@ -368,6 +396,8 @@ class Metrics:
         self._prompt_tokens = f.prompt_tokens.labels(n)
         self._generation_tokens = f.generation_tokens.labels(n)
         self._draft_tokens, self._accepted_tokens = f.draft_tokens.labels(n), f.accepted_tokens.labels(n)
+        self._prefix_queries, self._prefix_hits = f.prefix_queries.labels(n), f.prefix_hits.labels(n)
+        self._prefix_blocks, self._prefix_usage = f.prefix_blocks.labels(n), f.prefix_usage.labels(n)
         # Label values that must exist at zero so that rate() and ratios have data from the start.
         self._finished = {r: f.finished.labels(n, r) for r in FINISH_REASONS}
         self._rejected = {r: f.rejected.labels(n, r) for r in REJECT_REASONS}
@@ -410,8 +440,8 @@ class Metrics:
             self._decode.observe(decode_s)
 
     def observe_step(self, stats: StepStats) -> None:
-        """Record one engine step: the batch size histogram, the speculative-decoding counters and
-        the scheduler gauges."""
+        """Record one engine step: the batch size histogram, the speculative-decoding and
+        prefix-cache counters, and the scheduler and prefix-cache gauges."""
         if stats.batch_size > 0:
             self._batch_size.observe(stats.batch_size)
         if stats.num_constrained:
@@ -422,6 +452,11 @@ class Metrics:
         self._running.set(stats.num_running)
         self._waiting.set(stats.num_waiting)
         self._kv_cache.set(stats.kv_cache_usage)
+        if stats.prefix_cache_queries:
+            self._prefix_queries.inc(stats.prefix_cache_queries)
+            self._prefix_hits.inc(stats.prefix_cache_hits)
+        self._prefix_blocks.set(stats.prefix_cache_blocks)
+        self._prefix_usage.set(stats.prefix_cache_usage)
 
     def observe_rejected(self, reason: str) -> None:
         """Count a request refused before the engine ran it: "queue_full", "validation", "auth"."""

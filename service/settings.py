@@ -62,6 +62,15 @@ class Settings(BaseModel):
     speculative_ngram: int = Field(
         _ENGINE.speculative_ngram, ge=1, le=8, description="Longest suffix n-gram that speculative drafts are looked up by."
     )
+    prefix_caching: bool = Field(
+        _ENGINE.prefix_caching,
+        description="Keep the KV cache of prompts' full blocks (within the KV budget, least recently used "
+        "evicted first) and skip recomputing them for prompts that start the same; off = every prompt is "
+        "prefilled whole. A request opts out with cache_prompt: false.",
+    )
+    prefix_block_size: int = Field(
+        _ENGINE.prefix_block_size, ge=1, le=1024, description="Tokens per prefix-cache block: prompts share whole blocks only."
+    )
     max_running: int = Field(_ENGINE.max_running, ge=1, le=4096, description="Sequences in the running batch.")
     max_waiting: int = Field(_ENGINE.max_waiting, ge=1, le=1_000_000, description="Bounded waiting queue; beyond: 429.")
     kv_budget_tokens: int = Field(

@@ -33,6 +33,9 @@ class EngineConfig:
             for int8 bundles, whose activation scale spans the run: docs/model.md); 0 turns
             speculation off.
         speculative_ngram: longest suffix n-gram that drafts are looked up by.
+        prefix_caching: keep the KV cache of prompts' full blocks and skip recomputing them for
+            later prompts that start with the same blocks (outputs do not change).
+        prefix_block_size: tokens per prefix-cache block.
         max_running: most sequences in the running batch.
         max_waiting: most requests waiting for admission; more raise QueueFullError.
         kv_budget_tokens: cached-token budget; each running request reserves prompt + max_tokens.
@@ -50,6 +53,8 @@ class EngineConfig:
     kv_inplace: KVInplace = "auto"
     speculative_tokens: int = 3
     speculative_ngram: int = 3
+    prefix_caching: bool = True
+    prefix_block_size: int = 16  # service.engine.prefix_cache.DEFAULT_BLOCK_SIZE
     max_running: int = 64
     max_waiting: int = 256
     kv_budget_tokens: int = 0

@@ -24,6 +24,12 @@ goes in with up to ``speculative_tokens`` draft tokens looked up from earlier in
 next token, so it emits 1..k+1 tokens, the same tokens one-token steps would. A run over a few
 positions costs little more than over one at batch 1 (overhead-bound), so each kept draft is
 most of a step saved.
+
+Prefix caching (service/engine/prefix_cache.py, service/engine/kv/prefix_pool.py): after a prefill, the prompt's
+full blocks are copied into a block pool that shares the KV budget with the running requests; a
+newcomer whose leading blocks are there gets them copied into its row and prefills only the rest
+(one run per such row). Requests that ask for prompt logprobs prefill everything (the logits of
+cached positions are not kept), and ``cache_prompt=False`` requests neither read nor write blocks.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ from service.engine import finishing, rules
 from service.engine.config import EngineConfig
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.kv.batch import open_batch
+from service.engine.kv.prefix_pool import BlockPool
 from service.engine.ngram import NgramIndex
+from service.engine.prefix_cache import BlockIndex, block_hashes, lookup_blocks
 from service.engine.sampler import prompt_logprobs, sample
 from service.engine.scheduler import Scheduler, size_kv_budget
 from service.engine.structured import GrammarError, GrammarMatchers
@@ -73,6 +81,8 @@ class _Sequence:
     # params.prompt_logprobs: (logprobs, alternatives) of the prompt, from its prefill, sent with the first output
     prompt_scores: tuple[list[float | None], list[list[TopLogprob]]] | None = None
     matcher: Any = None  # params.grammar: an llguidance matcher fed every output token (service/engine/structured.py)
+    block_hashes: list[bytes] = field(default_factory=list)  # the prompt's full blocks, to cache after its prefill
+    lookup: bool = False  # it looked its prompt up in the prefix cache (counts as a query)
 
 
 class Engine:
@@ -115,8 +125,21 @@ class Engine:
         if self.kv_budget_tokens < self.context_length:
             log.warning("the KV cache budget (%d tokens) is below the context length (%d): longer requests are "
                         "refused; raise TEXTGEN_KV_CACHE_MB", self.kv_budget_tokens, self.context_length)
+        if c.prefix_block_size < 1:
+            raise ValueError(f"prefix_block_size must be >= 1, got {c.prefix_block_size}")
+        self.block_size = c.prefix_block_size
+        self.prefix_cache: BlockIndex | None = None
+        self._pool: BlockPool | None = None
+        if c.prefix_caching:
+            n = self.kv_budget_tokens // c.prefix_block_size
+            self.prefix_cache = BlockIndex(n)
+            self._pool = BlockPool(bundle.num_layers, bundle.num_kv_heads, bundle.head_dim, n, c.prefix_block_size,
+                                   self.runner.kv_dtype)
+        # Anything besides the tokens that changes a block's cache goes into the hash: the model.
+        self._salt = f"{bundle.name}:{bundle.num_parameters}:{np.dtype(self.runner.kv_dtype).name}".encode()
         self.scheduler = Scheduler(max_running=c.max_running, max_waiting=c.max_waiting,
-                                   kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=c.max_prefill_tokens)
+                                   kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=c.max_prefill_tokens,
+                                   prefix_cache=self.prefix_cache, block_size=c.prefix_block_size)
         self.max_waiting = c.max_waiting
         self._seeds = np.random.default_rng(c.seed)
         self._seqs: dict[str, _Sequence] = {}
@@ -140,7 +163,13 @@ class Engine:
         rules.check(params, prompt_len=len(prompt_token_ids), vocab_size=self.vocab_size,
                     context_length=self.context_length)
         matcher = self._new_matcher(params.grammar) if params.grammar is not None else None
-        self.scheduler.add_request(request_id, len(prompt_token_ids), params.max_tokens)  # may raise QueueFullError
+        cache = self.prefix_cache is not None and params.cache_prompt
+        hashes = block_hashes(prompt_token_ids, self.block_size, self._salt) if cache else []
+        # Prompt logprobs need the logits of every prompt position: such a prompt is computed whole.
+        lookup = cache and params.prompt_logprobs is None
+        n_lookup = lookup_blocks(len(prompt_token_ids), self.block_size) if lookup else 0
+        self.scheduler.add_request(request_id, len(prompt_token_ids), params.max_tokens,  # may raise QueueFullError
+                                   tuple(hashes[:n_lookup]))
         seed = params.seed if params.seed is not None else int(self._seeds.integers(2**63))
         self._seqs[request_id] = _Sequence(
             request_id=request_id,
@@ -153,6 +182,8 @@ class Engine:
             ngram=NgramIndex(prompt_token_ids, self.speculative_ngram)
             if self.speculative_tokens and params.temperature == 0 and matcher is None else None,
             matcher=matcher,
+            block_hashes=hashes,
+            lookup=lookup,
         )
 
     def _new_matcher(self, grammar: str) -> Any:
@@ -196,17 +227,21 @@ class Engine:
         for rid in sched.aborted:
             outputs.append(self._finish(self._seqs[rid], "abort"))
         self._batch.keep(sched.running)
-        prefill_tokens = sum(len(self._seqs[r].prompt) for r in sched.admitted)
+        hits = sum(len(b) for b in sched.cached.values()) * self.block_size
+        prefill_tokens = sum(len(self._seqs[r].prompt) for r in sched.admitted) - hits
+        queries = sum(len(self._seqs[r].prompt) for r in sched.admitted if self._seqs[r].lookup)
         seq, draft = self._draft(sched.admitted)
         t_run = time.monotonic()
         try:
             if draft:
                 logits = self._batch.decode_chunk(np.array([seq.output[-1], *draft], np.int64))  # (1 + k, V)
             else:
-                logits, rows = self._run_model(sched.admitted, t0)
+                logits, rows = self._run_model(sched.admitted, sched.cached, t0)
         except Exception as e:  # a failed run must not wedge the engine: fail the batch, keep serving
             log.exception("model run failed; failing %d requests", self._batch.num_live + len(sched.admitted))
             return outputs + self._fail_all([*self._batch.live_ids, *sched.admitted], f"model run failed: {e}")
+        finally:
+            self._release(sched.cached)
         t_ran = time.monotonic()
         accepted = 0
         if draft:
@@ -221,7 +256,9 @@ class Engine:
             kv_cache_usage=self.scheduler.kv_usage, step_time=time.monotonic() - t0,
             num_draft_tokens=len(draft), num_accepted_draft_tokens=accepted,
             num_constrained=self._num_constrained, mask_time=self._mask_time,
-            schedule_time=t_run - t0, model_time=t_ran - t_run)
+            schedule_time=t_run - t0, model_time=t_ran - t_run,
+            prefix_cache_queries=queries, prefix_cache_hits=hits, prefix_cache_blocks=self.prefix_cache_blocks,
+            prefix_cache_usage=self.scheduler.cached_tokens / self.kv_budget_tokens)
         return outputs
 
     # ---- speculative steps (one greedy sequence, n-gram drafts) --------------------------------
@@ -260,8 +297,9 @@ class Engine:
             self._batch.advance(len(picks))  # the last token and the kept draft tokens are now cached
         return out, len(picks) - 1
 
-    def _run_model(self, admitted: list[str], now: float) -> tuple[np.ndarray, list[str]]:
-        """Decode the running rows, prefill the admitted ones; logits (B, V) in the order of rows."""
+    def _run_model(self, admitted: list[str], cached: dict[str, list[int]], now: float) -> tuple[np.ndarray, list[str]]:
+        """Decode the running rows, prefill the admitted ones (those in ``cached`` over their cached
+        blocks); logits (B, V) in the order of rows."""
         parts: list[np.ndarray] = []
         rows: list[str] = []
         if self._batch.num_live:
@@ -270,15 +308,50 @@ class Engine:
         if admitted:
             for rid in admitted:
                 self._seqs[rid].timings.scheduled = now
-            seqs = [self._seqs[r] for r in admitted]
-            want = [s.params.prompt_logprobs is not None for s in seqs]
-            last, whole = self._batch.prefill_scored(admitted, [s.prompt for s in seqs], want)
-            for s, logits in zip(seqs, whole, strict=True):
-                if logits is not None:
-                    s.prompt_scores = prompt_logprobs(logits, s.prompt, s.params.prompt_logprobs or 0)
-            parts.append(last)
-            rows += admitted
+            fresh = [r for r in admitted if r not in cached]
+            if fresh:
+                seqs = [self._seqs[r] for r in fresh]
+                want = [s.params.prompt_logprobs is not None for s in seqs]
+                last, whole = self._batch.prefill_scored(fresh, [s.prompt for s in seqs], want)
+                for s, logits in zip(seqs, whole, strict=True):
+                    if logits is not None:
+                        s.prompt_scores = prompt_logprobs(logits, s.prompt, s.params.prompt_logprobs or 0)
+                parts.append(last)
+                rows += fresh
+            reused = [r for r in admitted if r in cached]
+            if reused:
+                kv = [self._pool.read(cached[r]) for r in reused]
+                parts.append(self._batch.prefill_cached(reused, [self._seqs[r].prompt for r in reused], kv))
+                rows += reused
+            self._cache_prompts(admitted)
         return (np.concatenate(parts) if len(parts) > 1 else parts[0]) if parts else np.zeros((0, 0)), rows
+
+    # ---- prefix cache ---------------------------------------------------------------------------
+    def _cache_prompts(self, admitted: list[str]) -> None:
+        """Copy the prefilled prompts' full blocks that the cache lacks into its pool, as far as
+        the budget left by the reservations allows (older blocks are evicted for them)."""
+        if self.prefix_cache is None:
+            return
+        new = {r: self.scheduler.cache_blocks(self._seqs[r].block_hashes) for r in admitted}
+        new = {r: blocks for r, blocks in new.items() if blocks}
+        if not new:
+            return
+        try:
+            kv = self._batch.row_kv(list(new))
+            for r, blocks in new.items():
+                self._pool.write(blocks, kv[r])
+        except BaseException:  # an indexed block must never name data that was not written
+            self.prefix_cache.forget([i for blocks in new.values() for _, i in blocks])
+            raise
+
+    def _release(self, cached: dict[str, list[int]]) -> None:
+        """Unpin the cached blocks newcomers were admitted with (their prefill has copied them)."""
+        for ids in cached.values():
+            self.prefix_cache.release(ids)
+
+    @property
+    def prefix_cache_blocks(self) -> int:
+        return 0 if self.prefix_cache is None else self.prefix_cache.num_blocks
 
     def _sample_and_update(self, logits: np.ndarray, rows: list[str]) -> list[RequestOutput]:
         seqs = [self._seqs[r] for r in rows]
@@ -383,6 +456,6 @@ class Engine:
             if rid in self._seqs:
                 self.scheduler.abort(rid)
                 outs.append(self._finish(self._seqs[rid], "error", error))
-        self.scheduler.schedule()  # reports the aborts and frees their reservations
+        self._release(self.scheduler.schedule().cached)  # reports the aborts and frees their reservations
         self._batch.clear()
         return outs

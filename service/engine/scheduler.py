@@ -13,13 +13,21 @@ fit (slots or budget) stops admission, so a big request is never overtaken by sm
 Prefill interleaving: one step admits newcomers only while their prompt tokens sum to at most
 ``max_prefill_tokens``, but always at least one if it fits otherwise, so a long prompt cannot
 starve and running streams get a decode step every call.
+
+Prefix cache (optional, service/engine/prefix_cache.py): cached blocks share the same budget, so
+``reserved + cached <= kv_budget_tokens`` always. A newcomer's leading blocks found in the cache
+are pinned at admission (reported in ``SchedulerOutput.cached``; the engine releases them after
+the prefill copied them) and do not count towards ``max_prefill_tokens``. When a newcomer's
+reservation does not fit, unpinned cached blocks are evicted (least recently used first) before
+admission gives up: a running request is never displaced for the cache's sake.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from service.engine.prefix_cache import BlockIndex
 from service.engine.types import InvalidRequestError, QueueFullError
 
 
@@ -28,12 +36,15 @@ class SchedulerOutput:
     admitted: list[str]  # waiting requests to prefill this step, FIFO order
     aborted: list[str]  # running requests to drop from the batch this step (aborted since last schedule)
     running: list[str]  # requests that stay in the running batch this step (decode), admission order
+    # admitted request -> the ids of its leading cached blocks, pinned until the engine releases them
+    cached: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class _Request:
     num_prompt_tokens: int
     max_tokens: int
+    block_hashes: tuple[bytes, ...] = ()  # the prompt blocks it may take from the prefix cache
 
     @property
     def need(self) -> int:
@@ -41,7 +52,8 @@ class _Request:
 
 
 class Scheduler:
-    def __init__(self, *, max_running: int, max_waiting: int, kv_budget_tokens: int, max_prefill_tokens: int):
+    def __init__(self, *, max_running: int, max_waiting: int, kv_budget_tokens: int, max_prefill_tokens: int,
+                 prefix_cache: BlockIndex | None = None, block_size: int = 16):
         for name, value in (
             ("max_running", max_running),
             ("max_waiting", max_waiting),
@@ -58,11 +70,15 @@ class Scheduler:
         self._running: dict[str, _Request] = {}  # admission order; includes aborts not yet reported
         self._aborting: dict[str, None] = {}  # running ids aborted since the last schedule(), in order
         self._reserved = 0
+        if prefix_cache is not None and block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.prefix_cache, self.block_size = prefix_cache, block_size
 
     # -- requests in ---------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
-        """Queue a request.
+    def add_request(self, request_id: str, num_prompt_tokens: int, max_tokens: int,
+                    block_hashes: tuple[bytes, ...] = ()) -> None:
+        """Queue a request; ``block_hashes``: its leading prompt blocks to look up in the prefix cache.
 
         Raises:
             InvalidRequestError: duplicate id, non-positive sizes, or a request larger than the whole budget.
@@ -74,7 +90,7 @@ class Scheduler:
             raise InvalidRequestError(f"num_prompt_tokens must be >= 1, got {num_prompt_tokens}")
         if max_tokens < 0:  # 0: a scoring request, which ends at its prefill
             raise InvalidRequestError(f"max_tokens must be >= 0, got {max_tokens}")
-        req = _Request(num_prompt_tokens, max_tokens)
+        req = _Request(num_prompt_tokens, max_tokens, block_hashes if self.prefix_cache is not None else ())
         if req.need > self.kv_budget_tokens:
             raise InvalidRequestError(
                 f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {req.need} exceeds "
@@ -115,19 +131,51 @@ class Scheduler:
         running = list(self._running)
 
         admitted: list[str] = []
+        cached: dict[str, list[int]] = {}
         prefill_tokens = 0
+        cache = self.prefix_cache
         while self._waiting:
             request_id, req = next(iter(self._waiting.items()))
-            if len(self._running) >= self.max_running or self._reserved + req.need > self.kv_budget_tokens:
+            if len(self._running) >= self.max_running:
                 break  # head-of-line: nobody overtakes the first request that does not fit
-            if admitted and prefill_tokens + req.num_prompt_tokens > self.max_prefill_tokens:
+            hit = cache.match(req.block_hashes) if cache is not None and req.block_hashes else []
+            cost = req.num_prompt_tokens - len(hit) * self.block_size
+            if admitted and prefill_tokens + cost > self.max_prefill_tokens:
+                break
+            if not self._make_room(req.need, hit):
                 break
             self._waiting.popitem(last=False)
             self._running[request_id] = req
             self._reserved += req.need
-            prefill_tokens += req.num_prompt_tokens
+            prefill_tokens += cost
             admitted.append(request_id)
-        return SchedulerOutput(admitted=admitted, aborted=aborted, running=running)
+            if hit:
+                cached[request_id] = hit
+        return SchedulerOutput(admitted=admitted, aborted=aborted, running=running, cached=cached)
+
+    def _make_room(self, need: int, hit: list[int]) -> bool:
+        """Whether ``need`` tokens fit next to the reservations, evicting unpinned cached blocks if
+        that makes them fit. On success the ``hit`` blocks are pinned (the caller admits)."""
+        cache = self.prefix_cache
+        if cache is None:
+            return self._reserved + need <= self.kv_budget_tokens
+        cache.acquire(hit)  # first, so that making room cannot evict the newcomer's own hits
+        short = self._reserved + need + self.cached_tokens - self.kv_budget_tokens
+        if short > 0 and self._reserved + need + cache.num_pinned * self.block_size <= self.kv_budget_tokens:
+            cache.evict(-(-short // self.block_size))
+        if self._reserved + need + self.cached_tokens > self.kv_budget_tokens:
+            cache.release(hit)
+            return False
+        return True
+
+    def cache_blocks(self, block_hashes: list[bytes]) -> list[tuple[int, int]]:
+        """Make room in the prefix cache for a prefilled prompt's blocks within what the
+        reservations leave of the budget (older blocks are evicted, least recently used first).
+        Returns (position in block_hashes, block id) of the new blocks, for the engine to fill."""
+        if self.prefix_cache is None:
+            return []
+        room = (self.kv_budget_tokens - self._reserved) // self.block_size
+        return self.prefix_cache.insert(block_hashes, room)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -145,6 +193,11 @@ class Scheduler:
         return self._reserved
 
     @property
+    def cached_tokens(self) -> int:
+        """Tokens held by the prefix cache's blocks (0 without one)."""
+        return 0 if self.prefix_cache is None else self.prefix_cache.num_blocks * self.block_size
+
+    @property
     def kv_usage(self) -> float:
         """Reserved fraction of the cached-token budget, 0..1."""
         return self._reserved / self.kv_budget_tokens
@@ -160,6 +213,9 @@ class Scheduler:
         assert self._reserved == sum(r.need for r in self._running.values()), self._reserved
         assert 0 <= self._reserved <= self.kv_budget_tokens, (self._reserved, self.kv_budget_tokens)
         assert self._aborting.keys() <= self._running.keys(), "an aborted request is not running"
+        assert self._reserved + self.cached_tokens <= self.kv_budget_tokens, (self._reserved, self.cached_tokens)
+        if self.prefix_cache is not None:
+            self.prefix_cache.check_invariants()
 
 
 def size_kv_budget(*, max_running: int, context_length: int, bytes_per_token: int, cache_bytes: int,

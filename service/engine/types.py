@@ -72,6 +72,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # An llguidance grammar (service.engine.structured): every sampled token keeps the output a valid prefix.
     grammar: str | None = None
+    # False: the prompt neither reuses nor leaves behind prefix-cache blocks (llama.cpp's name).
+    cache_prompt: bool = True
 
 
 @dataclass(slots=True)
@@ -146,3 +148,9 @@ class StepStats:
     # updating the sequences, detokenizing and building the outputs.
     schedule_time: float = 0.0  # seconds: scheduler, the batch's bookkeeping, drafts
     model_time: float = 0.0  # seconds: the model run (ONNX Runtime and the KV layout around it)
+    # Prefix cache (service/engine/prefix_cache.py), vLLM's names: prompt tokens of this step's newcomers
+    # that were looked up, and of those the tokens found cached (their prefill was skipped).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_blocks: int = 0  # blocks held after the step (pinned or evictable)
+    prefix_cache_usage: float = 0.0  # their tokens as a fraction (0..1) of the KV budget

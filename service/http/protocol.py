@@ -213,6 +213,11 @@ class SamplingFields(_Strict):
     repetition_penalty: float = Field(1.0, **constraints("repetition_penalty"))
     ignore_eos: bool = False
     stop_token_ids: StopTokenIds = Field(default_factory=list)
+    cache_prompt: bool = Field(
+        True,
+        description="llama.cpp's name: reuse the cached KV of the prompt's leading blocks and leave this "
+        "prompt's blocks for later requests (the output is the same either way); false = neither.",
+    )
 
 
 class OpenAIFields(SamplingFields):

@@ -26,6 +26,11 @@ REQUIRED_PANELS = {
         "textgen_spec_decode_num_draft_tokens_total",
         "textgen_spec_decode_num_accepted_tokens_total",
     },
+    "Prefix cache": {
+        "textgen_prefix_cache_hits_total",
+        "textgen_prefix_cache_queries_total",
+        "textgen_prefix_cache_usage_perc",
+    },
     "Finish reasons": {"textgen_requests_finished_total"},
     "Rejections": {"textgen_requests_rejected_total"},
 }

@@ -78,6 +78,18 @@ def test_small_preset_trains_to_a_budget_and_an_explicit_step_count_pins_it() ->
     assert (tc.budget_s, tc.max_steps) == (0.0, 830)
 
 
+def test_context_length_flag_overrides_the_preset_and_keeps_the_training_block() -> None:
+    from model.cli import _configs
+
+    class Args:
+        preset, vocab_size, max_steps, context_length = "small", None, None, 2048
+
+    mc, tc = _configs(Args())
+    assert mc.context_length == 2048 and tc.block_size == PRESETS["small"].train.block_size
+    Args.context_length = None
+    assert _configs(Args())[0].context_length == PRESETS["small"].model.context_length
+
+
 @pytest.mark.parametrize(("bf16_s", "want_bf16"), [(0.5, True), (0.95, False)])
 def test_cpu_bf16_is_kept_only_where_the_probe_finds_it_clearly_faster(
     data: np.ndarray, tmp_path, monkeypatch: pytest.MonkeyPatch, bf16_s: float, want_bf16: bool

@@ -84,6 +84,8 @@ def test_cli_flags_override_env():
         ({"TEXTGEN_REQUEST_TIMEOUT_S": "soon"}, "TEXTGEN_REQUEST_TIMEOUT_S"),
         ({"TEXTGEN_HOST": "example.com"}, "TEXTGEN_HOST"),
         ({"TEXTGEN_MAX_TOKENS_PER_EVENT": "0"}, "TEXTGEN_MAX_TOKENS_PER_EVENT"),
+        ({"TEXTGEN_PREFIX_CACHING": "sometimes"}, "TEXTGEN_PREFIX_CACHING"),
+        ({"TEXTGEN_PREFIX_BLOCK_SIZE": "0"}, "TEXTGEN_PREFIX_BLOCK_SIZE"),
     ],
 )
 def test_bad_settings_name_the_variable(env, needle):
@@ -273,6 +275,26 @@ def test_chat_default_max_tokens_fills_the_context(fake_bundle):
 def test_seeded_choices_get_consecutive_seeds(fake_bundle):
     job = serving.build_completion(CompletionRequest(prompt="x", n=3, seed=7), _model(fake_bundle))
     assert [p.seed for p in job.params] == [7, 8, 9]
+
+
+def test_cache_prompt_reaches_the_engine_on_every_route(fake_bundle):
+    m = _model(fake_bundle)
+    jobs = [
+        serving.build_completion(CompletionRequest(prompt="x"), m),
+        serving.build_chat(ChatCompletionRequest(messages=_messages(("user", "Hi"))), m),
+        serving.build_generate(GenerateRequest(text="x"), m),
+    ]
+    assert [j.params[0].cache_prompt for j in jobs] == [True, True, True]  # on by default
+    jobs = [
+        serving.build_completion(CompletionRequest(prompt="x", cache_prompt=False), m),
+        serving.build_chat(ChatCompletionRequest(messages=_messages(("user", "Hi")), cache_prompt=False), m),
+        serving.build_generate(GenerateRequest(text="x", cache_prompt=False), m),
+    ]
+    assert [j.params[0].cache_prompt for j in jobs] == [False, False, False]
+    message, param = _error(CompletionRequest, {"prompt": "x", "cache_prompt": "sometimes"})
+    assert param == "cache_prompt" and message.startswith("cache_prompt")
+    assert Settings.from_env({}).prefix_caching is True
+    assert Settings.from_env({"TEXTGEN_PREFIX_CACHING": "false"}).prefix_caching is False
 
 
 def test_wrong_model_name(fake_bundle):

@@ -42,10 +42,14 @@ REQUESTS = {
     ],
 }  # fmt: skip
 STEPS = {
-    "a": [StepStats(4, 12, 4, 6, 0.125, 0.01), StepStats(3, 0, 3, 2, 0.25, 0.01)],
-    "b": [StepStats(1, 11, 1, 0, 0.5, 0.01),
+    "a": [StepStats(4, 12, 4, 6, 0.125, 0.01, prefix_cache_queries=60, prefix_cache_hits=0, prefix_cache_blocks=5,
+                    prefix_cache_usage=0.0625),
+          StepStats(3, 0, 3, 2, 0.25, 0.01, prefix_cache_blocks=3, prefix_cache_usage=0.05)],
+    "b": [StepStats(1, 11, 1, 0, 0.5, 0.01, prefix_cache_queries=40, prefix_cache_hits=32, prefix_cache_blocks=9,
+                    prefix_cache_usage=0.5),
           StepStats(1, 0, 1, 0, 0.5, 0.001, num_draft_tokens=3, num_accepted_draft_tokens=2),
-          StepStats(1, 0, 1, 0, 0.5, 0.001, num_draft_tokens=2, num_accepted_draft_tokens=0)],
+          StepStats(1, 0, 1, 0, 0.5, 0.001, num_draft_tokens=2, num_accepted_draft_tokens=0,
+                    prefix_cache_blocks=2, prefix_cache_usage=0.25)],
 }
 REJECTED = {"a": ["queue_full"], "b": ["validation", "validation"]}
 HTTP = {"a": [("/v1/completions", 200)] * 3, "b": [("/v1/completions", 200), ("/v1/chat/completions", 422)]}
@@ -137,6 +141,8 @@ def test_two_processes_sum_exactly_and_dead_gauges_vanish(multiproc_dir):
         assert _get(s, "textgen_generation_tokens_total") == sum(r["generation_tokens"] for r in reqs)
         assert _get(s, "textgen_spec_decode_num_draft_tokens_total") == 5
         assert _get(s, "textgen_spec_decode_num_accepted_tokens_total") == 2
+        assert _get(s, "textgen_prefix_cache_queries_total") == 100
+        assert _get(s, "textgen_prefix_cache_hits_total") == 32
         assert _get(s, "textgen_requests_rejected_total", reason="queue_full") == 1
         assert _get(s, "textgen_requests_rejected_total", reason="validation") == 2
         assert _get(s, "textgen_requests_rejected_total", reason="auth") == 0
@@ -173,6 +179,8 @@ def test_two_processes_sum_exactly_and_dead_gauges_vanish(multiproc_dir):
         assert _get(s, "textgen_num_requests_running") == 3 + 1
         assert _get(s, "textgen_num_requests_waiting") == 2 + 0
         assert _get(s, "textgen_kv_cache_usage_perc") == 0.5
+        assert _get(s, "textgen_prefix_cache_blocks") == 3 + 2  # each engine's last step
+        assert _get(s, "textgen_prefix_cache_usage_perc") == 0.25
         assert _get(s, "textgen_waiting_queue_capacity") == 64 + 32
         info = dict(parameters="2200000", provider="CPUExecutionProvider")
         assert _get(s, "textgen_model_info", **info) == 1

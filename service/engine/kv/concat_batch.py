@@ -19,7 +19,8 @@ import onnxruntime as ort
 
 from bundle.format import Bundle
 from service.engine.config import Provider
-from service.engine.kv.concat_cache import BatchCache, left_pad_prompts
+from service.engine.kv.concat_cache import BatchCache, left_pad_prompts, pad_rows
+from service.engine.kv.prefix_pool import as_tokens
 
 log = logging.getLogger(__name__)
 
@@ -209,16 +210,54 @@ class ConcatBatch:
         """``prefill``, plus the logits of every prompt position (L_i, V) of the rows in ``want``."""
         ids, mask, pos = left_pad_prompts(prompts, self.pad_id)
         out = self.runner.run(ids, mask, pos, self.runner.empty_past(len(prompts)), all_positions=any(want))
-        next_pos = np.array([len(p) for p in prompts], np.int64)
-        self.cache.past = self.runner.to_host(self.cache.past)  # joins happen on the host (CUDA: a copy)
-        self.cache.merge(request_ids, self.runner.to_host(out.presents), mask, next_pos)
-        self.cache.past = self.runner.to_device(self.cache.past)
+        self._join(request_ids, self.runner.to_host(out.presents), mask, prompts)
         if not any(want):
             return out.logits, [None] * len(prompts)
         T = ids.shape[1]  # left padded: row i's tokens are its last len(p) positions
         whole = [out.logits[i, T - len(p) :].copy() if w else None
                  for i, (p, w) in enumerate(zip(prompts, want, strict=True))]
         return np.ascontiguousarray(out.logits[:, -1]), whole
+
+    def prefill_cached(self, request_ids: list[str], prompts: list[list[int]],
+                       cached: list[list[np.ndarray]]) -> np.ndarray:
+        """Prefill newcomers whose leading tokens' cache is given (per row 2L x (H, n, bs, D): n
+        blocks of bs tokens, service.engine.kv.prefix_pool, n * bs < the prompt's length): one run per row
+        over that past computes the rest. Returns logits (k, V).
+
+        One row per run: rows with different cached lengths would leave holes between past and
+        new tokens, which the batch's bookkeeping (right-aligned rows) does not hold.
+        """
+        logits, rows = [], []
+        for p, kv in zip(prompts, cached, strict=True):
+            past = self.runner.to_device([as_tokens(a)[None] for a in kv])  # 2L x (1, H, P, D)
+            P = kv[0].shape[1] * kv[0].shape[2]
+            T = len(p) - P
+            ids = np.asarray(p[P:], np.int64).reshape(1, T)
+            pos = np.arange(P, len(p), dtype=np.int64).reshape(1, T)
+            out = self.runner.run(ids, np.ones((1, len(p)), np.int64), pos, past)
+            logits.append(out.logits)
+            rows.append(self.runner.to_host(out.presents))  # 2L x (1, H, len(p), D)
+        presents, mask = pad_rows([[a[0] for a in r] for r in rows])
+        self._join(request_ids, presents, mask, prompts)
+        return np.concatenate(logits)
+
+    def _join(self, request_ids: list[str], presents: list[np.ndarray], mask: np.ndarray,
+              prompts: list[list[int]]) -> None:
+        """Merge prefilled rows (left padded, host arrays) into the batch; joins happen on the host."""
+        next_pos = np.array([len(p) for p in prompts], np.int64)
+        self.cache.past = self.runner.to_host(self.cache.past)  # CUDA: a copy
+        self.cache.merge(request_ids, presents, mask, next_pos)
+        self.cache.past = self.runner.to_device(self.cache.past)
+
+    def row_kv(self, request_ids: list[str]) -> dict[str, list[np.ndarray]]:
+        """Each row's cached tokens, 2L x (H, tokens, D) host views (CUDA: one copy of the batch)."""
+        past, c = self.runner.to_host(self.cache.past), self.cache
+        out = {}
+        for rid in request_ids:
+            i = c.row_ids.index(rid)
+            n = int(c.mask[i].sum())  # a live row's tokens are its last n columns
+            out[rid] = [a[i, :, c.width - n :, :] for a in past]
+        return out
 
     def keep(self, keep_ids: list[str]) -> None:
         """Drop rows that left the batch; on CUDA the cache visits the host only when membership changes."""

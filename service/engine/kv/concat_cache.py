@@ -144,6 +144,16 @@ def _left_pad_mask(m: np.ndarray, width: int) -> np.ndarray:
     return m if pad == 0 else np.concatenate([np.zeros((m.shape[0], pad), m.dtype), m], axis=1)
 
 
+def pad_rows(rows: list[list[np.ndarray]]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Rows of cache (each 2L x (H, n_i, D)) as one left-padded batch: 2L x (k, H, S, D) and mask (k, S)."""
+    S = max(r[0].shape[1] for r in rows)
+    past = [np.stack([_left_pad(r[j][None], S)[0] for r in rows]) for j in range(len(rows[0]))]
+    mask = np.zeros((len(rows), S), np.int64)
+    for b, r in enumerate(rows):
+        mask[b, S - r[0].shape[1] :] = 1
+    return past, mask
+
+
 def left_pad_prompts(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """input_ids, attention_mask, position_ids (B, T) for a left-padded prefill batch."""
     T = max(len(p) for p in prompts)

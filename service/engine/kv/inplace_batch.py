@@ -181,6 +181,35 @@ class InplaceBatch:
         whole = [logits[i, : len(p)].copy() if w else None for i, (p, w) in enumerate(zip(prompts, want, strict=True))]
         return logits[np.arange(len(prompts)), lengths - 1], whole
 
+    def prefill_cached(self, request_ids: list[str], prompts: list[list[int]],
+                       cached: list[list[np.ndarray]]) -> np.ndarray:
+        """Prefill newcomers whose leading tokens' cache is given (per row 2L x (H, n, bs, D): n
+        blocks of bs tokens, service.engine.kv.prefix_pool, n * bs < the prompt's length): each takes the
+        next slot, the cached positions are copied in, and one run over that past computes the
+        rest. Returns logits (k, V).
+
+        One row per run: ONNX Runtime's CPU GroupQueryAttention refuses a multi-token run over a
+        non-empty past for more than one row (model/export_gqa.py).
+        """
+        out = np.empty((len(prompts), self.runner.vocab_size), np.float32)
+        for j, (rid, p, kv) in enumerate(zip(request_ids, prompts, cached, strict=True)):
+            P, n = kv[0].shape[1] * kv[0].shape[2], len(p)
+            slot = self.slots.join([rid], [n])
+            for buf, a in zip(self.runner.buffers, kv, strict=True):
+                buf[slot, :, :P].reshape(a.shape)[...] = a  # the slot's positions as (H, n, bs, D): no copy
+            ids = np.asarray(p[P:], np.int64).reshape(1, n - P)
+            pos = np.arange(P, n, dtype=np.int64).reshape(1, n - P)
+            out[j] = self.runner.run(ids, np.ones((1, n), np.int64), pos, slot, slot + 1)[0, -1]
+        return out
+
+    def row_kv(self, request_ids: list[str]) -> dict[str, list[np.ndarray]]:
+        """Each row's cached tokens, 2L x (H, tokens, D) views of its slot."""
+        out = {}
+        for rid in request_ids:
+            s, n = self.slots.slot(rid), int(self.slots.lengths[self.slots.slot(rid)])
+            out[rid] = [buf[s, :, :n] for buf in self.runner.buffers]
+        return out
+
     def keep(self, keep_ids: list[str]) -> None:
         """Free the slots of rows not in keep_ids (a subset of live_ids); the last rows fill the holes."""
         if len(keep_ids) == len(self.slots):  # nobody left
