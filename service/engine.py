@@ -5,10 +5,12 @@ schedule -> run the model (decode the running batch, prefill the newcomers) -> s
 update the sequences -> emit outputs. Text appears only through the per-request incremental
 detokenizer (stop strings are matched there). No HTTP, no threads: one caller owns the engine.
 
-The running batch and its KV cache take one of two layouts (``Engine.kv_layout``, logged at
+The running batch and its KV cache take one of three layouts (``Engine.kv_layout``, logged at
 start-up): "inplace", the bundle's model.kvinplace.onnx over cache buffers allocated once
-(service/runner_inplace.py; CPU, when the bundle has the file), or "concat", the generic
-model.onnx whose cache goes in and comes out every step (service/runner.py; any bundle, CUDA).
+(service/runner_inplace.py; CPU, when the bundle has the file), "static", the same decoder at
+fixed batch sizes captured as CUDA graphs (service/runner_static.py; CUDA, float16 bundles), or
+"concat", the generic model.onnx whose cache goes in and comes out every step (service/runner.py;
+any bundle).
 
 When a single greedy sequence runs on the in-place cache, a step is speculative: its last token
 goes in with up to ``speculative_tokens`` draft tokens looked up from earlier in the sequence
@@ -32,6 +34,7 @@ from service.detokenizer import IncrementalDetokenizer
 from service.ngram import NgramIndex
 from service.runner import ConcatBatch, Provider, Runner, want_cuda
 from service.runner_inplace import InplaceBatch, InplaceRunner
+from service.runner_static import StaticBatch, StaticRunner
 from service.sampler import check_stop, prompt_logprobs, sample
 from service.scheduler import Scheduler
 from service.structured import GrammarError, GrammarMatchers
@@ -50,6 +53,7 @@ from service.types import (
 log = logging.getLogger(__name__)
 
 KVInplace = Literal["auto", "off"]
+StaticDecode = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -88,20 +92,27 @@ class Engine:
             for int8 bundles, whose activation scale spans the run: docs/model.md);
             0 turns speculation off.
         speculative_ngram: longest suffix n-gram that drafts are looked up by.
+        static_decode: the static-shape decode path (service/runner_static.py: the in-place
+            decoder at fixed batch sizes, captured as CUDA graphs on the GPU). "auto": on CUDA
+            when the bundle's in-place decoder is float16 (``--fp16``); "on": whenever the bundle
+            has an in-place decoder (on the CPU without graphs: for tests); "off": never.
+        cuda_graph: capture the static path's decode steps as CUDA graphs (CUDA only).
     """
 
     def __init__(self, bundle: Bundle, *, provider: Provider = "auto", intra_op_threads: int = 0,
                  graph_opt_level: str = "all", max_running: int = 64, max_waiting: int = 256,
                  kv_budget_tokens: int = 0, max_prefill_tokens: int = 512, seed: int = 0,
-                 kv_inplace: KVInplace = "auto", speculative_tokens: int = 3, speculative_ngram: int = 3):
+                 kv_inplace: KVInplace = "auto", speculative_tokens: int = 3, speculative_ngram: int = 3,
+                 static_decode: StaticDecode = "auto", cuda_graph: bool = True):
         if speculative_tokens < 0 or speculative_ngram < 1:
             raise ValueError(f"speculative_tokens must be >= 0 and speculative_ngram >= 1, "
                              f"got {speculative_tokens} and {speculative_ngram}")
         self.bundle = bundle
         self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
-        self._batch = _open_batch(bundle, provider, intra_op_threads, graph_opt_level, max_running, kv_inplace)
+        self._batch = _open_batch(bundle, provider, intra_op_threads, graph_opt_level, max_running, kv_inplace,
+                                  static_decode, cuda_graph)
         self.runner = self._batch.runner
-        self.kv_layout: Literal["inplace", "concat"] = self._batch.layout
+        self.kv_layout: Literal["inplace", "concat", "static"] = self._batch.layout
         # Multi-token steps need the in-place cache (the concat path has no way to drop rejected positions).
         self.speculative_tokens = speculative_tokens if isinstance(self._batch, InplaceBatch) else 0
         self.speculative_ngram = speculative_ngram
@@ -391,16 +402,33 @@ class Engine:
 
 
 def _open_batch(bundle: Bundle, provider: Provider, intra_op_threads: int, graph_opt_level: str,
-                max_running: int, kv_inplace: KVInplace) -> ConcatBatch | InplaceBatch:
-    """The running batch on the in-place decoder where it can run, else on the generic one; logs which."""
+                max_running: int, kv_inplace: KVInplace, static_decode: StaticDecode = "auto",
+                cuda_graph: bool = True) -> ConcatBatch | InplaceBatch | StaticBatch:
+    """The running batch: the static path where it is asked for, else the in-place decoder where it
+    can run, else the generic one; logs which."""
     if kv_inplace not in ("auto", "off"):
         raise ValueError(f"kv_inplace must be 'auto' or 'off', got {kv_inplace!r}")
+    if static_decode not in ("auto", "on", "off"):
+        raise ValueError(f"static_decode must be 'auto', 'on' or 'off', got {static_decode!r}")
+    inplace_dtype = (bundle.kv_inplace or {}).get("kv_dtype", "float32")
+    if static_decode == "on" and bundle.kv_inplace_path is None:
+        raise ValueError("TEXTGEN_STATIC_DECODE=on needs a bundle with an in-place decoder "
+                         "(config.json 'onnx_kv_inplace'; see `python -m model export --help`)")
+    if static_decode == "on" or (static_decode == "auto" and bundle.kv_inplace_path is not None
+                                 and inplace_dtype == "float16" and want_cuda(provider)):
+        runner = StaticRunner(bundle, max_running, provider, cuda_graph, intra_op_threads, graph_opt_level)
+        log.info("KV cache layout: static (%s, %d slots x %d positions, %.0f MB of cache, buckets %s, "
+                 "CUDA graphs: %s)", bundle.kv_inplace_path.name, max_running, runner.max_len,
+                 runner.cache_bytes / 1e6, runner.buckets, runner.cuda_graph)
+        return StaticBatch(runner, bundle.pad_id)
     if kv_inplace == "off":
         why = "TEXTGEN_KV_INPLACE=off"
     elif bundle.kv_inplace_path is None:
         why = "the bundle has no in-place decoder (config.json 'onnx_kv_inplace')"
     elif want_cuda(provider):
-        why = "CUDA runs the generic decoder (the CUDA GroupQueryAttention kernel needs float16)"
+        why = "CUDA runs the generic decoder unless the static path runs (TEXTGEN_STATIC_DECODE)"
+    elif inplace_dtype != "float32":
+        why = f"the in-place decoder is {inplace_dtype}, for CUDA"
     else:
         runner = InplaceRunner(bundle, max_running, intra_op_threads, graph_opt_level)
         log.info("KV cache layout: inplace (%s, %d slots x %d positions, at most %.0f MB of cache)",
@@ -408,4 +436,3 @@ def _open_batch(bundle: Bundle, provider: Provider, intra_op_threads: int, graph
         return InplaceBatch(runner, bundle.pad_id)
     log.info("KV cache layout: concat (%s)", why)
     return ConcatBatch(Runner(bundle, provider, intra_op_threads, graph_opt_level), bundle.pad_id)
-

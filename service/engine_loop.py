@@ -86,6 +86,8 @@ class TextGenAPI(ls.LitAPI):
             intra_op_threads=s.onnx_threads,
             graph_opt_level=s.graph_opt_level,
             kv_inplace=s.kv_inplace,
+            static_decode=s.static_decode,
+            cuda_graph=s.cuda_graph,
             speculative_tokens=s.speculative_tokens,
             speculative_ngram=s.speculative_ngram,
             max_running=s.max_running,

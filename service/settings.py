@@ -50,6 +50,15 @@ class Settings(BaseModel):
         description="In-place KV cache (the bundle's model.kvinplace.onnx) on CPU: auto = when present; "
         "off = always the generic concat path.",
     )
+    static_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Static-shape decode path (the in-place decoder at fixed batch sizes, captured as CUDA "
+        "graphs): auto = on CUDA when the bundle's in-place decoder is float16 (--fp16 export); on = "
+        "whenever the bundle has an in-place decoder (on the CPU: without graphs); off = never.",
+    )
+    cuda_graph: bool = Field(
+        True, description="Static decode path on CUDA: capture decode steps as CUDA graphs (off: plain runs)."
+    )
     speculative_tokens: int = Field(
         3, ge=0, le=16,
         description="Draft tokens an engine step checks when one greedy request runs alone (n-gram "

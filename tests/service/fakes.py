@@ -108,7 +108,7 @@ class FakeEngine:
 
     def __init__(self, bundle, *, provider="auto", intra_op_threads=0, graph_opt_level="all", max_running=64,
                  max_waiting=256, kv_budget_tokens=0, max_prefill_tokens=512, kv_inplace="auto",
-                 speculative_tokens=3, speculative_ngram=3):  # fmt: skip
+                 speculative_tokens=3, speculative_ngram=3, static_decode="auto", cuda_graph=True):  # fmt: skip
         self.tokenizer = Tokenizer.load(bundle.tokenizer_path)
         self.context_length = bundle.context_length
         self.vocab_size = bundle.vocab_size
