@@ -129,6 +129,8 @@ class StaticRunner:
         self.buffers = [self._alloc(self._shape, self.kv_dtype) for _ in self.past_names]  # 2L x (N, H, M, D)
         self._ptrs = [self._ptr(b) for b in self.buffers]
         self._buckets: dict[int, _Bucket] = {}
+        self._graph_session = self.cuda_graph  # the session was created with enable_cuda_graph
+        self._graph_ids_off = False
         self._prefill_options = self._graph_options(-1)
         self.transfers = Transfers()
         log.info("static decode path: %s on %s, buckets %s, CUDA graphs: %s%s", path.name, self.provider,
@@ -155,7 +157,7 @@ class StaticRunner:
         return buf.data_ptr() if isinstance(buf, ort.OrtValue) else buf.ctypes.data
 
     def _graph_options(self, graph_id: int) -> ort.RunOptions | None:
-        if not self.cuda_graph:
+        if not self._graph_session:
             return None
         ro = ort.RunOptions()
         ro.add_run_config_entry("gpu_graph_id", str(graph_id))  # -1: this run is neither captured nor replayed
@@ -181,9 +183,18 @@ class StaticRunner:
             binding.bind_input(name, self.device, 0, np.int64, list(_shape(buf)), self._ptr(buf))
         binding.bind_output(self.logits_name, self.device, 0, np.float32, list(_shape(logits)), self._ptr(logits))
         self._bind_cache(binding, 0, b)
-        bucket = _Bucket(b, binding, self._graph_options(self.buckets.index(b) + 1), inputs, logits)
+        graph_id = -1 if self._graph_ids_off else self.buckets.index(b) + 1  # ids start at 1: 0 is ORT's own
+        bucket = _Bucket(b, binding, self._graph_options(graph_id) if self._graph_session else None, inputs, logits)
         self._buckets[b] = bucket
         return bucket
+
+    def _drop_graphs(self, why: str) -> None:
+        """Run every later step without capture (graph id -1) after ONNX Runtime failed to capture or replay."""
+        log.warning("CUDA graph capture or replay failed; decoding without graphs from now on: %s", why)
+        self.graph_fallback, self.cuda_graph = why, False
+        for bucket in self._buckets.values():
+            bucket.run_options = self._prefill_options  # gpu_graph_id -1 on this graph-enabled session
+        self._graph_ids_off = True
 
     @property
     def cache_bytes(self) -> int:
@@ -208,7 +219,11 @@ class StaticRunner:
         if bucket.run_options is None:
             self.session.run_with_iobinding(bucket.binding)
         else:
-            self.session.run_with_iobinding(bucket.binding, bucket.run_options)
+            try:
+                self.session.run_with_iobinding(bucket.binding, bucket.run_options)
+            except Exception as e:  # capture or replay failed: the same step as a plain run, from now on
+                self._drop_graphs(f"{type(e).__name__}: {e}")
+                self.session.run_with_iobinding(bucket.binding, bucket.run_options)
         bucket.runs += 1
         logits = bucket.logits.numpy() if self.on_cuda else bucket.logits  # (b, 1, V) float32
         self.transfers.steps += 1
