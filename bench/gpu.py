@@ -160,9 +160,16 @@ def step_decode(a: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     from bench.gpu_decode import make_batch, measure
 
     deadline = time.monotonic() + a.child_deadline_s
+    from service.bundle import load_bundle
+
     batches = {B: make_batch(a.bundle, B, plan.prompt_len, plan.new_tokens) for B in plan.batches}
     rows: list[dict[str, Any]] = []
     runners: dict[str, Any] = {}
+    b = load_bundle(a.bundle, verify_hashes=False)
+    model = {"num_parameters": b.num_parameters, "n_layer": b.num_layers, "n_head": b.num_kv_heads,
+             "head_dim": b.head_dim}
+    result = {"prompt_len": plan.prompt_len, "new_tokens": plan.new_tokens, "model": model, "runners": runners,
+              "rows": rows}
     for name, factory in decode_runners(a, plan):
         if time.monotonic() > deadline:
             runners[name] = {"status": "skipped", "why": "out of time"}
@@ -183,13 +190,15 @@ def step_decode(a: argparse.Namespace, plan: Plan) -> dict[str, Any]:
         except Exception as e:
             runners[name] = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         _free_device(plan.device)
-    from service.bundle import load_bundle
+        _save_partial(a, {**result, "ok": False})  # what a hard timeout would otherwise lose
+    return {**result, "ok": all(v["status"] == "ok" for v in runners.values())}
 
-    b = load_bundle(a.bundle, verify_hashes=False)
-    model = {"num_parameters": b.num_parameters, "n_layer": b.num_layers, "n_head": b.num_kv_heads,
-             "head_dim": b.head_dim}
-    return {"prompt_len": plan.prompt_len, "new_tokens": plan.new_tokens, "model": model, "runners": runners,
-            "rows": rows, "ok": all(v["status"] == "ok" for v in runners.values())}
+
+def _save_partial(a: argparse.Namespace, data: dict[str, Any]) -> None:
+    """Write a step's result so far (replaced atomically): the parent reports it if the step is killed."""
+    tmp = a.out / f".step-{a.child}.json.tmp"
+    tmp.write_text(json.dumps(data, default=_jsonable))
+    tmp.replace(a.out / f".step-{a.child}.json")
 
 
 def _free_device(device: str) -> None:
@@ -232,8 +241,10 @@ def run_step(name: str, argv: list[str], limit_s: float, out: Path) -> dict[str,
             code = proc.wait(limit_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
+            partial = json.loads(result_file.read_text()) if result_file.is_file() else None
+            result_file.unlink(missing_ok=True)
             return {"status": "timeout", "seconds": round(time.monotonic() - t0, 1), "limit_s": limit_s,
-                    "log_tail": _tail(out / f"step-{name}.log")}
+                    "log_tail": _tail(out / f"step-{name}.log"), **({"result": partial} if partial else {})}
     seconds = round(time.monotonic() - t0, 1)
     if code != 0 or not result_file.is_file():
         return {"status": "error", "exit_code": code, "seconds": seconds, "log_tail": _tail(out / f"step-{name}.log")}

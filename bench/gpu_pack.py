@@ -31,8 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ("onnxruntime-gpu", "litserve", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic-core",
           "annotated-types", "typing-inspection", "opentelemetry-api", "pyzmq", "llguidance",
           "sentencepiece", "prometheus-client", "typing-extensions", "annotated-doc")
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64")
+# pip matches these tags exactly and prefers them in this order: the oldest glibc first, a newer one only
+# for a package with nothing older (llguidance 1.9.1 has manylinux_2_31 only; the GPU machine's glibc must
+# be at least as new as the newest tag picked, which `pip install` there checks).
+PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_24_x86_64", "manylinux_2_26_x86_64",
+             "manylinux_2_27_x86_64", "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64",
+             "manylinux_2_35_x86_64")
 ARCHIVE = "textgen-gpu.tar"
 
 
