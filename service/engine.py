@@ -414,9 +414,17 @@ def _open_batch(bundle: Bundle, provider: Provider, intra_op_threads: int, graph
     if static_decode == "on" and bundle.kv_inplace_path is None:
         raise ValueError("TEXTGEN_STATIC_DECODE=on needs a bundle with an in-place decoder "
                          "(config.json 'onnx_kv_inplace'; see `python -m model export --help`)")
-    if static_decode == "on" or (static_decode == "auto" and bundle.kv_inplace_path is not None
-                                 and inplace_dtype == "float16" and want_cuda(provider)):
+    static_auto = (static_decode == "auto" and bundle.kv_inplace_path is not None and inplace_dtype == "float16"
+                   and want_cuda(provider))
+    runner: StaticRunner | InplaceRunner | None = None
+    if static_decode == "on":
         runner = StaticRunner(bundle, max_running, provider, cuda_graph, intra_op_threads, graph_opt_level)
+    elif static_auto:
+        try:
+            runner = StaticRunner(bundle, max_running, provider, cuda_graph, intra_op_threads, graph_opt_level)
+        except Exception:  # auto: the generic decoder still serves
+            log.exception("the static decode path could not start; serving model.onnx instead")
+    if isinstance(runner, StaticRunner):
         log.info("KV cache layout: static (%s, %d slots x %d positions, %.0f MB of cache, buckets %s, "
                  "CUDA graphs: %s)", bundle.kv_inplace_path.name, max_running, runner.max_len,
                  runner.cache_bytes / 1e6, runner.buckets, runner.cuda_graph)

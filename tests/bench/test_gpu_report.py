@@ -90,3 +90,26 @@ def test_base_report_and_command() -> None:
     a.dry_run = True
     cmd = build_command(a)
     assert cmd[cmd.index("--preset") + 1] == "tiny" and "--max-steps" in cmd and "--time-limit-s" not in cmd
+
+
+def test_pack_splits_an_archive_that_joins_back_to_its_sha256(tmp_path: Path) -> None:
+    import hashlib
+    import tarfile
+
+    from bench.gpu_pack import ARCHIVE, pack
+
+    stage = tmp_path / "stage"
+    (stage / "wheels").mkdir(parents=True)
+    (stage / "wheels" / "a.whl").write_bytes(bytes(range(256)) * 9000)  # 2.3 MB
+    (stage / "small.pt").write_bytes(b"weights" * 1000)
+    out = tmp_path / "out"
+    out.mkdir()
+    parts = pack(stage, out, part_mib=1)
+    assert [p.name for p in parts] == [f"{ARCHIVE}.part-{i:02d}" for i in range(3)]
+    assert all(p.stat().st_size <= 1 << 20 for p in parts)
+    joined = tmp_path / ARCHIVE
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))  # what `cat part-*` does
+    digest, name = (out / "SHA256").read_text().split()
+    assert name == ARCHIVE and hashlib.sha256(joined.read_bytes()).hexdigest() == digest
+    with tarfile.open(joined) as tar:
+        assert sorted(tar.getnames()) == ["small.pt", "wheels", "wheels/a.whl"]
