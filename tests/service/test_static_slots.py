@@ -78,3 +78,14 @@ def test_decode_inputs_refuse_a_full_row_and_a_wrong_count() -> None:
         s.decode_inputs(np.array([1]), pad_id=0)
     with pytest.raises(ValueError, match="1 live slots but 2 tokens"):
         s.decode_inputs(np.array([1, 2]), pad_id=0)
+
+
+def test_settings_name_the_static_path_variables() -> None:
+    from service.settings import Settings, SettingsError
+
+    s = Settings.from_env({})
+    assert (s.static_decode, s.cuda_graph) == ("auto", True)
+    s = Settings.from_env({"TEXTGEN_STATIC_DECODE": "off", "TEXTGEN_CUDA_GRAPH": "false"})
+    assert (s.static_decode, s.cuda_graph) == ("off", False)
+    with pytest.raises(SettingsError, match="TEXTGEN_STATIC_DECODE"):
+        Settings.from_env({"TEXTGEN_STATIC_DECODE": "yes"})
