@@ -13,7 +13,7 @@ ORT ?= $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),gpu,cpu)
 ORT_PACKAGE := $(if $(filter gpu,$(ORT)),onnxruntime-gpu,onnxruntime)
 STAMP := $(VENV)/.installed-$(shell (sha256sum 2>/dev/null || shasum -a 256) < pyproject.toml | cut -c1-12)-$(ORT)
 
-.PHONY: help install serve model tiny test test-docker image-cpu image-cuda lint format bench clean
+.PHONY: help install serve model tiny test test-docker image-cpu image-cuda lint format bench clean gpu-pack
 
 help:
 	@echo "make serve   install, build the default model if missing, serve it on http://$(HOST):$(PORT)"
@@ -23,6 +23,7 @@ help:
 	@echo "make model   build the default (small) bundle into $(BUNDLE)"
 	@echo "make lint    ruff check + format check"
 	@echo "make bench   engine and serving benchmarks (writes docs/BENCHMARKS.md)"
+	@echo "make gpu-pack  bundles, weights and wheels for python -m bench.gpu on a GPU machine (.gpu/, docs/gpu.md)"
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -109,3 +110,8 @@ bench-engine: $(STAMP) $(BUNDLE)/config.json $(INT8_BUNDLE)/config.json bench-en
 	$(PY) -m bench.engine --bundle $(BUNDLE) --int8-bundle $(INT8_BUNDLE) --mixed 64 --bpc \
 		--out docs/BENCHMARKS.md --plot docs/img/engine_bench.png --json bench/results/engine.json
 	$(PY) -m bench.engine_profile --bundle $(BUNDLE) --batches 1,32,64 --mixed 64
+
+# ---- GPU benchmark: what a GPU machine without network needs (docs/gpu.md) ---------------------------
+gpu-pack: $(STAMP) $(BUNDLE)/config.json
+	$(PY) -m bench.gpu_pack bench --checkpoint artifacts/.work/small/checkpoint.pt --out .gpu
+	$(PY) -m bench.gpu_pack base --out .gpu-base

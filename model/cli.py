@@ -102,13 +102,15 @@ def cmd_export(a) -> Path:
         quantize_int8(tmp, q)
         tmp = q
     kv_inplace, want_inplace = None, not getattr(a, "no_kv_inplace", False)
-    if want_inplace and fp16:  # fp16 bundles are for CUDA, which serves model.onnx
-        print("no in-place KV cache decoder for --fp16 (it is float32, for the CPU)", file=sys.stderr)
-    elif want_inplace:
+    if want_inplace:
         from model.export_gqa import build_kv_inplace
 
         print("building the in-place KV cache decoder (GroupQueryAttention) ...", file=sys.stderr)
         kv_inplace = build_kv_inplace(model, work / "model.kvinplace.fp32.onnx")
+        if fp16:  # for CUDA: its GroupQueryAttention kernel takes float16 only (the static decode path)
+            from model.export_gqa_fp16 import to_fp16
+
+            kv_inplace = to_fp16(kv_inplace, work / "model.kvinplace.fp16.onnx")
         if int8:
             kv_inplace = quantize_int8(kv_inplace, work / "model.kvinplace.int8.onnx")
     attention = None
@@ -125,7 +127,8 @@ def cmd_export(a) -> Path:
     }
     ids = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id, "unk_id": tok.unk_id}
     out = write_bundle(Path(a.out), a.name or Path(a.out).name, model, tmp, tok_path, training, dtype, ids,
-                       kv_inplace_file=kv_inplace, attention_file=attention)
+                       kv_inplace_file=kv_inplace, attention_file=attention,
+                       kv_inplace_dtype="float16" if fp16 else "float32")
     if not getattr(a, "no_verify", False):
         cmd_verify(a, bundle_dir=out, model=model)
     return out

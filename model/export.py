@@ -131,6 +131,7 @@ def write_bundle(
     tokenizer_ids: dict[str, int],
     kv_inplace_file: Path | None = None,
     attention_file: Path | None = None,
+    kv_inplace_dtype: str = "float32",
 ) -> Path:
     """Put model.onnx, tokenizer.model, config.json and optionally model.kvinplace.onnx in out_dir; return it.
 
@@ -139,6 +140,8 @@ def write_bundle(
             bundle without one (a stale copy left in out_dir by an earlier export is removed).
         attention_file: the inspection graph (model.export_attention.export_attention), or None
             for a bundle without one (likewise, a stale copy is removed).
+        kv_inplace_dtype: the in-place decoder's cache type, "float32" or "float16" (``--fp16``:
+            model.export_gqa_fp16, for CUDA).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     files = ["model.onnx", "tokenizer.model"]
@@ -169,7 +172,7 @@ def write_bundle(
         "tokenizer": {"type": "sentencepiece", "file": "tokenizer.model", "vocab_size": cfg.vocab_size,
                       "add_bos": True, **tokenizer_ids},
         "onnx": {"file": "model.onnx", "opset": OPSET, "io_names": DEFAULT_IO_NAMES, "kv_dtype": dtype},
-        **({KV_INPLACE_SECTION: kv_inplace_config(model)} if kv_inplace_file is not None else {}),
+        **({KV_INPLACE_SECTION: kv_inplace_config(model, dtype=kv_inplace_dtype)} if kv_inplace_file is not None else {}),
         **({ATTENTION_SECTION: attention_config(model)} if attention_file is not None else {}),
         "training": training,
         "files": {f: {"sha256": sha256_file(out_dir / f), "bytes": (out_dir / f).stat().st_size} for f in files},

@@ -105,7 +105,8 @@ def check_parity_kv_inplace(model: GPT, onnx_path, prompts: list[list[int]], pad
         ids[b, : len(p)] = p
     o_mask = (np.arange(T) < lengths[:, None]).astype(np.int64)  # right padded
     o_pos = np.broadcast_to(np.arange(T), (B, T)).copy()
-    buffers = [np.zeros((B, H, M, D), np.float32) for _ in range(2 * L)]
+    kv_dtype = np.float16 if sess.get_inputs()[3].type == "tensor(float16)" else np.float32  # --fp16: for CUDA
+    buffers = [np.zeros((B, H, M, D), kv_dtype) for _ in range(2 * L)]
     binding = sess.io_binding()
     for i in range(L):
         for j, kind in enumerate(("key", "value")):

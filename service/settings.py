@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from service.engine.config import EngineConfig, GraphOptLevel, KVInplace, Provider
+from service.engine.config import EngineConfig, GraphOptLevel, KVInplace, Provider, StaticDecode
 
 ENV_PREFIX = "TEXTGEN_"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s"
@@ -53,6 +53,15 @@ class Settings(BaseModel):
         _ENGINE.kv_inplace,
         description="In-place KV cache (the bundle's model.kvinplace.onnx) on CPU: auto = when present; "
         "off = always the generic concat path.",
+    )
+    static_decode: StaticDecode = Field(
+        _ENGINE.static_decode,
+        description="Static-shape decode path (the in-place decoder at fixed batch sizes, captured as CUDA "
+        "graphs): auto = on CUDA when the bundle's in-place decoder is float16 (--fp16 export); on = "
+        "whenever the bundle has an in-place decoder (on the CPU: without graphs); off = never.",
+    )
+    cuda_graph: bool = Field(
+        _ENGINE.cuda_graph, description="Static decode path on CUDA: capture decode steps as CUDA graphs (off: plain runs)."
     )
     speculative_tokens: int = Field(
         _ENGINE.speculative_tokens, ge=0, le=16,

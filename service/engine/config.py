@@ -15,6 +15,7 @@ from typing import Literal
 Provider = Literal["auto", "cpu", "cuda"]
 GraphOptLevel = Literal["disable", "basic", "extended", "all"]
 KVInplace = Literal["auto", "off"]
+StaticDecode = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class EngineConfig:
         graph_opt_level: ONNX Runtime graph optimizations.
         kv_inplace: "auto" runs the in-place KV cache when the bundle has it and the provider is
             the CPU; "off" always runs the generic concat path.
+        static_decode: the static-shape decode path (service/engine/kv/static_batch.py: the in-place
+            decoder at fixed batch sizes, captured as CUDA graphs on the GPU). "auto": on CUDA
+            when the bundle's in-place decoder is float16 (``--fp16``); "on": whenever the bundle
+            has an in-place decoder (on the CPU without graphs: for tests); "off": never.
+        cuda_graph: capture the static path's decode steps as CUDA graphs (CUDA only).
         speculative_tokens: most draft tokens a step checks when a single greedy sequence runs on
             the in-place cache (n-gram drafts, service/engine/ngram.py; the output does not change, except
             for int8 bundles, whose activation scale spans the run: docs/model.md); 0 turns
@@ -51,6 +57,8 @@ class EngineConfig:
     intra_op_threads: int = 0
     graph_opt_level: GraphOptLevel = "all"
     kv_inplace: KVInplace = "auto"
+    static_decode: StaticDecode = "auto"
+    cuda_graph: bool = True
     speculative_tokens: int = 3
     speculative_ngram: int = 3
     prefix_caching: bool = True

@@ -13,10 +13,12 @@ computed past the stop, and usage counts exactly what was returned. The cost is 
 tokens take the detokenizer's table lookup, service/engine/detokenizer.py), and the HTTP process stays
 free of per-token Python work other than formatting.
 
-The running batch and its KV cache take one of two layouts (``Engine.kv_layout``, logged at
+The running batch and its KV cache take one of three layouts (``Engine.kv_layout``, logged at
 start-up): "inplace", the bundle's model.kvinplace.onnx over cache buffers allocated once
-(service/engine/kv/inplace_batch.py; CPU, when the bundle has the file), or "concat", the generic
-model.onnx whose cache goes in and comes out every step (service/engine/kv/concat_batch.py; any bundle, CUDA).
+(service/engine/kv/inplace_batch.py; CPU, when the bundle has the file), "static", the same decoder at
+fixed batch sizes captured as CUDA graphs (service/engine/kv/static_batch.py; CUDA, float16 bundles), or
+"concat", the generic model.onnx whose cache goes in and comes out every step
+(service/engine/kv/concat_batch.py; any bundle).
 
 When a single greedy sequence runs on the in-place cache, a step is speculative: its last token
 goes in with up to ``speculative_tokens`` draft tokens looked up from earlier in the sequence
@@ -99,10 +101,9 @@ class Engine:
         self.bundle = bundle
         self.tokenizer = Tokenizer.from_bundle(bundle)
         _ = self.tokenizer.plain_texts  # the detokenizer's table: built now, not in the first request (152k tokens)
-        self._batch = open_batch(bundle, c.provider, c.intra_op_threads, c.graph_opt_level, c.max_running,
-                                 c.kv_inplace)
+        self._batch = open_batch(bundle, c)
         self.runner = self._batch.runner
-        self.kv_layout: Literal["inplace", "concat"] = self._batch.layout
+        self.kv_layout: Literal["inplace", "concat", "static"] = self._batch.layout
         # Multi-token steps need the in-place cache (the concat path has no way to drop rejected positions).
         self.speculative_tokens = c.speculative_tokens if self._batch.multi_token_steps else 0
         self.speculative_ngram = c.speculative_ngram
@@ -130,13 +131,15 @@ class Engine:
         self.block_size = c.prefix_block_size
         self.prefix_cache: BlockIndex | None = None
         self._pool: BlockPool | None = None
-        if c.prefix_caching:
+        if c.prefix_caching and not self._batch.prefix_reuse:
+            log.info("prefix caching: off (the %s layout cannot reuse cached blocks)", self.kv_layout)
+        if c.prefix_caching and self._batch.prefix_reuse:
             n = self.kv_budget_tokens // c.prefix_block_size
             self.prefix_cache = BlockIndex(n)
             self._pool = BlockPool(bundle.num_layers, bundle.num_kv_heads, bundle.head_dim, n, c.prefix_block_size,
                                    self.runner.kv_dtype)
         # Anything besides the tokens that changes a block's cache goes into the hash: the model.
-        self._salt = f"{bundle.name}:{bundle.num_parameters}:{np.dtype(self.runner.kv_dtype).name}".encode()
+        self._salt = f"{bundle.name}:{bundle.num_parameters}:{np.dtype(getattr(self.runner, 'kv_dtype', np.float32)).name}".encode()
         self.scheduler = Scheduler(max_running=c.max_running, max_waiting=c.max_waiting,
                                    kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=c.max_prefill_tokens,
                                    prefix_cache=self.prefix_cache, block_size=c.prefix_block_size)

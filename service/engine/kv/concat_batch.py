@@ -169,6 +169,7 @@ class ConcatBatch:
     """
 
     layout = "concat"
+    prefix_reuse = True
     multi_token_steps = False
 
     def __init__(self, runner: Runner, pad_id: int):

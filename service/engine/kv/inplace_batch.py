@@ -124,6 +124,7 @@ class InplaceBatch:
     """
 
     layout = "inplace"
+    prefix_reuse = True
     multi_token_steps = True
 
     def __init__(self, runner: InplaceRunner, pad_id: int):
