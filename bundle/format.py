@@ -20,7 +20,7 @@ from typing import Any
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
-KV_INPLACE_SECTION = "onnx_kv_inplace"  # optional: the in-place decoder (model/export_gqa.py)
+KV_INPLACE_SECTION = "onnx_kv_inplace"  # optional: the in-place decoder (model/export_inplace.py)
 ATTENTION_SECTION = "onnx_attention"  # optional: the inspection graph (model/export_attention.py)
 TOKENIZER_TYPES = ("sentencepiece", "huggingface")
 TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "huggingface": "tokenizer.json"}

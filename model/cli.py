@@ -103,12 +103,12 @@ def cmd_export(a) -> Path:
         tmp = q
     kv_inplace, want_inplace = None, not getattr(a, "no_kv_inplace", False)
     if want_inplace:
-        from model.export_gqa import build_kv_inplace
+        from model.export_inplace import build_kv_inplace
 
         print("building the in-place KV cache decoder (GroupQueryAttention) ...", file=sys.stderr)
         kv_inplace = build_kv_inplace(model, work / "model.kvinplace.fp32.onnx")
         if fp16:  # for CUDA: its GroupQueryAttention kernel takes float16 only (the static decode path)
-            from model.export_gqa_fp16 import to_fp16
+            from model.export_inplace_fp16 import to_fp16
 
             kv_inplace = to_fp16(kv_inplace, work / "model.kvinplace.fp16.onnx")
         if int8:

@@ -6,7 +6,7 @@ present.{i}.key / .value [batch, heads, past+seq, head_dim]. Batch, sequence and
 a zero-length past is a prefill.
 
 The bundle may also carry model.kvinplace.onnx, the same decoder with an in-place KV cache
-(model/export_gqa.py), declared in config.json's ``onnx_kv_inplace`` section, and
+(model/export_inplace.py), declared in config.json's ``onnx_kv_inplace`` section, and
 model.attention.onnx, the forward pass with attention probabilities as outputs for the service's
 /v1/inspect (model/export_attention.py), declared in its ``onnx_attention`` section.
 """
@@ -31,7 +31,7 @@ from bundle.format import (
     sha256_file,
 )
 from model.export_attention import ATTENTION_FILE, attention_config
-from model.export_gqa import KV_INPLACE_FILE, kv_inplace_config
+from model.export_inplace import KV_INPLACE_FILE, kv_inplace_config
 from model.gpt import GPT
 
 OPSET = 18
@@ -136,12 +136,12 @@ def write_bundle(
     """Put model.onnx, tokenizer.model, config.json and optionally model.kvinplace.onnx in out_dir; return it.
 
     Args:
-        kv_inplace_file: the in-place decoder (model.export_gqa.build_kv_inplace), or None for a
+        kv_inplace_file: the in-place decoder (model.export_inplace.build_kv_inplace), or None for a
             bundle without one (a stale copy left in out_dir by an earlier export is removed).
         attention_file: the inspection graph (model.export_attention.export_attention), or None
             for a bundle without one (likewise, a stale copy is removed).
         kv_inplace_dtype: the in-place decoder's cache type, "float32" or "float16" (``--fp16``:
-            model.export_gqa_fp16, for CUDA).
+            model.export_inplace_fp16, for CUDA).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     files = ["model.onnx", "tokenizer.model"]

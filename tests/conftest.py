@@ -57,7 +57,7 @@ def random_model_and_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPath
     from bundle.tokenizer import Tokenizer
     from model.config import GPTConfig
     from model.export import export_onnx, write_bundle
-    from model.export_gqa import KV_INPLACE_FILE, build_kv_inplace
+    from model.export_inplace import KV_INPLACE_FILE, build_kv_inplace
     from model.gpt import GPT
 
     torch.manual_seed(1234)

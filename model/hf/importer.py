@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bundle.format import CONFIG_FILE, DEFAULT_IO_NAMES, FORMAT_VERSION, KV_INPLACE_SECTION, sha256_file
-from model.export_gqa import GQA_OP
+from model.export_inplace import GQA_OP
 from model.hf.checkpoint import Checkpoint, inspect_checkpoint
 from model.hf.spec import DecoderSpec
 from model.hf.tokenizer_files import chat_template, generation_defaults, tokenizer_section

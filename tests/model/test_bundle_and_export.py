@@ -67,7 +67,7 @@ def test_export_parity_of_each_activation(activation: str, tmp_path: Path) -> No
 
     from model.config import GPTConfig
     from model.export import export_onnx
-    from model.export_gqa import build_kv_inplace
+    from model.export_inplace import build_kv_inplace
     from model.gpt import GPT
     from model.verify import check_parity, check_parity_kv_inplace
 

@@ -36,7 +36,7 @@ def hf_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from model.config import GPTConfig
     from model.export import export_onnx, write_bundle
-    from model.export_gqa import KV_INPLACE_FILE, build_kv_inplace
+    from model.export_inplace import KV_INPLACE_FILE, build_kv_inplace
     from model.gpt import GPT
 
     out = tmp_path_factory.mktemp("hf-bundle")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bundle.format import load_bundle
-from model.export_gqa import KV_INPLACE_FILE
-from model.export_gqa_fp16 import to_fp16
+from model.export_inplace import KV_INPLACE_FILE
+from model.export_inplace_fp16 import to_fp16
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
 from service.engine.kv.inplace_cache import right_pad_prompts

@@ -7,7 +7,7 @@ and ``present.{i}.*`` through IO binding, by data pointer: GroupQueryAttention w
 positions into that memory and copies nothing else. Live sequences hold slots 0..n-1
 (service.engine.kv.inplace_cache), so a decode step is one run over ``buf[:n]`` and a prefill of k newcomers
 one run over ``buf[n:n+k]``, right padded (ONNX Runtime's CPU kernel is exact for rows of
-different lengths in both; model/export_gqa.py). CPU only: CUDA keeps the concat layout.
+different lengths in both; model/export_inplace.py). CPU only: CUDA keeps the concat layout.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class InplaceBatch:
         rest. Returns logits (k, V).
 
         One row per run: ONNX Runtime's CPU GroupQueryAttention refuses a multi-token run over a
-        non-empty past for more than one row (model/export_gqa.py).
+        non-empty past for more than one row (model/export_inplace.py).
         """
         out = np.empty((len(prompts), self.runner.vocab_size), np.float32)
         for j, (rid, p, kv) in enumerate(zip(request_ids, prompts, cached, strict=True)):

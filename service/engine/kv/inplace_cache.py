@@ -1,6 +1,6 @@
 """Bookkeeping of the in-place KV cache: which request holds which slot, and how many tokens.
 
-The in-place decoder (model/export_gqa.py) reads and writes one preallocated buffer per layer
+The in-place decoder (model/export_inplace.py) reads and writes one preallocated buffer per layer
 and kind, ``(num_slots, H, max_len, D)``; a slot is one row. Live sequences hold slots
 0..n-1 with no gaps, so ``buf[:n]`` (a C-contiguous view) is what a decode step binds as both
 past and present. A sequence's tokens occupy positions 0..length-1 of its slot (right
@@ -154,7 +154,7 @@ class InplaceCache:
         the only live slot (L cached) in one call: a speculative step (service/engine/ngram.py).
 
         One slot only: ONNX Runtime's CPU GroupQueryAttention refuses T > 1 over a non-empty past
-        for more than one row (model/export_gqa.py).
+        for more than one row (model/export_inplace.py).
         """
         if len(self._ids) != 1:
             raise ValueError(f"a multi-token step needs exactly one live slot, not {len(self._ids)}")

@@ -6,10 +6,10 @@ graph and replay it with one launch (provider option ``enable_cuda_graph``), if 
 has the same shapes and the same input and output addresses. This runner makes decode steps
 like that:
 
-- the cache is the in-place layout (model.kvinplace.onnx, model/export_gqa.py): per layer one
+- the cache is the in-place layout (model.kvinplace.onnx, model/export_inplace.py): per layer one
   key and one value buffer ``(num_slots, H, max_len, D)`` allocated once on the device, bound as
   both past and present; GroupQueryAttention writes the new position in place. On CUDA it needs
-  float16 (the bundle's ``--fp16`` export, model/export_gqa_fp16.py);
+  float16 (the bundle's ``--fp16`` export, model/export_inplace_fp16.py);
 - a step runs the smallest batch-size bucket b covering the occupied slots (service/engine/kv/static_cache.py),
   over slots 0..b-1, with an attention mask as wide as the cache; each bucket owns its input and
   logits buffers on the device and its graph id (run option ``gpu_graph_id``), so it is captured

@@ -9,11 +9,11 @@ Runtime's GroupQueryAttention can instead write the new key/value into a preallo
 is copied and rows need no left padding.
 
 This script builds that graph from a checkpoint with the production builder
-(model.export_gqa.build_kv_inplace, the file `python -m model export` puts in the bundle), checks
+(model.export_inplace.build_kv_inplace, the file `python -m model export` puts in the bundle), checks
 its logits against the bundle's model.onnx, and times one decode step of both at the same batch
 size and cached length (thread CPU time).
 
-    python -m bench.engine_gqa --bundle artifacts/small --batches 1,32,64 --past 96
+    python -m bench.engine_inplace --bundle artifacts/small --batches 1,32,64 --past 96
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _session(path: Path, threads: int = 1):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-class GQADecoder:
+class InplaceDecoder:
     """Decode steps of the in-place graph with one preallocated cache buffer per layer and kind."""
 
     def __init__(self, path: Path, n_layer: int, n_head: int, head_dim: int, threads: int = 1):
@@ -85,7 +85,7 @@ def decode_feed(bundle: Any, batch: int, past: int) -> dict[str, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.engine_gqa", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.engine_inplace", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, default=Path("artifacts/small"))
     p.add_argument(
         "--checkpoint", type=Path, default=None, help="default: artifacts/.work/<preset>/checkpoint.pt"
@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--past", type=int, default=96, help="cached tokens per row for the timed step")
     p.add_argument("--max-len", type=int, default=0, help="buffer length per row (default: the context)")
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path("/tmp/gpt_gqa.onnx"))
+    p.add_argument("--out", type=Path, default=Path("/tmp/gpt_inplace.onnx"))
     a = p.parse_args(argv)
     from bundle.format import load_bundle
-    from model.export_gqa import build_kv_inplace
+    from model.export_inplace import build_kv_inplace
     from model.train import load_model
 
     bundle = load_bundle(a.bundle)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     build_kv_inplace(model, a.out)
     cfg = model.cfg
     max_len = a.max_len or cfg.context_length
-    gqa = GQADecoder(a.out, cfg.n_layer, cfg.n_head, cfg.head_dim)
+    gqa = InplaceDecoder(a.out, cfg.n_layer, cfg.n_head, cfg.head_dim)
     ref = _session(bundle.onnx_path)
 
     # Parity: prefill 3 rows of 20 tokens, then 8 greedy steps, against the exported graph.
@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from model.export import quantize_int8
 
-    tmp = Path(tempfile.mkdtemp(prefix="gqa-"))
+    tmp = Path(tempfile.mkdtemp(prefix="inplace-"))
     ref_int8 = _session(quantize_int8(bundle.onnx_path, tmp / "exported-int8.onnx"))
-    gqa_int8 = GQADecoder(quantize_int8(a.out, tmp / "gqa-int8.onnx"), cfg.n_layer, cfg.n_head, cfg.head_dim)
+    gqa_int8 = InplaceDecoder(quantize_int8(a.out, tmp / "gqa-int8.onnx"), cfg.n_layer, cfg.n_head, cfg.head_dim)
     print(
         f"\nOne decode step, {a.past} cached tokens per row, 1 thread, thread CPU time in ms (best of {a.repeat}); "
         "int8: model.export.quantize_int8 of each graph:\n"

@@ -1,6 +1,6 @@
 """The in-place decoder in float16, for CUDA: ONNX Runtime's CUDA GroupQueryAttention takes fp16 or bf16 only.
 
-``to_fp16`` rewrites ``model.kvinplace.onnx`` (model/export_gqa.py, float32): every float
+``to_fp16`` rewrites ``model.kvinplace.onnx`` (model/export_inplace.py, float32): every float
 initializer becomes float16, so activations and the KV cache are float16 too; the cache inputs
 and outputs are declared float16; the logits stay float32 (a Cast at the end), so the sampler
 reads the same type from every bundle and the host copy per step is the logits alone.
@@ -43,7 +43,7 @@ def to_fp16(src: Path, dst: Path) -> Path:
     # The exporter's type annotations of intermediate values say float32: drop them, ONNX Runtime infers.
     del g.value_info[:]
     _own_shape_constants(g)
-    m.producer_name = "model.export_gqa_fp16"
+    m.producer_name = "model.export_inplace_fp16"
     onnx.checker.check_model(m)
     dst.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(m, str(dst))
