@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixed", type=int, default=64, help="requests of the mixed workload (0: none)")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per runner and workload, in rounds (best kept)")
     p.add_argument("--runners", default="engine,engine-int8,engine-int4,hf,genai,genai-int4")
     p.add_argument("--genai-python", type=Path, default=ROOT / ".venv-genai" / "bin" / "python")
     p.add_argument("--json", type=Path, default=None, help="write the measurements here")
@@ -155,14 +156,15 @@ def main(argv: list[str] | None = None) -> None:
         workloads.append(mixed_workload(stream, bos, a.mixed))
     results: dict[str, dict[str, float]] = {}
     for wl in workloads:
-        for m, outs in measure(runners, wl, repeat=1, min_time=0.0):
+        for m, outs in measure(runners, wl, repeat=a.repeat, min_time=0.0):
             results.setdefault(wl.name, {})[m.runner] = round(m.tokens_per_s, 1)
-            print(f"{wl.name:9s} {m.runner:12s} {m.tokens_per_s:8.1f} tokens/s  (first row {outs[0][:6]})",
+            print(f"{wl.name:9s} {m.runner:12s} {m.tokens_per_s:8.1f} tokens/s  (first row {outs[0][:6]}; "
+                  f"load {os.getloadavg()[0]:.1f})",
                   file=sys.stderr, flush=True)
     print(json.dumps(results, indent=2))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"results": results, "load": os.getloadavg()}, indent=2) + "\n")
+        a.json.write_text(json.dumps({"results": results, "load_after": os.getloadavg()}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
