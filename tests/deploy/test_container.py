@@ -25,7 +25,7 @@ IMAGE = image_under_test()
 
 # The CPU image's size limit (docker image inspect .Size). docs/deployment.md has the measured
 # figures: with onnxruntime-gpu instead of onnxruntime the image was about 300 MB larger.
-SIZE_BUDGET_MB = 450
+SIZE_BUDGET_MB = 480  # 458 MB measured; the budget catches the +272 MB of onnxruntime-gpu
 
 DRAIN_TIMEOUT_S = 30  # the image's TEXTGEN_DRAIN_TIMEOUT_S
 
