@@ -17,13 +17,14 @@ the tokenizer. docs/gpu.md has the procedure on the GPU machine (bench/gpu_run.s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+from bundle.format import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # Not on the GPU machine's Python (its package list: torch, transformers, numpy, httpx, anyio, uvloop,
@@ -84,21 +85,13 @@ def split(archive: Path, out: Path, part_bytes: int) -> list[Path]:
     return parts
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def pack(stage: Path, out: Path, part_mib: int) -> list[Path]:
     """Tar the staged folder, split it, and write SHA256 (the archive's, checked after joining)."""
     archive = out / ARCHIVE
     with tarfile.open(archive, "w") as tar:  # the payload is compressed already (wheels, weights)
         for p in sorted(stage.iterdir()):
             tar.add(p, arcname=p.name)
-    digest = sha256(archive)
+    digest = sha256_file(archive)
     parts = split(archive, out, part_mib << 20)
     archive.unlink()
     (out / "SHA256").write_text(f"{digest}  {ARCHIVE}\n")
@@ -138,7 +131,7 @@ def cmd_base(a: argparse.Namespace) -> None:
             dst = data / corpus.name
             dst.mkdir(exist_ok=True)
             shutil.copy2(f, dst / f.name)
-            tokens = corpus / f"tokens-{sha256(f)[:16]}.npz"  # model.cli.cmd_train's cache key
+            tokens = corpus / f"tokens-{sha256_file(f)[:16]}.npz"  # model.cli.cmd_train's cache key
             if tokens.is_file():
                 shutil.copy2(tokens, dst / tokens.name)
     if not any((data / "downloads").iterdir()):

@@ -131,15 +131,15 @@ class Engine:
         self.block_size = c.prefix_block_size
         self.prefix_cache: BlockIndex | None = None
         self._pool: BlockPool | None = None
+        self._salt = b""  # anything besides the tokens that changes a block's cache: the model (set below)
         if c.prefix_caching and not self._batch.prefix_reuse:
             log.info("prefix caching: off (the %s layout cannot reuse cached blocks)", self.kv_layout)
-        if c.prefix_caching and self._batch.prefix_reuse:
+        elif c.prefix_caching:
             n = self.kv_budget_tokens // c.prefix_block_size
             self.prefix_cache = BlockIndex(n)
             self._pool = BlockPool(bundle.num_layers, bundle.num_kv_heads, bundle.head_dim, n, c.prefix_block_size,
                                    self.runner.kv_dtype)
-        # Anything besides the tokens that changes a block's cache goes into the hash: the model.
-        self._salt = f"{bundle.name}:{bundle.num_parameters}:{np.dtype(getattr(self.runner, 'kv_dtype', np.float32)).name}".encode()
+            self._salt = f"{bundle.name}:{bundle.num_parameters}:{np.dtype(self.runner.kv_dtype).name}".encode()
         self.scheduler = Scheduler(max_running=c.max_running, max_waiting=c.max_waiting,
                                    kv_budget_tokens=self.kv_budget_tokens, max_prefill_tokens=c.max_prefill_tokens,
                                    prefix_cache=self.prefix_cache, block_size=c.prefix_block_size)

@@ -77,6 +77,28 @@ class KVBatch(Protocol):
         ...
 
 
+class SlotRows:
+    """Membership and sizes of a batch whose rows are slots of ``self.slots`` (an InplaceCache or
+    StaticSlots): the part of KVBatch the in-place and static layouts share."""
+
+    slots: Any
+
+    @property
+    def live_ids(self) -> list[str]:
+        return self.slots.live_ids
+
+    @property
+    def num_live(self) -> int:
+        return len(self.slots)
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.slots.cached_tokens
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self.slots
+
+
 def open_batch(bundle: Bundle, config: EngineConfig) -> KVBatch:
     """The running batch: the static path where it is asked for, else the in-place layout where it
     can run, else the concat one; logs which."""

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bundle.format import Bundle
+from service.engine.kv.batch import SlotRows
 from service.engine.kv.concat_batch import session_options
 from service.engine.kv.inplace_cache import InplaceCache, Move, right_pad_prompts
 
@@ -117,7 +118,7 @@ class InplaceRunner:
                 buf[m.dst, :, : m.length] = buf[m.src, :, : m.length]
 
 
-class InplaceBatch:
+class InplaceBatch(SlotRows):
     """The running batch on the in-place decoder: slots 0..n-1 of the runner's buffers.
 
     A ``KVBatch`` (service/engine/kv/batch.py) with multi-token steps.
@@ -130,21 +131,6 @@ class InplaceBatch:
     def __init__(self, runner: InplaceRunner, pad_id: int):
         self.runner, self.pad_id = runner, pad_id
         self.slots = InplaceCache(runner.num_slots, runner.max_len)
-
-    @property
-    def live_ids(self) -> list[str]:
-        return self.slots.live_ids
-
-    @property
-    def num_live(self) -> int:
-        return len(self.slots)
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.slots.cached_tokens
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self.slots
 
     def decode(self, last_tokens: np.ndarray) -> np.ndarray:
         """One decode step of slots 0..n-1; last_tokens (n,) in live_ids order. Returns logits (n, V)."""

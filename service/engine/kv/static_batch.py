@@ -34,6 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bundle.format import Bundle
+from service.engine.kv.batch import SlotRows
 from service.engine.kv.concat_batch import Provider, ProviderError, session_options, want_cuda
 from service.engine.kv.inplace_cache import right_pad_prompts
 from service.engine.kv.static_cache import StaticSlots, contiguous_runs, decode_buckets
@@ -258,7 +259,7 @@ def _shape(buf: Any) -> tuple[int, ...]:
     return tuple(buf.shape()) if isinstance(buf, ort.OrtValue) else buf.shape
 
 
-class StaticBatch:
+class StaticBatch(SlotRows):
     """The running batch on the static decode path (service.engine.kv.static_cache.StaticSlots).
 
     Same interface as service.engine.kv.inplace_batch.InplaceBatch (live_ids, decode, prefill,
@@ -273,21 +274,6 @@ class StaticBatch:
     def __init__(self, runner: StaticRunner, pad_id: int):
         self.runner, self.pad_id = runner, pad_id
         self.slots = StaticSlots(runner.num_slots, runner.max_len)
-
-    @property
-    def live_ids(self) -> list[str]:
-        return self.slots.live_ids
-
-    @property
-    def num_live(self) -> int:
-        return len(self.slots)
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.slots.cached_tokens
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self.slots
 
     def decode(self, last_tokens: np.ndarray) -> np.ndarray:
         """One decode step of every live row; last_tokens (n,) in live_ids order. Returns logits (n, V)."""
