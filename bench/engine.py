@@ -12,6 +12,8 @@ produce exactly ``max_tokens`` tokens per request (EOS never ends a request earl
 - ``engine-concat``: the same engine with ``kv_inplace="off"``: ``model.onnx``, whose cache grows
   by a Concat every step; what the in-place layout buys (only for a bundle with the in-place file);
 - ``ortloop``: ``model.onnx`` with a KV cache in a bare loop over ``session.run``;
+- ``ortloop-inplace``: ``model.kvinplace.onnx`` over the engine's in-place runner in a bare loop
+  (static batches, argmax, nothing else): the floor of a Python loop over the file onnxruntime-genai runs;
 - ``nocache``: ``model.onnx`` with a zero-length past: the whole sequence every step;
 - ``torch``: PyTorch eager with a KV cache (model.gpt.GPT from the checkpoint, inference_mode);
 - ``hf``: Hugging Face ``GPT2LMHeadModel`` of the same width, depth, heads, vocabulary and
@@ -58,12 +60,13 @@ import numpy as np
 from service.engine.config import EngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNNERS = ("engine", "engine-nospec", "engine-concat", "ortloop", "nocache", "torch", "hf", "genai", "genai-concat", "int8", "int8-nospec")
+RUNNERS = ("engine", "engine-nospec", "engine-concat", "ortloop", "ortloop-inplace", "nocache", "torch", "hf", "genai", "genai-concat", "int8", "int8-nospec")
 LABELS = {
     "engine": "this engine (ONNX Runtime + KV cache, continuous batching)",
     "engine-nospec": "this engine, one token per step (speculative_tokens=0)",
     "engine-concat": "this engine on model.onnx (concat KV cache, kv_inplace=off)",
     "ortloop": "model.onnx + KV cache, bare Python loop over session.run",
+    "ortloop-inplace": "the engine's ONNX file, bare Python loop over run_with_iobinding",
     "nocache": "model.onnx, no KV cache (full recompute)",
     "torch": "PyTorch eager + KV cache",
     "hf": "HF transformers GPT2LMHeadModel.generate()",
@@ -78,6 +81,7 @@ SHORT = {
     "engine-nospec": "this engine, no speculation",
     "engine-concat": "this engine, concat KV cache",
     "ortloop": "bare session.run loop",
+    "ortloop-inplace": "bare in-place loop",
     "nocache": "no KV cache",
     "torch": "PyTorch eager",
     "hf": "HF generate()",
@@ -283,6 +287,46 @@ class OrtLoopRunner:
                 new.append(nxt)
             toks = np.stack(new, axis=1)  # (B, steps)
             outputs += [toks[b, : r.max_tokens].tolist() for b, r in enumerate(batch)]
+        return clock.stop(), outputs
+
+
+class InplaceLoopRunner:
+    """The in-place file over the engine's own runner and slot bookkeeping, in a bare loop.
+
+    No scheduler, sampler, detokenizer or outputs: what a Python loop over ``run_with_iobinding``
+    costs on the file onnxruntime-genai runs, so the engine's distance to it is its own overhead.
+    """
+
+    name = "ortloop-inplace"
+
+    def __init__(self, bundle_dir: Path, threads: int):
+        from bundle.format import load_bundle
+
+        self.bundle = load_bundle(bundle_dir)
+        self.threads = threads
+        self._batches: dict[int, Any] = {}
+
+    def batch(self, size: int) -> Any:
+        from service.engine.kv.inplace_batch import InplaceBatch, InplaceRunner
+
+        if size not in self._batches:
+            self._batches[size] = InplaceBatch(InplaceRunner(self.bundle, size, self.threads), self.bundle.pad_id)
+        return self._batches[size]
+
+    def run(self, wl: Workload) -> tuple[Timing, list[list[int]]]:
+        outputs: list[list[int]] = []
+        clock = Stopwatch()
+        for reqs in wl.static_batches():
+            batch = self.batch(wl.concurrency)
+            ids = [str(i) for i in range(len(reqs))]
+            nxt = batch.prefill(ids, [r.prompt for r in reqs]).argmax(axis=1)  # (B,)
+            new = [nxt]
+            for _ in range(max(r.max_tokens for r in reqs) - 1):
+                nxt = batch.decode(nxt).argmax(axis=1)
+                new.append(nxt)
+            batch.clear()
+            toks = np.stack(new, axis=1)  # (B, steps)
+            outputs += [toks[b, : r.max_tokens].tolist() for b, r in enumerate(reqs)]
         return clock.stop(), outputs
 
 
@@ -1111,6 +1155,11 @@ def build_runners(
             )
         elif name == "ortloop":
             runners.append(OrtLoopRunner(a.bundle, a.threads))
+        elif name == "ortloop-inplace":
+            if not inplace:
+                notes.append(f"{name}: skipped, the bundle has no in-place decoder.")
+                continue
+            runners.append(InplaceLoopRunner(a.bundle, a.threads))
         elif name == "nocache":
             runners.append(NoCacheRunner(a.bundle, a.threads))
         elif name == "torch":

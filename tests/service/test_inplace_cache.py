@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from service.engine.kv.inplace_cache import InplaceCache, Move, right_pad_prompts
+from service.engine.kv.inplace_cache import MASK_WIDTH_STEP, InplaceCache, Move, right_pad_prompts
 
 
 def test_newcomers_take_the_next_slots_and_a_leaver_is_replaced_by_the_last_slot() -> None:
@@ -38,10 +38,25 @@ def test_decode_inputs_are_right_padded_from_the_lengths() -> None:
     ids, mask, pos = c.decode_inputs(np.array([7, 8, 9]))
     assert ids.tolist() == [[7], [8], [9]] and ids.dtype == np.int64
     assert pos.tolist() == [[3], [1], [5]]  # each new token goes to position = its row's length
-    assert mask.dtype == np.int64 and mask.shape == (3, 6)
-    assert mask.tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
+    # The width is the longest row after the step (6) rounded up to MASK_WIDTH_STEP, at most max_len.
+    assert mask.dtype == np.int64 and mask.shape == (3, 10)
+    assert mask.tolist() == [[1] * 4 + [0] * 6, [1] * 2 + [0] * 8, [1] * 6 + [0] * 4]
     c.advance()
     assert list(c.lengths[:3]) == [4, 2, 6] and c.lengths[3] == 0
+
+
+def test_decode_mask_width_changes_only_every_mask_width_step_positions() -> None:
+    """A stable width keeps the runner's binding: it rebinds the mask only when the shape changes."""
+    c = InplaceCache(num_slots=2, max_len=3 * MASK_WIDTH_STEP)
+    c.join(["a", "b"], [1, MASK_WIDTH_STEP - 2])
+    widths = []
+    for _ in range(2 * MASK_WIDTH_STEP + 1):
+        _, mask, _ = c.decode_inputs(np.zeros(2, np.int64))
+        assert (mask.sum(axis=1) == c.lengths[:2] + 1).all()
+        widths.append(mask.shape[1])
+        c.advance()
+    assert sorted(set(widths)) == [MASK_WIDTH_STEP, 2 * MASK_WIDTH_STEP, 3 * MASK_WIDTH_STEP]
+    assert widths.index(2 * MASK_WIDTH_STEP) == 2  # the longest row reaches 65 positions at its third step
 
 
 def test_errors_name_the_problem() -> None:
@@ -85,7 +100,7 @@ def test_thousands_of_random_joins_finishes_and_aborts_keep_every_row_with_its_d
         # decode: every live row writes its next token at position = its length
         if len(c):
             _, mask, pos = c.decode_inputs(np.zeros(len(c), np.int64))
-            assert mask.shape == (len(c), int(c.lengths[: len(c)].max()) + 1)
+            assert int(c.lengths[: len(c)].max()) + 1 <= mask.shape[1] <= max_len
             assert (mask.sum(axis=1) == c.lengths[: len(c)] + 1).all()
             for i, r in enumerate(c.live_ids):
                 tok = step * 1000 + i

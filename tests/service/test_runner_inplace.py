@@ -37,11 +37,10 @@ def test_runs_write_only_their_slots_and_moved_rows_decode_like_pytorch(random_m
     # Slot 2 (the short prompt) moves to slot 0; slots 0..1 then decode one token each, per-row lengths.
     runner.apply([Move(src=2, dst=0, length=3)])
     order, lengths = [prompts[1], prompts[0]], np.array([3, 6])
-    nxt = np.array([[5], [7]], np.int64)
-    mask = (np.arange(7) <= lengths[:, None]).astype(np.int64)
-    out = runner.run(nxt, mask, lengths[:, None].copy(), 0, 2, runner.decode_logits(2))
-    assert out.shape == (2, 1, runner.vocab_size)
+    nxt = np.array([5, 7], np.int64)
+    out = runner.decode(nxt, lengths)
+    assert out.shape == (2, runner.vocab_size)
     with torch.inference_mode():
         for b, p in enumerate(order):
-            want = model(torch.tensor([[*p, int(nxt[b, 0])]]))[0][0, -1].numpy()
-            assert np.abs(out[b, 0] - want).max() < 1e-4
+            want = model(torch.tensor([[*p, int(nxt[b])]]))[0][0, -1].numpy()
+            assert np.abs(out[b] - want).max() < 1e-4

@@ -27,6 +27,15 @@ class Move:
     length: int
 
 
+class DecodeBuffers:
+    """Flat int64 buffers a decode step's inputs are written into (rows x 1, rows x 1, rows x width)."""
+
+    def __init__(self, rows: int, width: int):
+        self.ids = np.zeros(rows, np.int64)
+        self.positions = np.zeros(rows, np.int64)
+        self.mask = np.zeros(rows * width, np.int64)
+
+
 class InplaceCache:
     """Slots of the in-place cache.
 
@@ -44,7 +53,7 @@ class InplaceCache:
         self._ids: list[str] = []  # slot -> request id, slots 0..n-1
         self._slot: dict[str, int] = {}  # request id -> slot
         self.lengths = np.zeros(num_slots, np.int64)  # cached tokens per slot; 0 beyond n
-        self._positions = np.arange(max_len + 1, dtype=np.int64)
+        self._positions = np.arange(max_len + 1, dtype=np.int64)  # chunk_inputs' positions
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -132,18 +141,10 @@ class InplaceCache:
 
     # ---- one decode step -----------------------------------------------------------------
     def decode_inputs(self, last_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """input_ids (n, 1), attention_mask (n, W), position_ids (n, 1) for one decode step.
-
-        Slot i's new token goes to position lengths[i]; its mask row is lengths[i] + 1 ones, right
-        padded to W = the longest row after the step.
-        """
+        """input_ids (n, 1), attention_mask (n, W), position_ids (n, 1) for one decode step
+        (``decode_inputs``, into new arrays)."""
         n = len(self._ids)
-        lengths = self.lengths[:n]
-        width = int(lengths.max()) + 1 if n else 1
-        if width > self.max_len:
-            raise ValueError(f"a sequence would exceed the cache's {self.max_len} positions")
-        mask = (self._positions[:width] <= lengths[:, None]).astype(np.int64)  # (n, W)
-        return last_tokens.reshape(n, 1).astype(np.int64, copy=False), mask, lengths.reshape(n, 1).copy()
+        return decode_inputs(DecodeBuffers(n, self.max_len), last_tokens, self.lengths[:n], self.max_len)
 
     def advance(self, by: int = 1) -> None:
         """After a decode step: every live slot holds ``by`` more tokens."""
@@ -173,6 +174,35 @@ class InplaceCache:
         assert all(self._slot[r] == i for i, r in enumerate(self._ids)), "slot map out of sync"
         assert (self.lengths[:n] >= 1).all() and (self.lengths[:n] <= self.max_len).all(), self.lengths[:n]
         assert not self.lengths[n:].any(), "a free slot holds tokens"
+
+
+MASK_WIDTH_STEP = 64  # a decode step's mask width is rounded up to a multiple of this (see decode_inputs)
+
+
+def decode_inputs(
+    out: DecodeBuffers, last_tokens: np.ndarray, lengths: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids (n, 1), attention_mask (n, W), position_ids (n, 1) of one decode step of n rows
+    holding ``lengths`` tokens, written into ``out`` (the arrays returned are C-contiguous views
+    of its buffers, so a step allocates nothing).
+
+    Row i's new token goes to position lengths[i]; its mask row is lengths[i] + 1 ones, right
+    padded to W: the longest row after the step rounded up to a multiple of MASK_WIDTH_STEP
+    (at most max_len), so that the inputs keep their shapes for many steps and the runner
+    rebinds nothing. The padding is free: GroupQueryAttention takes each row's length from the
+    mask's sum (seqlens_k), and the width only as an upper bound (total_sequence_length).
+    """
+    n = len(lengths)
+    longest = int(lengths.max()) + 1 if n else 1
+    if longest > max_len:
+        raise ValueError(f"a sequence would exceed the cache's {max_len} positions")
+    width = min(max_len, -(-longest // MASK_WIDTH_STEP) * MASK_WIDTH_STEP)
+    ids, pos = out.ids[:n].reshape(n, 1), out.positions[:n].reshape(n, 1)
+    mask = out.mask[: n * width].reshape(n, width)
+    ids[:, 0] = last_tokens
+    pos[:, 0] = lengths
+    np.less_equal(np.arange(width), pos, out=mask)  # ones up to and including the new position
+    return ids, mask, pos
 
 
 def right_pad_prompts(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
