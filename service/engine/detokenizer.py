@@ -99,6 +99,13 @@ class IncrementalDetokenizer:
         """Add new output tokens; return the text that became final. Empty once stopped or flushed."""
         if self._done:
             return DetokenizerUpdate("")
+        if len(token_ids) == 1 and self._anchor and not (self._pending or self._held or self._stops):
+            # Most tokens: one whole-character piece after rendered text, no stop string to watch.
+            # What _render and _emit would do for it, without building their intermediate lists.
+            text = self._plain.get(token_ids[0])
+            if text is not None and token_ids[0] not in self._special:
+                self._text += text
+                return DetokenizerUpdate(text)
         self._pending.extend(t for t in token_ids if t not in self._special)
         return self._emit(self._render(final=False))
 

@@ -52,7 +52,7 @@ from service.engine.kv.batch import open_batch
 from service.engine.kv.prefix_pool import BlockPool
 from service.engine.ngram import NgramIndex
 from service.engine.prefix_cache import BlockIndex, block_hashes, lookup_blocks
-from service.engine.sampler import prompt_logprobs, sample
+from service.engine.sampler import argmax_only, prompt_logprobs, sample
 from service.engine.scheduler import Scheduler, size_kv_budget
 from service.engine.structured import GrammarError, GrammarMatchers
 from service.engine.types import (
@@ -85,6 +85,7 @@ class _Sequence:
     matcher: Any = None  # params.grammar: an llguidance matcher fed every output token (service/engine/structured.py)
     block_hashes: list[bytes] = field(default_factory=list)  # the prompt's full blocks, to cache after its prefill
     lookup: bool = False  # it looked its prompt up in the prefix cache (counts as a query)
+    argmax_only: bool = False  # greedy with nothing that changes the logits or asks for logprobs (see sampler)
 
 
 class Engine:
@@ -187,6 +188,7 @@ class Engine:
             matcher=matcher,
             block_hashes=hashes,
             lookup=lookup,
+            argmax_only=argmax_only(params),
         )
 
     def _new_matcher(self, grammar: str) -> Any:
@@ -358,15 +360,19 @@ class Engine:
 
     def _sample_and_update(self, logits: np.ndarray, rows: list[str]) -> list[RequestOutput]:
         seqs = [self._seqs[r] for r in rows]
-        res = sample(logits, [s.params for s in seqs], [s.rng for s in seqs], [s.prompt for s in seqs],
-                     [s.output for s in seqs], self._allowed(seqs))
+        if all(s.argmax_only for s in seqs):  # the sampler would do just this (and build lists around it)
+            tokens, logprobs, top_logprobs = logits.argmax(axis=1).tolist(), None, None
+        else:
+            res = sample(logits, [s.params for s in seqs], [s.rng for s in seqs], [s.prompt for s in seqs],
+                         [s.output for s in seqs], self._allowed(seqs))
+            tokens, logprobs, top_logprobs = res.token_ids.tolist(), res.logprobs, res.top_logprobs
         now = time.monotonic()
         outputs, finished = [], []
         for i, s in enumerate(seqs):
-            lp = None if res.logprobs is None else float(res.logprobs[i])
-            top = res.top_logprobs[i] if res.top_logprobs else None
+            lp = None if logprobs is None else float(logprobs[i])
+            top = top_logprobs[i] if top_logprobs else None
             # max_tokens 0: the prompt was scored, nothing is generated (its sampled token is dropped)
-            picks = [(int(res.token_ids[i]), lp, top)] if s.params.max_tokens else []
+            picks = [(tokens[i], lp, top)] if s.params.max_tokens else []
             out = self._update(s, picks, now)
             if out.finished:
                 finished.append(s.request_id)

@@ -93,6 +93,14 @@ def sample(
     return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=top_logprobs)
 
 
+def argmax_only(p: SamplingParams) -> bool:
+    """``sample`` gives such a row its logits' argmax and nothing else: greedy, no logit bias, no
+    penalty, no logprobs, no grammar. A batch of such rows needs no call to ``sample`` at all."""
+    return (p.temperature < GREEDY_BELOW and not p.logit_bias and p.repetition_penalty == 1.0
+            and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 and p.logprobs is None
+            and p.grammar is None)
+
+
 def _rows(a: np.ndarray, rows: list[int]) -> np.ndarray:
     """a[rows], without a copy when rows are all of them."""
     return a if len(rows) == len(a) else a[rows]

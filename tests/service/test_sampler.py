@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from service.engine.sampler import sample
+from service.engine.sampler import GREEDY_BELOW, argmax_only, sample
 from service.engine.types import SamplingParams
 
 V = 50
@@ -348,3 +350,17 @@ def test_real_vocabularies_take_the_candidate_path(V: int, k: int, p: float) -> 
     _, ok = _draw_candidates(z, np.full(R, k), np.full(R, p, dtype=np.float32), np.zeros(R, dtype=np.float32),
                              np.full(R, 0.5), np.full(R, k if k else 256))
     assert ok.all()
+
+
+def test_argmax_only_rows_get_exactly_the_samplers_choice() -> None:
+    """The engine skips ``sample`` for a batch of argmax_only rows: their token must be what it gives."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(6, 50)).astype(np.float32)
+    logits[0, [4, 9]] = logits[0].max() + 1  # a tie: the lowest id wins, in both
+    plain = SamplingParams(temperature=0.0, top_k=5, top_p=0.5, min_p=0.1, stop=("x",), stop_token_ids=(3,))
+    assert argmax_only(plain) and argmax_only(SamplingParams(temperature=GREEDY_BELOW / 2))
+    res = sample(logits, [plain] * 6, [np.random.default_rng(0)] * 6, [[1, 2]] * 6, [[5]] * 6)
+    assert res.token_ids.tolist() == logits.argmax(axis=1).tolist() and res.token_ids[0] == 4
+    for change in ({"temperature": 0.5}, {"logit_bias": ((1, 2.0),)}, {"repetition_penalty": 1.1},
+                   {"presence_penalty": 0.5}, {"frequency_penalty": -0.5}, {"logprobs": 0}, {"grammar": "start: \"a\""}):
+        assert not argmax_only(replace(plain, **change)), change

@@ -20,7 +20,13 @@ import onnxruntime as ort
 from bundle.format import Bundle
 from service.engine.kv.batch import SlotRows
 from service.engine.kv.concat_batch import session_options
-from service.engine.kv.inplace_cache import DecodeBuffers, InplaceCache, Move, decode_inputs, right_pad_prompts
+from service.engine.kv.inplace_cache import (
+    DecodeBuffers,
+    InplaceCache,
+    Move,
+    decode_inputs,
+    right_pad_prompts,
+)
 
 log = logging.getLogger(__name__)
 
