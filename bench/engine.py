@@ -216,8 +216,11 @@ class EngineRunner:
         self.name = name
         self.bundle = load_bundle(bundle_dir)
         # Per concurrency, max_running is set on a copy; speculative_tokens None: the default.
+        # No prefix cache: every round sends the same prompts, and the other runners compute them
+        # all each time (bench/engine_prefix.py measures the cache).
         self.config = EngineConfig(provider="cpu", intra_op_threads=threads, max_waiting=4096,
-                                   max_prefill_tokens=max_prefill_tokens, kv_inplace=kv_inplace)
+                                   max_prefill_tokens=max_prefill_tokens, kv_inplace=kv_inplace,
+                                   prefix_caching=False)
         if speculative_tokens is not None:
             self.config = replace(self.config, speculative_tokens=speculative_tokens)
         self._engines: dict[int, Any] = {}
@@ -741,7 +744,7 @@ class Report:
         return d
 
 
-Target = tuple[str, float | None, float | None, float, str]  # name, wall value, CPU value, threshold, unit
+Target = tuple[str, float | None, float | None, float | None, str]  # name, wall, CPU, threshold (None: context), unit
 
 
 def targets(rep: Report) -> list[Target]:
@@ -780,6 +783,24 @@ def targets(rep: Report) -> list[Target]:
             *both(lambda c: rep.ratio("engine-nospec", "genai", "batch 1", c)),
             1.0,
             "x",
+        ),
+        *(
+            (
+                f"  without speculation, batch {b}",
+                *both(lambda c, b=b: rep.ratio("engine-nospec", "genai", f"batch {b}", c)),
+                1.0,
+                "x",
+            )
+            for b in (8, 32)
+        ),
+        *(
+            (
+                f"  the floor: bare in-place loop (ortloop-inplace) vs onnxruntime-genai, batch {b}",
+                *both(lambda c, b=b: rep.ratio("ortloop-inplace", "genai", f"batch {b}", c)),
+                None,
+                "x",
+            )
+            for b in (1, 8, 32)
         ),
         (
             f"vs onnxruntime-genai (same ONNX file), mixed workload ({rep.settings['mixed_concurrency']} "
@@ -830,8 +851,8 @@ def _fmt(v: float | None, unit: str) -> str:
     return {"x": f"{v:.2f}x", "%": f"{100 * v:.0f}%", "bpc": f"{v:+.4f}"}[unit]
 
 
-def _met(v: float | None, thr: float, unit: str) -> str:
-    if v is None:
+def _met(v: float | None, thr: float | None, unit: str) -> str:
+    if v is None or thr is None:
         return "—"
     return "yes" if (v <= thr if unit == "bpc" else v >= thr) else "**no**"
 
@@ -899,7 +920,7 @@ def markdown(rep: Report) -> str:
         "|---|---:|---:|---:|:---:|",
     ]
     for name, vw, vc, thr, unit in targets(rep):
-        thr_s = f"≤ {thr:.2f}" if unit == "bpc" else f"≥ {_fmt(thr, unit)}"
+        thr_s = "—" if thr is None else f"≤ {thr:.2f}" if unit == "bpc" else f"≥ {_fmt(thr, unit)}"
         lines.append(
             f"| {name} | {_fmt(vw, unit)} | {_fmt(vc, unit)} | {thr_s} | "
             f"{_met(vw, thr, unit)} / {_met(vc, thr, unit)} |"
