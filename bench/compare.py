@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -278,17 +279,21 @@ class Profiler:
         return [(role, path) for role, path, _ in self.procs if path.exists()]
 
 
+def _samples(path: Path) -> Iterator[tuple[list[str], int]]:
+    """(frames, outermost first; sample count) of each stack in a py-spy raw profile."""
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack and n.isdigit():
+            yield stack.split(";"), int(n)
+
+
 def summarize_profile(path: Path, top: int = 15) -> list[tuple[str, float, float]]:
     """(function, self %, inclusive %) of the busiest functions in a py-spy raw profile."""
     self_n: Counter[str] = Counter()
     incl_n: Counter[str] = Counter()
     total = 0
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not stack or not n.isdigit():
-            continue
-        count = int(n)
-        frames = [re.sub(r" \(.*?/site-packages/", " (", f) for f in stack.split(";")]
+    for stack, count in _samples(path):
+        frames = [re.sub(r" \(.*?/site-packages/", " (", f) for f in stack]
         total += count
         self_n[frames[-1]] += count
         for f in set(frames):
@@ -302,18 +307,15 @@ def group_profile(path: Path, groups: tuple[tuple[str, tuple[str, ...]], ...]) -
     """(group, % of samples) for a py-spy raw profile; unmatched samples count as "other"."""
     counts: Counter[str] = Counter()
     total = 0
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not stack or not n.isdigit():
-            continue
-        total += int(n)
+    for stack, count in _samples(path):
+        total += count
         name = "other"
-        for frame in reversed(stack.split(";")):
+        for frame in reversed(stack):
             hit = next((g for g, tags in groups if any(t in frame for t in tags)), None)
             if hit is not None:
                 name = hit
                 break
-        counts[name] += int(n)
+        counts[name] += count
     order = [g for g, _ in groups] + ["other"]
     return [(g, 100 * counts[g] / total) for g in order if counts[g]] if total else []
 

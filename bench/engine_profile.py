@@ -6,8 +6,8 @@ Reads ``Engine.last_step_stats`` after every ``step()`` (``schedule_time``, ``mo
 a fixed shape all admitted at once and reports milliseconds per decode step (steps that admit
 nobody; the admission step is reported apart), best of --repeat runs; ``--mixed N`` also runs
 bench.engine's mixed workload. A finer split (detokenizer, stop checks, KV bookkeeping) and ONNX
-Runtime's kernel profile were measured by ``bench.experiments.engine_profile``, which patches
-private functions and is not maintained.
+Runtime's kernel profile, measured once with timers patched into private functions, are in
+docs/BENCHMARKS.md ("Where an engine step goes").
 
     python -m bench.engine_profile --bundle artifacts/small --batches 1,64 --mixed 64
 """

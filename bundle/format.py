@@ -218,6 +218,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_json_file(file: Path, error: type[Exception], missing: str) -> Any:
+    """The JSON value ``file`` holds; raise ``error(missing)`` when there is no such file, and
+    ``error`` naming the file when it is not UTF-8 JSON (a bundle's or a checkpoint's config.json)."""
+    if not file.is_file():
+        raise error(missing)
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{file} is not valid JSON: {e}") from e
+
+
 _REQUIRED_ARCH = ("vocab_size", "context_length", "n_layer", "n_head", "head_dim")
 _REQUIRED_TOKENIZER = {"sentencepiece": ("bos_id", "eos_id", "pad_id"), "huggingface": ("eos_id",)}
 
@@ -230,12 +241,7 @@ def load_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
     if not path.is_dir():
         raise BundleError(f"model bundle {path} is not a directory")
     cfg_path = path / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise BundleError(f"model bundle {path} has no {CONFIG_FILE}")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{cfg_path} is not valid JSON: {e}") from e
+    config = read_json_file(cfg_path, BundleError, f"model bundle {path} has no {CONFIG_FILE}")
     if not isinstance(config, dict):
         raise BundleError(f"{cfg_path} must hold a JSON object")
     version = config.get("format_version")

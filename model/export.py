@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,63 +30,20 @@ from bundle.format import (
     sha256_file,
 )
 from model.export_attention import ATTENTION_FILE, attention_config
+from model.export_decoder import OPSET, DecoderDims, export_decoder
 from model.export_inplace import KV_INPLACE_FILE, kv_inplace_config
 from model.gpt import GPT
 
-OPSET = 18
-
-
-class _OnnxDecoder(torch.nn.Module):
-    """Flat-argument wrapper: ONNX graphs take tensors, not lists of tuples."""
-
-    def __init__(self, model: GPT):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
-        past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
-        logits, presents = self.model(input_ids, attention_mask, position_ids, past)
-        return (logits, *[t for kv in presents for t in kv])
-
-
-def io_names(n_layer: int) -> tuple[list[str], list[str]]:
-    inputs = ["input_ids", "attention_mask", "position_ids"]
-    outputs = ["logits"]
-    for i in range(n_layer):
-        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        outputs += [f"present.{i}.key", f"present.{i}.value"]
-    return inputs, outputs
-
 
 def export_onnx(model: GPT, out_path: Path, fp16: bool = False) -> Path:
-    """Export with torch's dynamo exporter (dynamic batch, sequence and past)."""
+    """Write ``model`` in the concat KV layout to ``out_path`` (model/export_decoder.py: torch's dynamo
+    exporter, batch, sequence and past dynamic); ``fp16`` first converts ``model`` to float16 in place."""
     cfg = model.cfg
     model = model.eval().to("cpu")
-    dtype = torch.float16 if fp16 else torch.float32
     if fp16:
         model = model.half()
-    wrapper = _OnnxDecoder(model).eval()
-    B, T, P = 2, 3, 4  # sample shapes; all three are declared dynamic
-    ids = torch.randint(0, cfg.vocab_size, (B, T))
-    mask = torch.ones(B, P + T, dtype=torch.long)
-    pos = torch.arange(P, P + T).expand(B, T).contiguous()
-    past = [torch.zeros(B, cfg.n_head, P, cfg.head_dim, dtype=dtype) for _ in range(2 * cfg.n_layer)]
-    in_names, out_names = io_names(cfg.n_layer)
-    batch, seq, past_len, total = (torch.export.Dim("batch", max=4096), torch.export.Dim("seq", max=cfg.context_length),
-                                   torch.export.Dim("past", max=cfg.context_length), torch.export.Dim.AUTO)
-    dynamic_shapes: list[Any] = [{0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}]
-    dynamic_shapes += [{0: batch, 2: past_len} for _ in range(2 * cfg.n_layer)]
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapper, (ids, mask, pos, *past), dynamo=True, opset_version=OPSET, input_names=in_names,
-            output_names=out_names,
-            dynamic_shapes=(*dynamic_shapes[:3], tuple(dynamic_shapes[3:])),  # *past_flat is one tuple argument
-            optimize=True, verbose=False, report=False,
-        )
-    program.save(str(out_path), external_data=False)
-    return out_path
+    dims = DecoderDims(cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.vocab_size, cfg.context_length)
+    return export_decoder(model, dims, out_path, "concat", torch.float16 if fp16 else torch.float32)
 
 
 def quantize_int8(src: Path, dst: Path) -> Path:

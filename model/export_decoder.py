@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import torch
 
-from model.export import io_names
 from model.inplace_attention import onnx_translations
 
 OPSET = 18
@@ -44,6 +43,16 @@ class _Flat(torch.nn.Module):
         past = [(past_flat[2 * i], past_flat[2 * i + 1]) for i in range(len(past_flat) // 2)]
         logits, presents = self.module(input_ids, attention_mask, position_ids, past)
         return (logits, *[t for kv in presents for t in kv])
+
+
+def io_names(n_layer: int) -> tuple[list[str], list[str]]:
+    """The graph's input and output names (bundle.format.DEFAULT_IO_NAMES), in argument order."""
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for i in range(n_layer):
+        inputs += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outputs += [f"present.{i}.key", f"present.{i}.value"]
+    return inputs, outputs
 
 
 def _genai_names(model: Any) -> None:

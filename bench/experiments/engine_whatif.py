@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 
 from bench.engine import EngineRunner, Workload, fixed_workload, measure, mixed_workload, text_tokens
-from bench.experiments.engine_profile import patched
 
 
 def _detok_stub(self, token_ids):
@@ -57,12 +57,12 @@ def proposal(name: str) -> Iterator[Any]:
     if name == "no-detok":
         return iter(
             [
-                patched(IncrementalDetokenizer, "add", _detok_stub),
-                patched(IncrementalDetokenizer, "flush", lambda self: ""),
+                patch.object(IncrementalDetokenizer, "add", _detok_stub),
+                patch.object(IncrementalDetokenizer, "flush", lambda self: ""),
             ]
         )
     if name == "greedy-fast":
-        return iter([patched(se, "sample", _greedy_fast(se.sample))])
+        return iter([patch.object(se, "sample", _greedy_fast(se.sample))])
     raise ValueError(f"unknown proposal {name!r}; choose from no-detok, greedy-fast")
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bundle.format import read_json_file
 from model.hf.spec import SUPPORTED, unsupported_family
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -56,13 +57,8 @@ def inspect_checkpoint(path: str | Path, max_bytes: int | None = None) -> Checkp
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist (download it first, e.g. "
                               "`huggingface-cli download ORG/NAME --local-dir DIR`)")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model folder")
-    try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    config = read_json_file(path / "config.json", CheckpointError,
+                            f"{path} has no config.json: not a Hugging Face model folder")
     if not isinstance(config, dict) or config.get("model_type") not in SUPPORTED:
         raise CheckpointError(unsupported_family(config.get("model_type") if isinstance(config, dict) else None))
     weights = sorted(path.glob("*.safetensors"))

@@ -16,6 +16,19 @@ def test_unsupported_family_names_model_type_and_supported_list():
         decoder_spec(SimpleNamespace(model_type="falcon"))
 
 
+def test_checkpoint_config_errors_name_the_file(tmp_path):
+    from model.hf.checkpoint import CheckpointError, inspect_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"has no config\.json: not a Hugging Face model folder"):
+        inspect_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
+        inspect_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_bytes(b'{"model_type": "\xff"}')
+    with pytest.raises(CheckpointError, match="is not valid JSON"):
+        inspect_checkpoint(tmp_path)
+
+
 def test_rope_variants_that_change_with_length_are_refused():
     cfg = SimpleNamespace(model_type="llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(UnsupportedModel, match="RoPE type 'dynamic'"):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.engine.kv.slot_map import SlotMap
+
 
 @dataclass(frozen=True, slots=True)
 class Move:
@@ -36,8 +38,8 @@ class DecodeBuffers:
         self.mask = np.zeros(rows * width, np.int64)
 
 
-class InplaceCache:
-    """Slots of the in-place cache.
+class InplaceCache(SlotMap):
+    """Slots of the in-place cache (a SlotMap whose live slots are 0..n-1).
 
     Args:
         num_slots: rows of the buffers (the engine's max_running).
@@ -45,47 +47,20 @@ class InplaceCache:
     """
 
     def __init__(self, num_slots: int, max_len: int):
-        if num_slots < 1:
-            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
-        self.num_slots, self.max_len = num_slots, max_len
+        super().__init__(num_slots, max_len)
         self._ids: list[str] = []  # slot -> request id, slots 0..n-1
-        self._slot: dict[str, int] = {}  # request id -> slot
-        self.lengths = np.zeros(num_slots, np.int64)  # cached tokens per slot; 0 beyond n
         self._positions = np.arange(max_len + 1, dtype=np.int64)  # chunk_inputs' positions
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._slot
 
     @property
     def live_ids(self) -> list[str]:
         """Request ids in slot order (slot i holds live_ids[i])."""
         return list(self._ids)
 
-    def slot(self, request_id: str) -> int:
-        return self._slot[request_id]
-
-    @property
-    def cached_tokens(self) -> int:
-        return int(self.lengths[: len(self._ids)].sum())
-
     # ---- membership ----------------------------------------------------------------------
     def join(self, request_ids: list[str], lengths: list[int] | np.ndarray) -> int:
         """Give the newcomers slots n, n+1, ...; return n. ``lengths``: tokens each will hold."""
+        self._check_join(request_ids, lengths)
         n, k = len(self._ids), len(request_ids)
-        if n + k > self.num_slots:
-            raise ValueError(f"{n} live + {k} joining exceeds the {self.num_slots} slots")
-        if len(lengths) != k:
-            raise ValueError(f"{k} request ids but {len(lengths)} lengths")
-        for rid, length in zip(request_ids, lengths, strict=True):
-            if rid in self._slot:
-                raise ValueError(f"request {rid!r} already holds slot {self._slot[rid]}")
-            if not 1 <= length <= self.max_len:
-                raise ValueError(f"request {rid!r}: length {length} is outside [1, {self.max_len}]")
         for j, rid in enumerate(request_ids):
             self._slot[rid] = n + j
             self._ids.append(rid)

@@ -2,7 +2,7 @@
 
 A CUDA graph replays the kernels it captured with the shapes and addresses it captured, so the
 static path decodes at a few fixed batch sizes (buckets) over slots 0..b-1 of the cache
-buffers, whatever lives there. Unlike service.engine.kv.inplace_cache.SlotCache, a sequence keeps its slot
+buffers, whatever lives there. Unlike service.engine.kv.inplace_cache.InplaceCache, a sequence keeps its slot
 until it leaves (nothing is ever moved: ONNX Runtime's Python API has no device-to-device copy);
 a newcomer takes the lowest free slot. A step runs the smallest bucket covering the highest
 occupied slot; free slots below it are padding rows that nobody reads.
@@ -18,6 +18,8 @@ before anything reads it.
 from __future__ import annotations
 
 import numpy as np
+
+from service.engine.kv.slot_map import SlotMap
 
 
 def decode_buckets(max_running: int) -> tuple[int, ...]:
@@ -59,8 +61,8 @@ def contiguous_runs(slots: list[int]) -> list[tuple[int, int, list[int]]]:
     return runs
 
 
-class StaticSlots:
-    """Which request holds which slot, and how many tokens it has cached.
+class StaticSlots(SlotMap):
+    """Which request holds which slot (a SlotMap whose sequences never move), and the buckets.
 
     Args:
         num_slots: rows of the cache buffers (the engine's max_running, the largest bucket).
@@ -68,20 +70,10 @@ class StaticSlots:
     """
 
     def __init__(self, num_slots: int, max_len: int):
-        if num_slots < 1 or max_len < 1:
-            raise ValueError(f"num_slots and max_len must be >= 1, got {num_slots} and {max_len}")
-        self.num_slots, self.max_len = num_slots, max_len
+        super().__init__(num_slots, max_len)
         self.buckets = decode_buckets(num_slots)
-        self._slot: dict[str, int] = {}  # request id -> slot
         self._owner: list[str | None] = [None] * num_slots  # slot -> request id
-        self.lengths = np.zeros(num_slots, np.int64)  # cached tokens per slot; 0 when free
         self._positions = np.arange(max_len, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self._slot)
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self._slot
 
     @property
     def live_slots(self) -> list[int]:
@@ -97,23 +89,10 @@ class StaticSlots:
         """One past the highest occupied slot (0 when empty): a decode step covers slots 0..top-1."""
         return max(self._slot.values(), default=-1) + 1
 
-    @property
-    def cached_tokens(self) -> int:
-        return int(self.lengths.sum())
-
     def join(self, request_ids: list[str], lengths: list[int] | np.ndarray) -> list[int]:
         """Give each newcomer the lowest free slot, in order; return their slots (ascending)."""
-        free = [s for s, r in enumerate(self._owner) if r is None]
-        if len(request_ids) > len(free):
-            raise ValueError(f"{len(self)} live + {len(request_ids)} joining exceeds the {self.num_slots} slots")
-        if len(lengths) != len(request_ids):
-            raise ValueError(f"{len(request_ids)} request ids but {len(lengths)} lengths")
-        for rid, length in zip(request_ids, lengths, strict=True):
-            if rid in self._slot:
-                raise ValueError(f"request {rid!r} already holds slot {self._slot[rid]}")
-            if not 1 <= length <= self.max_len:
-                raise ValueError(f"request {rid!r}: length {length} is outside [1, {self.max_len}]")
-        slots = free[: len(request_ids)]
+        self._check_join(request_ids, lengths)
+        slots = [s for s, r in enumerate(self._owner) if r is None][: len(request_ids)]
         for rid, s, length in zip(request_ids, slots, lengths, strict=True):
             self._slot[rid], self._owner[s], self.lengths[s] = s, rid, length
         return slots
