@@ -138,7 +138,7 @@ def check_graph(bundle_dir: Path, kind: str, device: str, decode_steps: int = 4,
             for _ in range(decode_steps):
                 logits = b.decode(tokens)
         placement = node_placement(Path(runner.session.end_profiling()))
-    kv = b.cache.past if kind == "concat" else runner.buffers
+    kv = b.slots.past if kind == "concat" else runner.buffers
     kv_devices = sorted({v.device_name().lower() if isinstance(v, ort.OrtValue) else "cpu (numpy)" for v in kv})
     logits_bytes = batch * bundle.vocab_size * (logits.dtype.itemsize if device == "cuda" else 0)
     per_step = copied["bytes"] / decode_steps

@@ -56,6 +56,18 @@ class BundleError(ValueError):
     """A bundle that cannot be served: missing, malformed or corrupted files."""
 
 
+def _section(name: str, what: str) -> property:
+    """A Bundle property: config.json's optional section ``name`` (a dict), None when absent."""
+    return property(lambda self: self.config.get(name),
+                    doc=f"The ``{name}`` section, or None for a bundle without {what}.")
+
+
+def _section_file(name: str) -> property:
+    """A Bundle property: the path of the file the optional section ``name`` names, None when absent."""
+    return property(lambda self: self._file_of(self.config.get(name)),
+                    doc=f"The file of the ``{name}`` section, or None.")
+
+
 @dataclass(frozen=True)
 class Bundle:
     path: Path
@@ -121,27 +133,15 @@ class Bundle:
     def onnx_path(self) -> Path:
         return self.path / self.config.get("onnx", {}).get("file", "model.onnx")
 
-    @property
-    def kv_inplace(self) -> dict[str, Any] | None:
-        """The ``onnx_kv_inplace`` section, or None for a bundle without the in-place decoder."""
-        return self.config.get(KV_INPLACE_SECTION)
-
-    @property
-    def kv_inplace_path(self) -> Path | None:
-        return self._file_of(self.kv_inplace)
+    kv_inplace = _section(KV_INPLACE_SECTION, "the in-place decoder")
+    kv_inplace_path = _section_file(KV_INPLACE_SECTION)
 
     @property
     def kv_inplace_io_names(self) -> dict[str, str]:
         return {**DEFAULT_IO_NAMES, **(self.kv_inplace or {}).get("io_names", {})}
 
-    @property
-    def attention(self) -> dict[str, Any] | None:
-        """The ``onnx_attention`` section, or None for a bundle without the inspection graph."""
-        return self.config.get(ATTENTION_SECTION)
-
-    @property
-    def attention_path(self) -> Path | None:
-        return self._file_of(self.attention)
+    attention = _section(ATTENTION_SECTION, "the inspection graph")
+    attention_path = _section_file(ATTENTION_SECTION)
 
     def _file_of(self, section: dict[str, Any] | None) -> Path | None:
         """The file an optional graph section names, or None without the section."""

@@ -56,6 +56,7 @@ from service.engine.sampler import argmax_only, prompt_logprobs, sample
 from service.engine.scheduler import Scheduler, size_kv_budget
 from service.engine.structured import GrammarError, GrammarMatchers
 from service.engine.types import (
+    EngineLoad,
     FinishReason,
     InvalidRequestError,
     RequestOutput,
@@ -211,17 +212,11 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._seqs) or bool(self._finished_early)
 
-    @property
-    def num_running(self) -> int:
-        return self.scheduler.num_running
-
-    @property
-    def num_waiting(self) -> int:
-        return self.scheduler.num_waiting
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.scheduler.kv_usage
+    def load(self) -> EngineLoad:
+        """Sequences running (aborted ones not yet reported included) and waiting, and the reserved
+        share of the KV cache budget: what the worker publishes as gauges."""
+        s = self.scheduler
+        return EngineLoad(s.num_running, s.num_waiting, s.kv_usage)
 
     # ---- one iteration -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -8,7 +8,7 @@ prompt text (tokenization, chat templates) and response formatting.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -128,6 +128,12 @@ class RequestOutput:
     prompt_top_logprobs: list[list[TopLogprob]] | None = None
     timings: RequestTimings | None = None  # set on the final output
     error: str | None = None  # set when finish_reason == "error"
+
+
+class EngineLoad(NamedTuple):
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1 of the cached-token budget, reserved
 
 
 @dataclass(frozen=True, slots=True)

@@ -197,7 +197,7 @@ class EngineWorker:
                 if (
                     isinstance(e, QueueFullError)
                     and not retried
-                    and self.engine.num_running < self.max_running
+                    and self.engine.load().num_running < self.max_running
                 ):
                     return False
                 self.outbox[msg.rqid].append(Refusal(uid, *_classify(e)))
@@ -276,7 +276,7 @@ class EngineWorker:
 
     def _beat(self, stepped: bool) -> None:
         e = self.engine
-        gauges = (e.num_running, e.num_waiting, e.kv_cache_usage)
+        gauges = tuple(e.load())
         self.state.beat(os.getpid(), *gauges)
         if not stepped and gauges != self._published:  # e.g. aborts emptied the batch
             self.metrics.observe_step(StepStats(0, 0, gauges[0], gauges[1], gauges[2], 0.0))

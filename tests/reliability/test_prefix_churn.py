@@ -37,7 +37,7 @@ def test_a_thousand_requests_with_shared_prefixes_aborts_and_eviction(random_bun
     last_blocks = 0
     submitted = 0
     while submitted < N or engine.has_unfinished():
-        while submitted < N and engine.num_waiting < 24 and rng.random() < 0.8:
+        while submitted < N and engine.load().num_waiting < 24 and rng.random() < 0.8:
             rid = f"p{submitted:04d}"
             prompt = rng.choice(systems) + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 40))]
             params = SamplingParams(
@@ -65,7 +65,7 @@ def test_a_thousand_requests_with_shared_prefixes_aborts_and_eviction(random_bun
         last_blocks = st.prefix_cache_blocks
         engine.scheduler.check_invariants()  # reserved + cached <= budget; the index is consistent
         assert engine.prefix_cache.num_pinned == 0  # pins last one step
-        assert engine._batch.num_live == engine.num_running
+        assert engine._batch.num_live == engine.load().num_running
         if layout == "inplace":
             engine._batch.slots.check_invariants()
 

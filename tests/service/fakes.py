@@ -27,6 +27,7 @@ from service.engine import finishing, rules
 from service.engine.config import EngineConfig
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.types import (
+    EngineLoad,
     InvalidRequestError,
     QueueFullError,
     RequestOutput,
@@ -148,17 +149,8 @@ class FakeEngine:
     def has_unfinished(self) -> bool:
         return bool(self.running or self.waiting)
 
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return len(self.running) / self.max_running
+    def load(self) -> EngineLoad:
+        return EngineLoad(len(self.running), len(self.waiting), len(self.running) / self.max_running)
 
     def step(self) -> list[RequestOutput]:
         t0 = time.monotonic()
@@ -180,7 +172,7 @@ class FakeEngine:
             outputs.extend(round_)
         batch = len({o.request_id for o in outputs})
         self.last_step_stats = StepStats(batch, prefill, len(self.running), len(self.waiting),
-                                         self.kv_cache_usage, now - t0)  # fmt: skip
+                                         self.load().kv_cache_usage, now - t0)  # fmt: skip
         return outputs
 
     # -- internals ----------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def test_queue_full_refuses_and_undoes_earlier_choices(worker):
     worker._flush()
     errors = [e for e in worker.channel.events() if isinstance(e, Refusal)]
     assert errors == [Refusal("b", "queue_full", errors[0].message, None)]
-    assert "b" not in worker.active and worker.engine.num_waiting == 0 and worker.engine.num_running == 1
+    assert "b" not in worker.active and worker.engine.load().num_waiting == 0 and worker.engine.load().num_running == 1
 
 
 def test_abort_stops_the_outputs(worker):
@@ -102,7 +102,7 @@ def test_abort_stops_the_outputs(worker):
     worker._handle(Abort(0, "a"))
     run(worker)
     outs = [e for e in worker.channel.events() if isinstance(e, Output)]
-    assert len(outs) == 1 and worker.active == {} and worker.engine.num_running == 0
+    assert len(outs) == 1 and worker.active == {} and worker.engine.load().num_running == 0
 
 
 def test_a_request_stuck_waiting_past_its_deadline_finishes_with_length(worker):
@@ -110,13 +110,13 @@ def test_a_request_stuck_waiting_past_its_deadline_finishes_with_length(worker):
     worker._step()  # "a" takes the only running slot
     submit(worker, "b", deadline=time.monotonic() - 5)  # waits behind "a"
     worker._step()
-    assert worker.engine.num_waiting == 1
+    assert worker.engine.load().num_waiting == 1
     worker._expire(time.monotonic())
     worker._flush()
     final = [e.output for e in worker.channel.events() if isinstance(e, Output) and e.uid == "b"]
     assert len(final) == 1 and final[0].finished and final[0].finish_reason == "length"
     assert final[0].num_output_tokens == 0 and "b" not in worker.active
-    assert worker.engine.num_waiting == 0
+    assert worker.engine.load().num_waiting == 0
 
 
 def _msg(uid: str, max_tokens: int = 3) -> Submit:

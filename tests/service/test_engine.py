@@ -62,8 +62,8 @@ def run_to_completion(engine: Engine, schedule: dict[int, list] | None = None) -
 
 def check_idle(engine: Engine) -> None:
     engine.scheduler.check_invariants()
-    assert engine.num_running == engine.num_waiting == 0
-    assert engine.kv_cache_usage == 0
+    assert engine.load().num_running == engine.load().num_waiting == 0
+    assert engine.load().kv_cache_usage == 0
     assert engine._batch.num_live == 0 and not engine._seqs
 
 
@@ -114,7 +114,7 @@ def test_no_leaks_after_thousands_of_requests_with_random_aborts(random_bundle, 
     rng = random.Random(7)
     submitted, finished, live = 0, {}, set()
     while submitted < 2000 or engine.has_unfinished():
-        while submitted < 2000 and engine.num_waiting < 32:
+        while submitted < 2000 and engine.load().num_waiting < 32:
             rid = f"q{submitted}"
             engine.add_request(rid, [1] + [rng.randrange(4, 500) for _ in range(rng.randrange(1, 30))],
                                SamplingParams(max_tokens=rng.randrange(1, 8), temperature=rng.choice([0.0, 1.0])))
@@ -128,7 +128,7 @@ def test_no_leaks_after_thousands_of_requests_with_random_aborts(random_bundle, 
                 finished[out.request_id] = out.finish_reason
                 live.discard(out.request_id)
         engine.scheduler.check_invariants()
-        assert engine._batch.num_live == engine.num_running  # every running sequence has exactly one cache row
+        assert engine._batch.num_live == engine.load().num_running  # every running sequence has exactly one cache row
         assert engine._batch.cached_tokens <= engine.kv_budget_tokens
         if layout == "inplace":
             engine._batch.slots.check_invariants()  # live rows hold slots 0..n-1
@@ -211,7 +211,7 @@ def test_batch_padding_is_trimmed_when_long_rows_leave(engine_and_model) -> None
     widths = []
     while engine.has_unfinished():
         engine.step()
-        widths.append(engine._batch.cache.width)
+        widths.append(engine._batch.slots.width)
     assert max(widths) >= 101
     assert min(w for w in widths if w) < 30  # after "long" left, its padding went with it
     check_idle(engine)
@@ -331,7 +331,7 @@ def test_no_speculation_on_the_concat_layout_or_with_company(random_bundle) -> N
     rng = random.Random(3)
     engine.add_request("a", repetitive_prompt(rng), SamplingParams(max_tokens=20, **GREEDY))
     engine.add_request("b", repetitive_prompt(rng), SamplingParams(max_tokens=20, temperature=0.8, seed=1))
-    while engine.num_running + engine.num_waiting == 2:  # two rows share each step: never speculative
+    while engine.load().num_running + engine.load().num_waiting == 2:  # two rows share each step: never speculative
         engine.step()
         assert engine.last_step_stats.num_draft_tokens == 0
     run_to_completion(engine)

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from bundle.format import Bundle
 from service.engine.config import Provider
+from service.engine.kv.batch import SlotRows
 from service.engine.kv.concat_cache import BatchCache, left_pad_prompts, pad_rows
 from service.engine.kv.prefix_pool import as_tokens
 
@@ -159,7 +160,7 @@ class Runner:
         return RunnerOutput(logits, list(outs[1:]))
 
 
-class ConcatBatch:
+class ConcatBatch(SlotRows):
     """The running batch on the generic decoder (model.onnx): the model concatenates past and new keys.
 
     A ``KVBatch`` (service/engine/kv/batch.py). Rows are left padded to a common width
@@ -174,32 +175,17 @@ class ConcatBatch:
 
     def __init__(self, runner: Runner, pad_id: int):
         self.runner, self.pad_id = runner, pad_id
-        self.cache = BatchCache()
-
-    @property
-    def live_ids(self) -> list[str]:
-        return self.cache.live_ids
-
-    @property
-    def num_live(self) -> int:
-        return self.cache.num_live
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.cache.cached_tokens
-
-    def __contains__(self, request_id: object) -> bool:
-        return request_id in self.cache.row_ids
+        self.slots = BatchCache()
 
     def decode(self, last_tokens: np.ndarray) -> np.ndarray:
         """One decode step of every live row; last_tokens (n,) in live_ids order. Returns logits (n, V)."""
-        live = self.cache.live_indices
-        tokens = np.full(len(self.cache), self.pad_id, np.int64)  # free slots decode padding
+        live = self.slots.live_indices
+        tokens = np.full(len(self.slots), self.pad_id, np.int64)  # free slots decode padding
         tokens[live] = last_tokens
-        ids, mask, pos = self.cache.decode_inputs(tokens)
-        out = self.runner.run(ids, mask, pos, self.cache.past)
-        self.cache.advance(out.presents, mask)
-        return out.logits if len(live) == len(self.cache) else out.logits[live]
+        ids, mask, pos = self.slots.decode_inputs(tokens)
+        out = self.runner.run(ids, mask, pos, self.slots.past)
+        self.slots.advance(out.presents, mask)
+        return out.logits if len(live) == len(self.slots) else out.logits[live]
 
     def prefill(self, request_ids: list[str], prompts: list[list[int]]) -> np.ndarray:
         """Prefill the newcomers (one left-padded run) and add them to the batch. Returns logits (k, V)."""
@@ -246,13 +232,13 @@ class ConcatBatch:
               prompts: list[list[int]]) -> None:
         """Merge prefilled rows (left padded, host arrays) into the batch; joins happen on the host."""
         next_pos = np.array([len(p) for p in prompts], np.int64)
-        self.cache.past = self.runner.to_host(self.cache.past)  # CUDA: a copy
-        self.cache.merge(request_ids, presents, mask, next_pos)
-        self.cache.past = self.runner.to_device(self.cache.past)
+        self.slots.past = self.runner.to_host(self.slots.past)  # CUDA: a copy
+        self.slots.merge(request_ids, presents, mask, next_pos)
+        self.slots.past = self.runner.to_device(self.slots.past)
 
     def row_kv(self, request_ids: list[str]) -> dict[str, list[np.ndarray]]:
         """Each row's cached tokens, 2L x (H, tokens, D) host views (CUDA: one copy of the batch)."""
-        past, c = self.runner.to_host(self.cache.past), self.cache
+        past, c = self.runner.to_host(self.slots.past), self.slots
         out = {}
         for rid in request_ids:
             i = c.row_ids.index(rid)
@@ -262,11 +248,11 @@ class ConcatBatch:
 
     def keep(self, keep_ids: list[str]) -> None:
         """Drop rows that left the batch; on CUDA the cache visits the host only when membership changes."""
-        if keep_ids == self.cache.live_ids:
+        if keep_ids == self.slots.live_ids:
             return
-        self.cache.past = self.runner.to_host(self.cache.past)
-        self.cache.keep(keep_ids)
-        self.cache.past = self.runner.to_device(self.cache.past)
+        self.slots.past = self.runner.to_host(self.slots.past)
+        self.slots.keep(keep_ids)
+        self.slots.past = self.runner.to_device(self.slots.past)
 
     def clear(self) -> None:
-        self.cache = BatchCache()
+        self.slots = BatchCache()

@@ -27,7 +27,10 @@ class BatchCache:
     next_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (B,)
 
     def __len__(self) -> int:
-        return len(self.row_ids)
+        return len(self.row_ids)  # rows of the arrays, free ones included (num_live: the others)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id is not None and request_id in self.row_ids
 
     @property
     def width(self) -> int:

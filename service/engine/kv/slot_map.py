@@ -34,6 +34,10 @@ class SlotMap:
     def __contains__(self, request_id: object) -> bool:
         return request_id in self._slot
 
+    @property
+    def num_live(self) -> int:
+        return len(self._slot)
+
     def slot(self, request_id: str) -> int:
         return self._slot[request_id]
 
