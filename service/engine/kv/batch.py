@@ -78,8 +78,8 @@ class KVBatch(Protocol):
 
 
 class SlotRows:
-    """Membership and sizes of a batch whose rows are slots of ``self.slots`` (an InplaceCache or
-    StaticSlots): the part of KVBatch the in-place and static layouts share."""
+    """Membership and sizes of a batch whose rows are kept by ``self.slots`` (an InplaceCache,
+    StaticSlots or BatchCache): the part of KVBatch every layout shares."""
 
     slots: Any
 
@@ -89,7 +89,7 @@ class SlotRows:
 
     @property
     def num_live(self) -> int:
-        return len(self.slots)
+        return self.slots.num_live
 
     @property
     def cached_tokens(self) -> int:
