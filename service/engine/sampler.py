@@ -15,7 +15,8 @@ sorted values alone; the draw walks the kept probabilities in token-id order and
 exactly one ``rng.random()`` per sampled row (greedy rows consume none; greedy ties go to the
 lowest id). So the same seed gives the same tokens whatever else shares the batch.
 
-Cost: greedy-only batches do an argmax; penalties cost O(tokens seen); top-k and top-p find their
+Cost: greedy-only batches do an argmax (and a batch of plain greedy rows never calls ``sample``:
+``argmax_only``); temperature-only batches go straight to the draw; penalties cost O(tokens seen); top-k and top-p find their
 candidates with one comparison pass against a threshold estimated from a sample of the row, then
 sort and draw among those few (at 152k tokens a full partition per row cost more than the rest of
 the sampler); the full-vocabulary draw is a two-level inverse CDF.
@@ -226,6 +227,10 @@ def _draw(
     """
     z = logits / np.array([p.temperature for p in params], dtype=np.float32)[:, None]  # (R, V)
     u = np.array([rng.random() for rng in rngs])  # (R,) exactly one draw per row
+    if not any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params):
+        # Temperature alone (the API's default): what _draw_full does for such rows, without the
+        # per-row parameter arrays, which at batch 1 cost as much as the draw itself.
+        return _inverse_cdf(np.exp(z - z.max(axis=1, keepdims=True)), u)
     R, V = z.shape
     top_k = np.array([min(p.top_k, V) for p in params], dtype=np.int64)  # any int: no overflow
     top_p = np.array([p.top_p for p in params], dtype=np.float32)

@@ -364,3 +364,19 @@ def test_argmax_only_rows_get_exactly_the_samplers_choice() -> None:
     for change in ({"temperature": 0.5}, {"logit_bias": ((1, 2.0),)}, {"repetition_penalty": 1.1},
                    {"presence_penalty": 0.5}, {"frequency_penalty": -0.5}, {"logprobs": 0}, {"grammar": "start: \"a\""}):
         assert not argmax_only(replace(plain, **change)), change
+
+
+def test_temperature_alone_takes_the_full_draw_s_arithmetic() -> None:
+    """Rows with no top-k, top-p or min-p skip the per-row parameter arrays: same tokens as the full draw."""
+    from service.engine.sampler import _draw_full
+
+    rng = np.random.default_rng(5)
+    for V in (4096, 1000):  # a multiple of the CDF's block and not
+        logits = (rng.normal(size=(5, V)) * 3).astype(np.float32)
+        temps = np.array([0.3, 0.8, 1.0, 1.5, 2.0], np.float32)
+        params = [SamplingParams(temperature=float(t)) for t in temps]
+        got = sample(logits, params, [np.random.default_rng(i) for i in range(5)], [[1]] * 5, [[2]] * 5)
+        u = np.array([np.random.default_rng(i).random() for i in range(5)])
+        want = _draw_full(logits / temps[:, None], np.zeros(5, np.int64), np.ones(5, np.float32),
+                          np.zeros(5, np.float32), u)
+        assert got.token_ids.tolist() == want.tolist()
