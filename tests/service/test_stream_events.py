@@ -22,10 +22,12 @@ from service.process.wire import (
     Abort,
     Ack,
     EngineChannel,
+    FrameReader,
     FrontendChannel,
     Output,
     Refusal,
     Submit,
+    encode,
     new_channel_id,
 )
 
@@ -262,7 +264,7 @@ def test_chat_chunk_has_one_logprobs_entry_per_token(model_info):
     assert all(len(e["top_logprobs"]) == 1 for e in content)
 
 
-# -- the channel between the worker and the HTTP process (real ZeroMQ sockets, in one process) -------
+# -- the channel between the worker and the HTTP process (real Unix sockets, in one process) ---------
 
 
 def test_channel_carries_requests_in_order_and_each_steps_events_as_one_message():
@@ -322,3 +324,68 @@ def test_channels_of_two_services_do_not_cross():
     finally:
         a.close()
         b.close()
+
+
+def test_frames_split_anywhere_are_decoded_whole_and_in_order():
+    frames = b"".join(encode(obj) for obj in ([Ack("a")], Abort(0, "b"), "x" * 70_000))
+    for step in (1, 3, 4, 5, 4096, len(frames)):
+        reader, got = FrameReader(), []
+        for k in range(0, len(frames), step):
+            got += reader.feed(frames[k : k + step])
+        assert got == [[Ack("a")], Abort(0, "b"), "x" * 70_000], step
+
+
+def test_a_message_larger_than_the_socket_buffer_waits_in_the_senders_buffer_not_the_sender():
+    channel_id = new_channel_id()
+    engine = EngineChannel(channel_id)
+    big = [Refusal("r", "validation", "y" * 8_000_000)]  # far more than a Unix socket buffers
+
+    async def go():
+        front = FrontendChannel(channel_id, 3)
+        try:
+            async with asyncio.timeout(10):
+                while not engine.receive(0.01, 1):  # reads the hello: rqid 3 is known
+                    front.send(Abort(3, "ping"))
+                engine.send(3, big)  # returns at once; the rest goes out as the reader drains it
+                engine.send(3, [Ack("after")])
+                got = []
+                while len(got) < 2:
+                    engine.receive(0.0, 10)  # the worker's loop flushes what waits
+                    try:
+                        async with asyncio.timeout(0.01):
+                            got.append(await front.receive())
+                    except TimeoutError:
+                        pass
+            return got
+        finally:
+            front.close()
+
+    try:
+        got = asyncio.run(go())
+    finally:
+        engine.close()
+    assert got == [big, [Ack("after")]]
+
+
+def test_an_http_process_that_left_is_forgotten_and_its_events_dropped():
+    channel_id = new_channel_id()
+    engine = EngineChannel(channel_id)
+
+    async def go():
+        front = FrontendChannel(channel_id, 1)
+        front.send(Abort(1, "x"))
+        async with asyncio.timeout(10):
+            while not engine.receive(0.01, 1):
+                pass
+        front.close()
+
+    try:
+        asyncio.run(go())
+        deadline = 50
+        while 1 in engine._by_rqid and deadline:  # the worker notices the hang-up when it next reads
+            engine.receive(0.01, 1)
+            deadline -= 1
+        assert 1 not in engine._by_rqid
+        engine.send(1, [Ack("nobody")])  # no error: there is no one to tell
+    finally:
+        engine.close()
