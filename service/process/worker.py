@@ -42,6 +42,7 @@ from service.engine.types import (
     StepStats,
 )
 from service.http.errors import engine_refusal
+from service.process.heap import freeze_startup_heap
 from service.process.shared_state import SharedState, child_signal_handlers
 from service.process.wire import Abort, Ack, EngineChannel, Output, Refusal, Submit, ToFrontend, ToWorker
 from service.settings import LOG_FORMAT, Settings
@@ -85,6 +86,7 @@ class TextGenAPI(ls.LitAPI):
         )
         # Listening before LitServe reports this worker ready: HTTP processes start after that and connect at once.
         self.channel = EngineChannel(self.state.channel_id)
+        freeze_startup_heap()
         logger.info("engine ready on %s (pid %d)", self.engine.provider, os.getpid())
 
     def predict(self, x: Any) -> Any:  # LitAPI's abstract hook; EngineLoop never calls it
