@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 import pickle
 import select
 import socket
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from service.engine.types import RequestOutput, SamplingParams
@@ -83,6 +84,18 @@ class Output:
     uid: str
     index: int  # the choice
     output: RequestOutput
+
+    def __reduce__(self) -> tuple:
+        # Pickled as one flat tuple: the default for slotted dataclasses goes through __getstate__
+        # per object, 2.5x slower both ways (32 outputs a step: 500 µs → 200 µs, encode + decode).
+        return _output, (self.uid, self.index, *_OUTPUT_FIELDS(self.output))
+
+
+_OUTPUT_FIELDS = operator.attrgetter(*(f.name for f in fields(RequestOutput)))
+
+
+def _output(uid: str, index: int, *values: Any) -> Output:
+    return Output(uid, index, RequestOutput(*values))
 
 
 @dataclass(frozen=True, slots=True)

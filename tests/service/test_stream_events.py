@@ -389,3 +389,13 @@ def test_an_http_process_that_left_is_forgotten_and_its_events_dropped():
         engine.send(1, [Ack("nobody")])  # no error: there is no one to tell
     finally:
         engine.close()
+
+
+def test_an_output_with_every_field_set_survives_the_wire():
+    from service.engine.types import RequestTimings
+
+    out = RequestOutput(
+        f"{UID}#2", [1, 2], "ab", True, "stop", "x", [-0.1, -0.2], [[TopLogprob(1, -0.1)]], 3, 4,
+        [None, -1.0], [[TopLogprob(5, -2.0)]], RequestTimings(1.0, 2.0, 3.0, 4.0, [3.0]), "why",
+    )  # fmt: skip
+    assert FrameReader().feed(encode([Output(UID, 2, out), Ack(UID)])) == [[Output(UID, 2, out), Ack(UID)]]
