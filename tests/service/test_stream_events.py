@@ -14,6 +14,7 @@ from fakes import make_fake_bundle
 from bundle.tokenizer import Tokenizer
 from service.engine.types import RequestOutput, RequestTimings, SamplingParams, TopLogprob
 from service.http import formatting as fmt
+from service.http import protocol as p
 from service.http.choices import Choice, merge_outputs
 from service.http.errors import ApiError
 from service.http.jobs import Job, ModelInfo
@@ -399,3 +400,31 @@ def test_an_output_with_every_field_set_survives_the_wire():
         [None, -1.0], [[TopLogprob(5, -2.0)]], RequestTimings(1.0, 2.0, 3.0, 4.0, [3.0]), "why",
     )  # fmt: skip
     assert FrameReader().feed(encode([Output(UID, 2, out), Ack(UID)])) == [[Output(UID, 2, out), Ack(UID)]]
+
+
+# -- text-only chunks: a frame made once by pydantic, filled with each text ----------------------------
+
+TRICKY_TEXTS = ["So", ' "quoted" \\ back', "line\nbreak\ttab\r", "\x00\x01\x1f\x7f", "été 日本 🎭", "</script>", "\u2028"]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_text_only_chunks_are_byte_for_byte_what_pydantic_writes(model_info: ModelInfo, chat: bool):
+    from dataclasses import replace
+
+    job = Job(UID, ([1, 2],), (SamplingParams(max_tokens=8),) * 2, (0, 0), stream=True)
+    for name, framed in (("fake", True), ("a @@textgen-chunk-text@@ b", True), ("@@textgen-chunk-text@@", False)):
+        m = replace(model_info, name=name)
+        c = Choice(1)
+        for text in TRICKY_TEXTS:
+            out = RequestOutput(f"{UID}#1", [5], text, num_output_tokens=1)
+            got = (fmt.chat_chunk(job, m, c, out) if chat else fmt.completion_chunk(job, m, c, out, 0))
+            if chat:
+                choice = p.ChatChunkChoice(index=1, delta=p.ChatDelta(content=text))
+                want = p.ChatCompletionChunk(id=UID, created=m.created, model=name, choices=[choice])
+            else:
+                choice = p.CompletionChoice(index=1, text=text, logprobs=None, finish_reason=None)
+                want = p.CompletionResponse(id=UID, created=m.created, model=name, choices=[choice])
+            assert got == f"data: {want.model_dump_json()}\n\n", (name, text)
+        assert bool(c.text_frame) == framed  # a model named as the placeholder gets pydantic's chunks
+        empty = RequestOutput(f"{UID}#1", [5], "", num_output_tokens=2)  # text held back: nothing to send
+        assert (fmt.chat_chunk(job, m, c, empty) if chat else fmt.completion_chunk(job, m, c, empty, 0)) is None
