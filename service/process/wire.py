@@ -26,8 +26,8 @@ however many requests the step served.
 
 Why not LitServe's queues: they are multiprocessing-Manager proxies, so every put and every get is
 a synchronous round trip through a third process (docs/BENCHMARKS.md, "Serving overhead"). Why not
-ZeroMQ: its I/O threads add two thread wake-ups on each side of every message; on 2 busy cores a
-round trip took ~170 µs against ~20 µs for the same bytes on a plain socket read by the event loop.
+ZeroMQ: its I/O threads add a thread wake-up on each side of every message; on 2 busy cores a
+round trip of the same pickled messages took 1.8x as long, p99 included (bench/wire_latency.py).
 
 Sockets are non-blocking and never drop a message: what the kernel does not take at once waits in
 the sender's own buffer (a slow HTTP process queues its events; the worker never blocks on it).
