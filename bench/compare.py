@@ -76,6 +76,7 @@ TARGETS = (
 CLIENT_TARGETS = (  # (clients, served ÷ offline output tok/s at least)
     (1, 0.80),
     (4, 0.80),
+    (32, 0.85),
 )
 CLIENT_TEMPERATURES = (0.0, 0.8)
 # The "structured" check: the same streams with and without a JSON schema (service/engine/structured.py).
@@ -121,8 +122,8 @@ class CompareConfig:
     service_module: str = "service"  # python -m MODULE for the service
     env: dict[str, str] = field(default_factory=dict)  # for every server and the offline engine
     rounds: int = 1  # main runs repeated, alternating the order; ratios use medians
-    client_counts: tuple[int, ...] = (1, 4)  # the "clients" check
-    client_requests: int = 12  # per client count and temperature
+    client_counts: tuple[int, ...] = (1, 4, 32)  # the "clients" check
+    client_requests: int = 12  # per client count and temperature; at least two per client
     client_prompt_len: tuple[int, int] = (32, 32)
     client_output_len: tuple[int, int] = (128, 128)
 
@@ -400,7 +401,7 @@ def run_http(
                         cfg,
                         server.base_url,
                         concurrency=clients,
-                        num_requests=cfg.client_requests,
+                        num_requests=client_requests(cfg, clients),
                         prompt_len=cfg.client_prompt_len,
                         output_len=cfg.client_output_len,
                         temperature=temp,
@@ -458,6 +459,12 @@ def client_runs(cfg: CompareConfig) -> list[tuple[int, float]]:
     return [(c, t) for c in cfg.client_counts for t in CLIENT_TEMPERATURES]
 
 
+def client_requests(cfg: CompareConfig, clients: int) -> int:
+    """Requests of a "clients" row: ``cfg.client_requests``, and at least two per client (every
+    client is busy for the whole run but its last request)."""
+    return max(cfg.client_requests, 2 * clients)
+
+
 def client_key(kind: str, clients: int, temperature: float) -> str:
     return f"{kind}-n{clients}-t{temperature:g}"
 
@@ -480,7 +487,7 @@ def run_offline(cfg: CompareConfig, results: dict[str, BenchmarkResult], rnd: in
                 results[client_key("offline", clients, temp)] = benchmark_offline(
                     cfg.bundle,
                     clients,
-                    cfg.client_requests,
+                    client_requests(cfg, clients),
                     cfg.client_prompt_len,
                     cfg.client_output_len,
                     cfg.seed,
@@ -758,9 +765,10 @@ def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) ->
         bound = dict(CLIENT_TARGETS)
         lines += [
             "",
-            f"Few clients (the per-token cost of serving): {cfg.get('client_requests', '?')} requests per row, "
-            "prompts of 32 tokens, 128 output tokens (`ignore_eos`), streaming clients against the offline "
-            "engine on the same requests at the same concurrency. TTFT and ITL in ms.",
+            f"Clients one by one and many (the per-token cost of serving): {cfg.get('client_requests', '?')} "
+            "requests per row and at least two per client, prompts of 32 tokens, 128 output tokens "
+            "(`ignore_eos`), streaming clients against the offline engine on the same requests at the same "
+            "concurrency (its TTFT: from `add_request` to the first token). TTFT and ITL in ms.",
             "",
             "| clients | temperature | served tok/s | offline tok/s | served ÷ offline | target | met "
             "| TTFT p50 served / offline | ITL p50 / p99 |",
@@ -907,7 +915,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-requests",
         type=int,
         default=12,
-        help="clients check: requests per client count and temperature (default: 12)",
+        help="clients check: requests per client count and temperature, at least two per client (default: 12)",
+    )
+    p.add_argument(
+        "--client-counts",
+        default="1,4,32",
+        help="clients check: the numbers of streaming clients, each beside the offline engine (default: 1,4,32)",
     )
     p.add_argument(
         "--env",
@@ -959,7 +972,18 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         env=dict(_parse_env(e) for e in args.env),
         rounds=args.rounds,
         client_requests=args.client_requests,
+        client_counts=_client_counts(args.client_counts),
     )
+
+
+def _client_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(c) for c in _csv(text))
+    except ValueError:
+        raise ValueError(f"--client-counts takes whole numbers separated by commas, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--client-counts must list numbers of clients >= 1, got {text!r}")
+    return counts
 
 
 def _parse_env(text: str) -> tuple[str, str]:

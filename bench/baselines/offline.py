@@ -6,8 +6,8 @@
 The same requests as ``bench.serve`` sends for the same seed and lengths (prompts are built
 by ``bench.workload`` with a local token counter that counts as the service's ``/tokenize``).
 N requests are added at the start; each time one finishes, the next is added before the next
-step. Times are taken as the harness takes them on the client: TTFT from ``add_request`` to the
-first output with text, ITL from the outputs with text (``bench.serve.spread_itl``), e2e to
+step. Times are taken as the harness takes them on the client: TTFT from before ``add_request`` to
+the first output with text (the prefill step's output), ITL from the outputs with text (``bench.serve.spread_itl``), e2e to
 the final output. The result is a ``bench.serve.BenchmarkResult`` (its summary adds
 ``cpu_s.offline``, the CPU seconds of this process during the run): the ceiling the HTTP
 servers are compared with.
@@ -76,8 +76,9 @@ def run_offline(
             params = SamplingParams(
                 max_tokens=max_tokens, temperature=temperature, seed=seed + i, ignore_eos=True
             )
+            start = time.perf_counter()  # the engine's own intake counts, as it does for a served request
             engine.add_request(rid, ids, params)
-            live[rid] = _Live(time.perf_counter(), len(ids))
+            live[rid] = _Live(start, len(ids))
 
     admit()
     while engine.has_unfinished():

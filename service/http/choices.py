@@ -37,6 +37,7 @@ class Choice:
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     echo_sent: bool = False  # streaming echo: the prompt went out with the first chunk
     tool_call_id: str | None = None  # chat tool calls: this choice's call id (the same in every chunk)
+    text_frame: tuple[str, ...] | None = None  # streaming: the JSON around a text-only chunk's text (formatting)
 
     def add(self, out: RequestOutput, now: float) -> None:
         self.prev_text_len = self.text_len

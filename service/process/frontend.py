@@ -29,6 +29,7 @@ from service.engine.types import RequestOutput
 from service.http.choices import Choice, merge_outputs
 from service.http.errors import ApiError
 from service.http.jobs import Job, ModelInfo
+from service.process.heap import freeze_startup_heap
 from service.process.shared_state import Phase, SharedState
 from service.process.wire import Abort, Ack, FrontendChannel, Output, Refusal, Submit
 from service.settings import Settings
@@ -176,6 +177,7 @@ class Frontend:
             asyncio.create_task(self._dispatch(self.channel), name="textgen-dispatch"),
             asyncio.create_task(self._watchdog(), name="textgen-watchdog"),
         ]
+        freeze_startup_heap()
 
     async def stop(self) -> None:
         for t in self._tasks:

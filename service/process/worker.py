@@ -14,7 +14,7 @@ ContinuousBatchingLoop and fixes its faults:
   finishes it with ``finish_reason="length"``; one still waiting for a slot a second later is
   aborted here and finished the same way.
 
-Messages in and out are service.process.wire's (ZeroMQ sockets, not LitServe's queues): in, one
+Messages in and out are service.process.wire's (Unix sockets, not LitServe's queues): in, one
 ``Submit`` or ``Abort`` per request or abort, FIFO; out, per engine iteration, one list of
 ``Ack`` / ``Output`` / ``Refusal`` per HTTP process. Each choice of a request is one engine
 request, named by the worker (``_Active.engine_ids``); outputs are routed back by that name.
@@ -42,6 +42,7 @@ from service.engine.types import (
     StepStats,
 )
 from service.http.errors import engine_refusal
+from service.process.heap import freeze_startup_heap
 from service.process.shared_state import SharedState, child_signal_handlers
 from service.process.wire import Abort, Ack, EngineChannel, Output, Refusal, Submit, ToFrontend, ToWorker
 from service.settings import LOG_FORMAT, Settings
@@ -83,6 +84,9 @@ class TextGenAPI(ls.LitAPI):
             provider=self.engine.provider,
             waiting_capacity=s.max_waiting,
         )
+        # Listening before LitServe reports this worker ready: HTTP processes start after that and connect at once.
+        self.channel = EngineChannel(self.state.channel_id)
+        freeze_startup_heap()
         logger.info("engine ready on %s (pid %d)", self.engine.provider, os.getpid())
 
     def predict(self, x: Any) -> Any:  # LitAPI's abstract hook; EngineLoop never calls it
@@ -97,7 +101,7 @@ class EngineLoop(LitLoop):
 
     def run(self, lit_api: TextGenAPI, device, worker_id, request_queue, transport, *args, **kwargs) -> None:
         # LitServe's request queue and transport go unused: our own channel replaces them.
-        channel = EngineChannel(lit_api.state.channel_id)
+        channel = lit_api.channel
         try:
             EngineWorker(lit_api, channel).serve()
         finally:

@@ -125,3 +125,47 @@ def test_group_profile_takes_the_innermost_matching_frame(tmp_path: Path) -> Non
     )
     groups = (("model", ("Session.run",)), ("send", ("EngineWorker._flush",)), ("engine", ("Engine.",)))
     assert group_profile(raw, groups) == [("model", 50.0), ("send", 30.0), ("other", 20.0)]
+
+
+def test_client_rows_have_two_requests_per_client_and_parse_their_counts() -> None:
+    from bench.compare import CompareConfig, _client_counts, build_parser, client_requests, config_from_args
+
+    cfg = CompareConfig(bundle=Path("b"), client_requests=12)
+    assert [client_requests(cfg, c) for c in (1, 4, 32)] == [12, 12, 64]
+    args = build_parser().parse_args(["--bundle", "b", "--checks", "clients"])
+    assert config_from_args(args).client_counts == (1, 4, 32)
+    assert _client_counts("1, 32") == (1, 32)
+    for bad in ("", "0,4", "four"):
+        with pytest.raises(ValueError, match="--client-counts"):
+            _client_counts(bad)
+
+
+def test_offline_ttft_counts_the_engines_intake() -> None:
+    """The offline twin of a served TTFT starts before ``add_request``, as a served request's
+    clock starts before the worker hands it to the engine."""
+    import time
+
+    from bench.baselines.offline import run_offline
+    from service.engine.types import RequestOutput
+
+    intake_s = 0.02
+
+    class SlowIntakeEngine:
+        def __init__(self) -> None:
+            self.live: list[str] = []
+
+        def add_request(self, rid, ids, params) -> None:
+            end = time.perf_counter() + intake_s
+            while time.perf_counter() < end:  # the engine's own work, not a wait for anything
+                pass
+            self.live.append(rid)
+
+        def has_unfinished(self) -> bool:
+            return bool(self.live)
+
+        def step(self) -> list[RequestOutput]:
+            rid = self.live.pop()
+            return [RequestOutput(rid, [7], "x", finished=True, finish_reason="length", num_output_tokens=1)]
+
+    records, _ = run_offline(SlowIntakeEngine(), [([1, 2, 3], 1)], concurrency=1)
+    assert records[0].ttft >= intake_s

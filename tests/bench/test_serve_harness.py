@@ -264,7 +264,8 @@ def test_timeouts_and_refused_connections_fail(serve_stub):
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
     result = run(url=closed, model=MODEL, num_requests=2, prompt_len=(8, 8), output_len=(3, 3))
     assert result.summary["failed_by_status"] == {"none": 2}
-    assert all(r.status is None and r.error.startswith("ConnectError") for r in result.requests)
+    refused = ("ClientConnectorError", "ConnectError")  # aiohttp's name, httpx's
+    assert all(r.status is None and r.error.startswith(refused) for r in result.requests)
 
 
 def test_poisson_schedule_is_reproducible_and_followed(serve_stub):
@@ -387,3 +388,20 @@ def test_cli_writes_json_table_and_plots(serve_stub, tmp_path, capsys):
     assert BenchmarkResult.load(out).summary == data["summary"]
     for name in ("requests", "throughput", "latency", "timeline", "goodput"):
         assert (plots / f"{name}.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+def test_both_http_clients_count_and_time_the_same_streams(serve_stub, http_client):
+    ttft, gap = 0.05, 0.02
+    _, url = serve_stub(ttft=ttft, chunk_delay=gap)
+    result = run(url=url, concurrency=2, num_requests=4, prompt_len=(16, 16), output_len=(5, 5),
+                 http_client=http_client)  # fmt: skip
+    assert result.config["http_client"] == http_client
+    assert [r.output_tokens for r in result.requests] == [5] * 4 and all(r.ok for r in result.requests)
+    assert all(ttft - 0.005 <= r.ttft <= ttft + 0.1 for r in result.requests)
+    assert all(len(r.itl) == 4 and all(gap - 0.015 <= g <= gap + 0.1 for g in r.itl) for r in result.requests)
+
+
+def test_an_unknown_http_client_is_refused_by_name():
+    with pytest.raises(ValueError, match="http_client"):
+        BenchmarkConfig(url="http://x", http_client="curl").validate()

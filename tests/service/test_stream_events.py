@@ -14,6 +14,7 @@ from fakes import make_fake_bundle
 from bundle.tokenizer import Tokenizer
 from service.engine.types import RequestOutput, RequestTimings, SamplingParams, TopLogprob
 from service.http import formatting as fmt
+from service.http import protocol as p
 from service.http.choices import Choice, merge_outputs
 from service.http.errors import ApiError
 from service.http.jobs import Job, ModelInfo
@@ -22,10 +23,12 @@ from service.process.wire import (
     Abort,
     Ack,
     EngineChannel,
+    FrameReader,
     FrontendChannel,
     Output,
     Refusal,
     Submit,
+    encode,
     new_channel_id,
 )
 
@@ -262,7 +265,7 @@ def test_chat_chunk_has_one_logprobs_entry_per_token(model_info):
     assert all(len(e["top_logprobs"]) == 1 for e in content)
 
 
-# -- the channel between the worker and the HTTP process (real ZeroMQ sockets, in one process) -------
+# -- the channel between the worker and the HTTP process (real Unix sockets, in one process) ---------
 
 
 def test_channel_carries_requests_in_order_and_each_steps_events_as_one_message():
@@ -322,3 +325,106 @@ def test_channels_of_two_services_do_not_cross():
     finally:
         a.close()
         b.close()
+
+
+def test_frames_split_anywhere_are_decoded_whole_and_in_order():
+    frames = b"".join(encode(obj) for obj in ([Ack("a")], Abort(0, "b"), "x" * 70_000))
+    for step in (1, 3, 4, 5, 4096, len(frames)):
+        reader, got = FrameReader(), []
+        for k in range(0, len(frames), step):
+            got += reader.feed(frames[k : k + step])
+        assert got == [[Ack("a")], Abort(0, "b"), "x" * 70_000], step
+
+
+def test_a_message_larger_than_the_socket_buffer_waits_in_the_senders_buffer_not_the_sender():
+    channel_id = new_channel_id()
+    engine = EngineChannel(channel_id)
+    big = [Refusal("r", "validation", "y" * 8_000_000)]  # far more than a Unix socket buffers
+
+    async def go():
+        front = FrontendChannel(channel_id, 3)
+        try:
+            async with asyncio.timeout(10):
+                while not engine.receive(0.01, 1):  # reads the hello: rqid 3 is known
+                    front.send(Abort(3, "ping"))
+                engine.send(3, big)  # returns at once; the rest goes out as the reader drains it
+                engine.send(3, [Ack("after")])
+                got = []
+                while len(got) < 2:
+                    engine.receive(0.0, 10)  # the worker's loop flushes what waits
+                    try:
+                        async with asyncio.timeout(0.01):
+                            got.append(await front.receive())
+                    except TimeoutError:
+                        pass
+            return got
+        finally:
+            front.close()
+
+    try:
+        got = asyncio.run(go())
+    finally:
+        engine.close()
+    assert got == [big, [Ack("after")]]
+
+
+def test_an_http_process_that_left_is_forgotten_and_its_events_dropped():
+    channel_id = new_channel_id()
+    engine = EngineChannel(channel_id)
+
+    async def go():
+        front = FrontendChannel(channel_id, 1)
+        front.send(Abort(1, "x"))
+        async with asyncio.timeout(10):
+            while not engine.receive(0.01, 1):
+                pass
+        front.close()
+
+    try:
+        asyncio.run(go())
+        deadline = 50
+        while 1 in engine._by_rqid and deadline:  # the worker notices the hang-up when it next reads
+            engine.receive(0.01, 1)
+            deadline -= 1
+        assert 1 not in engine._by_rqid
+        engine.send(1, [Ack("nobody")])  # no error: there is no one to tell
+    finally:
+        engine.close()
+
+
+def test_an_output_with_every_field_set_survives_the_wire():
+    from service.engine.types import RequestTimings
+
+    out = RequestOutput(
+        f"{UID}#2", [1, 2], "ab", True, "stop", "x", [-0.1, -0.2], [[TopLogprob(1, -0.1)]], 3, 4,
+        [None, -1.0], [[TopLogprob(5, -2.0)]], RequestTimings(1.0, 2.0, 3.0, 4.0, [3.0]), "why",
+    )  # fmt: skip
+    assert FrameReader().feed(encode([Output(UID, 2, out), Ack(UID)])) == [[Output(UID, 2, out), Ack(UID)]]
+
+
+# -- text-only chunks: a frame made once by pydantic, filled with each text ----------------------------
+
+TRICKY_TEXTS = ["So", ' "quoted" \\ back', "line\nbreak\ttab\r", "\x00\x01\x1f\x7f", "été 日本 🎭", "</script>", "\u2028"]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_text_only_chunks_are_byte_for_byte_what_pydantic_writes(model_info: ModelInfo, chat: bool):
+    from dataclasses import replace
+
+    job = Job(UID, ([1, 2],), (SamplingParams(max_tokens=8),) * 2, (0, 0), stream=True)
+    for name, framed in (("fake", True), ("a @@textgen-chunk-text@@ b", True), ("@@textgen-chunk-text@@", False)):
+        m = replace(model_info, name=name)
+        c = Choice(1)
+        for text in TRICKY_TEXTS:
+            out = RequestOutput(f"{UID}#1", [5], text, num_output_tokens=1)
+            got = (fmt.chat_chunk(job, m, c, out) if chat else fmt.completion_chunk(job, m, c, out, 0))
+            if chat:
+                choice = p.ChatChunkChoice(index=1, delta=p.ChatDelta(content=text))
+                want = p.ChatCompletionChunk(id=UID, created=m.created, model=name, choices=[choice])
+            else:
+                choice = p.CompletionChoice(index=1, text=text, logprobs=None, finish_reason=None)
+                want = p.CompletionResponse(id=UID, created=m.created, model=name, choices=[choice])
+            assert got == f"data: {want.model_dump_json()}\n\n", (name, text)
+        assert bool(c.text_frame) == framed  # a model named as the placeholder gets pydantic's chunks
+        empty = RequestOutput(f"{UID}#1", [5], "", num_output_tokens=2)  # text held back: nothing to send
+        assert (fmt.chat_chunk(job, m, c, empty) if chat else fmt.completion_chunk(job, m, c, empty, 0)) is None
