@@ -35,14 +35,19 @@ def sse(model) -> str:
     return f"data: {model.model_dump_json()}\n\n"
 
 
-def _text_chunk(c: Choice, build: Callable[[str], BaseModel], text: str) -> str:
-    """The SSE event of ``build(text)``, a chunk whose only variable part is its text.
+def _text_chunk(job: Job, m: ModelInfo, c: Choice, chunk: type[BaseModel], choice: Callable[[str], BaseModel],
+                text: str) -> str:
+    """The SSE event of a ``chunk`` model holding the one choice ``choice(text)``, a chunk whose
+    only variable part is its text.
 
     Most chunks of a stream are such a chunk (no logprobs, not the last). Pydantic builds and
     dumps the first of a choice with a placeholder text; the JSON around the placeholder is kept
     (``Choice.text_frame``) and every later chunk is that frame around the text's JSON string,
     byte for byte what pydantic would write, for a fraction of the cost.
     """
+    def build(text: str) -> BaseModel:
+        return chunk(id=job.id, created=m.created, model=m.name, choices=[choice(text)])
+
     frame = c.text_frame
     if frame is None:
         dump, quoted = build(_SENTINEL).model_dump_json(), f'"{_SENTINEL}"'
@@ -176,16 +181,9 @@ def completion_chunk(job: Job, m: ModelInfo, c: Choice, out: RequestOutput, offs
     if not first and not out.finished and job.logprobs != "completion":  # text only
         if not out.text_delta:
             return None
-        return _text_chunk(
-            c,
-            lambda text: p.CompletionResponse(
-                id=job.id,
-                created=m.created,
-                model=m.name,
-                choices=[p.CompletionChoice(index=c.index, text=text, logprobs=None, finish_reason=None)],
-            ),
-            out.text_delta,
-        )
+        return _text_chunk(job, m, c, p.CompletionResponse,
+                           lambda text: p.CompletionChoice(index=c.index, text=text, logprobs=None, finish_reason=None),
+                           out.text_delta)
     if first:
         c.echo_sent = True
         lp = _completion_lp_echoed(job, m, c, out.new_token_ids, out.new_logprobs, _tops(out), offset)
@@ -213,16 +211,9 @@ def chat_chunk(job: Job, m: ModelInfo, c: Choice, out: RequestOutput) -> str | N
     if job.tool is None and not out.finished and job.logprobs != "chat":  # text only
         if not out.text_delta:
             return None
-        return _text_chunk(
-            c,
-            lambda text: p.ChatCompletionChunk(
-                id=job.id,
-                created=m.created,
-                model=m.name,
-                choices=[p.ChatChunkChoice(index=c.index, delta=p.ChatDelta(content=text))],
-            ),
-            out.text_delta,
-        )
+        return _text_chunk(job, m, c, p.ChatCompletionChunk,
+                           lambda text: p.ChatChunkChoice(index=c.index, delta=p.ChatDelta(content=text)),
+                           out.text_delta)
     lp = _chat_lp(job, m, out.new_token_ids, out.new_logprobs, _tops(out))
     if job.tool is not None:
         return _tool_chunk(job, m, c, out, lp)
