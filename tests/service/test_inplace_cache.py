@@ -7,7 +7,20 @@ import random
 import numpy as np
 import pytest
 
-from service.engine.kv.inplace_cache import MASK_WIDTH_STEP, InplaceCache, Move, right_pad_prompts
+from service.engine.kv.inplace_cache import (
+    MASK_WIDTH_STEP,
+    DecodeBuffers,
+    InplaceCache,
+    Move,
+    decode_inputs,
+    right_pad_prompts,
+)
+
+
+def step_inputs(c: InplaceCache, last_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The inputs of a decode step of the cache's live slots, as the runner builds them."""
+    n = len(c)
+    return decode_inputs(DecodeBuffers(n, c.max_len), last_tokens, c.lengths[:n], c.max_len)
 
 
 def test_newcomers_take_the_next_slots_and_a_leaver_is_replaced_by_the_last_slot() -> None:
@@ -35,7 +48,7 @@ def test_keep_fills_holes_from_the_top_so_each_survivor_moves_at_most_once() -> 
 def test_decode_inputs_are_right_padded_from_the_lengths() -> None:
     c = InplaceCache(num_slots=4, max_len=10)
     c.join(["a", "b", "c"], [3, 1, 5])
-    ids, mask, pos = c.decode_inputs(np.array([7, 8, 9]))
+    ids, mask, pos = step_inputs(c, np.array([7, 8, 9]))
     assert ids.tolist() == [[7], [8], [9]] and ids.dtype == np.int64
     assert pos.tolist() == [[3], [1], [5]]  # each new token goes to position = its row's length
     # The width is the longest row after the step (6) rounded up to MASK_WIDTH_STEP, at most max_len.
@@ -51,7 +64,7 @@ def test_decode_mask_width_changes_only_every_mask_width_step_positions() -> Non
     c.join(["a", "b"], [1, MASK_WIDTH_STEP - 2])
     widths = []
     for _ in range(2 * MASK_WIDTH_STEP + 1):
-        _, mask, _ = c.decode_inputs(np.zeros(2, np.int64))
+        _, mask, _ = step_inputs(c, np.zeros(2, np.int64))
         assert (mask.sum(axis=1) == c.lengths[:2] + 1).all()
         widths.append(mask.shape[1])
         c.advance()
@@ -69,7 +82,7 @@ def test_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="exceeds the 2 slots"):
         c.join(["b", "c"], [1, 1])
     with pytest.raises(ValueError, match="exceed the cache's 4 positions"):
-        c.decode_inputs(np.array([1]))
+        step_inputs(c, np.array([1]))
     with pytest.raises(ValueError, match="num_slots"):
         InplaceCache(0, 4)
 
@@ -99,7 +112,7 @@ def test_thousands_of_random_joins_finishes_and_aborts_keep_every_row_with_its_d
             del tokens[r]
         # decode: every live row writes its next token at position = its length
         if len(c):
-            _, mask, pos = c.decode_inputs(np.zeros(len(c), np.int64))
+            _, mask, pos = step_inputs(c, np.zeros(len(c), np.int64))
             assert int(c.lengths[: len(c)].max()) + 1 <= mask.shape[1] <= max_len
             assert (mask.sum(axis=1) == c.lengths[: len(c)] + 1).all()
             for i, r in enumerate(c.live_ids):

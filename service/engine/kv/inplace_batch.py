@@ -82,8 +82,7 @@ class InplaceRunner:
         self._decode_inputs = DecodeBuffers(num_slots, self.max_len)
         self._decode_logits = np.zeros((num_slots, 1, self.vocab_size), np.float32)
         self._decode_binding = self.session.io_binding()
-        self._decode_shape: tuple[int, int] | None = None  # (rows, mask width) bound
-        self._decode_rows = 0
+        self._decode_shape = (0, 0)  # (rows, mask width) the decode binding has
 
     @property
     def cache_bytes(self) -> int:
@@ -126,7 +125,7 @@ class InplaceRunner:
         overwrites."""
         input_ids, attention_mask, position_ids = decode_inputs(self._decode_inputs, last_tokens, lengths, self.max_len)
         b, (n, width) = self._decode_binding, attention_mask.shape
-        if n != self._decode_rows:
+        if n != self._decode_shape[0]:
             for name, a in ((self.in_ids, input_ids), (self.in_pos, position_ids)):
                 b.bind_input(name, "cpu", 0, np.int64, [n, 1], a.ctypes.data)
             for past, present, buf in zip(self.past_names, self.present_names, self.buffers, strict=True):
@@ -135,7 +134,6 @@ class InplaceRunner:
                 b.bind_output(present, "cpu", 0, self.kv_dtype, list(view.shape), view.ctypes.data)
             logits = self._decode_logits[:n]
             b.bind_output(self.logits_name, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-            self._decode_rows, self._decode_shape = n, None
         if (n, width) != self._decode_shape:
             b.bind_input(self.in_mask, "cpu", 0, np.int64, [n, width], attention_mask.ctypes.data)
             self._decode_shape = (n, width)

@@ -36,6 +36,7 @@ class DecodeBuffers:
         self.ids = np.zeros(rows, np.int64)
         self.positions = np.zeros(rows, np.int64)
         self.mask = np.zeros(rows * width, np.int64)
+        self.columns = np.arange(width, dtype=np.int64)  # a mask row's positions
 
 
 class InplaceCache(SlotMap):
@@ -115,12 +116,6 @@ class InplaceCache(SlotMap):
         self.lengths[:] = 0
 
     # ---- one decode step -----------------------------------------------------------------
-    def decode_inputs(self, last_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """input_ids (n, 1), attention_mask (n, W), position_ids (n, 1) for one decode step
-        (``decode_inputs``, into new arrays)."""
-        n = len(self._ids)
-        return decode_inputs(DecodeBuffers(n, self.max_len), last_tokens, self.lengths[:n], self.max_len)
-
     def advance(self, by: int = 1) -> None:
         """After a decode step: every live slot holds ``by`` more tokens."""
         self.lengths[: len(self._ids)] += by
@@ -176,7 +171,7 @@ def decode_inputs(
     mask = out.mask[: n * width].reshape(n, width)
     ids[:, 0] = last_tokens
     pos[:, 0] = lengths
-    np.less_equal(np.arange(width), pos, out=mask)  # ones up to and including the new position
+    np.less_equal(out.columns[:width], pos, out=mask)  # ones up to and including the new position
     return ids, mask, pos
 
 
