@@ -92,13 +92,15 @@ INT8_BUNDLE ?= $(BUNDLE)-int8
 .PHONY: bench-engine bench-env
 
 # onnxruntime-genai needs the CPU onnxruntime package, which clashes with onnxruntime-gpu: its own
-# environment, with the ONNX Runtime version the engine runs.
-bench-env: $(GENAI_VENV)/.installed
+# environment, with the ONNX Runtime version the engine runs, and the engine's own imports
+# (tokenizer, grammar matcher) so that bench.engine_genai runs both in one process.
+bench-env: $(GENAI_VENV)/.installed-engine
 
-$(GENAI_VENV)/.installed:
+$(GENAI_VENV)/.installed-engine:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	$(PYTHON) -m venv $(GENAI_VENV)
-	$(GENAI_VENV)/bin/pip install -q onnxruntime-genai==0.18.0 onnxruntime==1.31.1 numpy
+	$(GENAI_VENV)/bin/pip install -q onnxruntime-genai==0.18.0 onnxruntime==1.31.1 numpy \
+		$$(grep -oE '"(sentencepiece|llguidance)==[^"]+"' pyproject.toml | tr -d '"')
 	@touch $@
 
 $(INT8_BUNDLE)/config.json: $(BUNDLE)/config.json

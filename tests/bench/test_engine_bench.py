@@ -230,3 +230,29 @@ def test_profile_buckets_add_up(random_bundle: Path) -> None:
     assert res["decode_steps"] == 3 and res["prefill_steps"] == 1
     assert d["model"] > 0 and d["tokens"] == 2  # two rows share each step: one token each
     assert sum(d[k] for k in PHASES) == pytest.approx(d["step"], rel=1e-6)
+
+
+@pytest.mark.skipif(not GENAI_PYTHON.is_file(), reason=".venv-genai not found (make bench-env)")
+def test_engine_and_genai_in_one_process(random_bundle: Path, tmp_path: Path) -> None:
+    """bench.engine_genai runs the engine, the bare loop and genai in genai's environment and
+    checks their tokens against genai's: a mismatch would exit non-zero."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "runs.json"
+    proc = subprocess.run(
+        [str(GENAI_PYTHON), "-m", "bench.engine_genai", "--bundle", str(random_bundle), "--batches", "1,2",
+         "--prompt-len", "5", "--new-tokens", "4", "--rounds", "2", "--work-dir", str(tmp_path / "genai"),
+         "--json", str(out)],
+        cwd=root, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)}, capture_output=True, text=True,
+        timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "every runner's tokens equal genai's" in proc.stdout
+    assert "| this engine, one token per step |" in proc.stdout
+    assert "| ÷ onnxruntime-genai (fastest / median run) | batch 1 | batch 2 |" in proc.stdout
+    runs = json.loads(out.read_text())
+    assert set(runs) == {"1", "2"}
+    for per_runner in runs.values():
+        assert set(per_runner) == {"engine-nospec", "engine", "ortloop-inplace", "genai"}
+        assert all(len(r["wall"]) == 2 and min(r["wall"]) > 0 for r in per_runner.values())
