@@ -38,6 +38,8 @@ import re
 import shutil
 import tempfile
 import threading
+from bisect import bisect_left
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +101,29 @@ def _multiprocess() -> bool:
 
 def _storage_is_multiprocess() -> bool:
     return bool(getattr(_values.ValueClass, "_multiprocess", False))
+
+
+def observe_many(histogram: prometheus_client.Histogram, amounts: Sequence[float]) -> None:
+    """``histogram.observe(a)`` for every ``a``, with one update per touched bucket and one of the sum.
+
+    A request's inter-token latencies are observed when it ends, in the HTTP process, right after
+    its last chunk: one by one (a locked write to a memory-mapped file per bucket and per sum,
+    4 µs each) the 127 gaps of a 128-token reply took 0.65 ms, in the way of the next request and
+    of the client reading that last chunk. Same buckets as ``observe`` (``a <= bound``, first
+    match); no exemplars. Relies on ``prometheus_client``'s Histogram internals (pinned version);
+    without them, falls back to ``observe``.
+    """
+    bounds, buckets, total = (getattr(histogram, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None:
+        for a in amounts:
+            histogram.observe(a)
+        return
+    if not amounts:
+        return
+    histogram._raise_if_not_observable()
+    for i, n in Counter(bisect_left(bounds, a) for a in amounts).items():
+        buckets[i].inc(n)
+    total.inc(sum(amounts))
 
 
 def init_multiprocess(dir: str | None = None) -> str:
@@ -430,8 +455,7 @@ class Metrics:
         self._e2e.observe(e2e_s)
         if ttft_s is not None:
             self._ttft.observe(ttft_s)
-        for dt in itl_s:
-            self._itl.observe(dt)
+        observe_many(self._itl, itl_s)
         if queue_s is not None:
             self._queue.observe(queue_s)
         if prefill_s is not None:

@@ -363,3 +363,28 @@ def test_single_process_mode_and_validation(monkeypatch):
     p.start()
     p.join(120)
     assert p.exitcode == 0, "scenario failed; see captured stderr"
+
+
+def test_observe_many_counts_like_observe_one_by_one():
+    """A request's inter-token gaps are observed in one go (service.metrics.observe_many): the
+    buckets, count and sum must be those of observing them one by one, bounds included."""
+    import prometheus_client
+
+    from service.metrics import ITL_BUCKETS, observe_many
+
+    amounts = [0.0, ITL_BUCKETS[0], ITL_BUCKETS[0] * 1.0001, ITL_BUCKETS[3], 0.0123, 7.0, 1e9, *[0.002] * 50]
+
+    def exposition(fill) -> dict:
+        reg = prometheus_client.CollectorRegistry()
+        h = prometheus_client.Histogram("h", "h", ["model"], buckets=ITL_BUCKETS, registry=reg)
+        fill(h.labels("m"))
+        return {s.name + str(sorted(s.labels.items())): s.value for m in reg.collect() for s in m.samples
+                if not s.name.endswith("_created")}
+
+    one_by_one = exposition(lambda child: [child.observe(a) for a in amounts])
+    batched = exposition(lambda child: observe_many(child, amounts))
+    assert batched.keys() == one_by_one.keys()
+    for k, v in one_by_one.items():
+        assert batched[k] == pytest.approx(v, rel=1e-12), k
+    assert one_by_one["h_count[('model', 'm')]"] == len(amounts)
+    assert exposition(lambda child: observe_many(child, [])) == exposition(lambda child: None)
