@@ -32,23 +32,13 @@ round trip of the same pickled messages took 1.8x as long, p99 included (bench/w
 Sockets are non-blocking and never drop a message: what the kernel does not take at once waits in
 the sender's own buffer (a slow HTTP process queues its events; the worker never blocks on it).
 The worker's end is made before it reports ready, so an HTTP process always finds it listening.
-
-Wake-ups: the bytes go over the socket, but the reader is woken by a doorbell, one ``eventfd``
-per direction, which the HTTP process makes and hands over with its ``Hello`` (SCM_RIGHTS); after
-the hello, neither side waits on the socket for data (the worker watches it for hang-up only).
-A socket wakes its reader with Linux's "sync" hint (the writer is about to sleep), so the reader
-is run on the writer's core, where it preempts the writer: the worker, mid-loop, lost about
-0.7 ms per step in ``send`` to the HTTP process it had just woken, at one client on 2 cores,
-while the other core idled. An eventfd wakes without the hint, and the reader runs on a free core.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import operator
-import os
 import pickle
 import select
 import socket
@@ -205,11 +195,6 @@ class _Peer:
     def __init__(self, sock: socket.socket):
         self.sock, self.out, self.reader = sock, _Outbox(sock), FrameReader()
         self.rqid: int | None = None
-        self.bell_in = self.bell_out = -1  # its doorbells (eventfds), from its hello
-
-    def ring(self) -> None:
-        """Wake the HTTP process: something was written for it."""
-        os.eventfd_write(self.bell_out, 1)
 
 
 class EngineChannel:
@@ -223,8 +208,7 @@ class EngineChannel:
         self._listener.setblocking(False)
         self._poll = select.poll()
         self._poll.register(self._listener, select.POLLIN)
-        self._peers: dict[int, _Peer] = {}  # socket fd -> peer
-        self._bells: dict[int, _Peer] = {}  # doorbell fd -> peer
+        self._peers: dict[int, _Peer] = {}  # fd -> peer
         self._by_rqid: dict[int, _Peer] = {}
         self._inbox: deque[ToWorker] = deque()
 
@@ -247,12 +231,10 @@ class EngineChannel:
                 return
         try:
             peer.out.write(encode(events))
-            peer.ring()
         except OSError:
             self._drop(peer)
-            return
         if peer.out.pending:
-            self._watch(peer)
+            self._poll.modify(peer.sock, select.POLLIN | select.POLLOUT)
 
     def _pump(self, timeout_s: float) -> None:
         """One poll: accept connections, read what arrived, write what waits."""
@@ -260,17 +242,12 @@ class EngineChannel:
             if fd == self._listener.fileno():
                 self._accept()
                 continue
-            bell = self._bells.get(fd)
-            if bell is not None:
-                _drain(fd)
-                self._read(bell)
-                continue
             peer = self._peers.get(fd)
             if peer is None:
                 continue
             if mask & select.POLLOUT:
                 self._flush(peer)
-            if mask & (select.POLLIN | select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+            if mask & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 self._read(peer)
 
     def _accept(self) -> None:
@@ -281,48 +258,16 @@ class EngineChannel:
                 return
             sock.setblocking(False)
             self._peers[sock.fileno()] = _Peer(sock)
-            self._poll.register(sock, select.POLLIN)  # until its hello brings the doorbells
-
-    def _watch(self, peer: _Peer) -> None:
-        """Poll the socket for its hello (before the doorbells) or hang-up, and for room to write."""
-        mask = select.POLLIN if peer.bell_in < 0 else select.POLLRDHUP
-        self._poll.modify(peer.sock, mask | (select.POLLOUT if peer.out.pending else 0))
-
-    def _hello(self, peer: _Peer) -> bytes | None:
-        """Read the first bytes, which carry the doorbells; None: nothing yet or the peer was dropped."""
-        try:
-            data, fds, _, _ = socket.recv_fds(peer.sock, _READ, 2)
-        except BlockingIOError:
-            return None
-        except OSError:
-            data, fds = b"", []
-        if len(fds) != 2:
-            for fd in fds:
-                os.close(fd)
-            if data:
-                logger.warning("a connection to the inference worker came without its doorbells: closed")
-            self._drop(peer)
-            return None
-        peer.bell_out, peer.bell_in = fds
-        self._bells[peer.bell_in] = peer
-        self._poll.register(peer.bell_in, select.POLLIN)
-        self._watch(peer)
-        return data
+            self._poll.register(sock, select.POLLIN)
 
     def _read(self, peer: _Peer) -> None:
-        first = self._hello(peer) if peer.bell_in < 0 else b""
-        if first is None:
-            return
         while True:
-            if first:
-                data, first = first, b""
-            else:
-                try:
-                    data = peer.sock.recv(_READ)
-                except BlockingIOError:
-                    return
-                except OSError:
-                    data = b""
+            try:
+                data = peer.sock.recv(_READ)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
             if not data:  # the HTTP process is gone
                 self._drop(peer)
                 return
@@ -336,22 +281,17 @@ class EngineChannel:
     def _flush(self, peer: _Peer) -> None:
         try:
             peer.out.flush()
-            peer.ring()
         except OSError:
             self._drop(peer)
             return
-        self._watch(peer)
+        if not peer.out.pending:
+            self._poll.modify(peer.sock, select.POLLIN)
 
     def _drop(self, peer: _Peer) -> None:
         fd = peer.sock.fileno()
         if self._peers.pop(fd, None) is None:
             return
         self._poll.unregister(fd)
-        if peer.bell_in >= 0:
-            self._poll.unregister(peer.bell_in)
-            del self._bells[peer.bell_in]
-            os.close(peer.bell_in)
-            os.close(peer.bell_out)
         if peer.rqid is not None and self._by_rqid.get(peer.rqid) is peer:
             del self._by_rqid[peer.rqid]
         peer.sock.close()
@@ -359,24 +299,20 @@ class EngineChannel:
 
     def close(self) -> None:
         for peer in list(self._peers.values()):
-            self._drop(peer)
+            peer.sock.close()
+        self._peers.clear()
+        self._by_rqid.clear()
         self._listener.close()
 
 
 class FrontendChannel:
     """An HTTP process's end: sends requests and aborts, receives its events. Made inside the
-    process's running event loop, which reads the socket as soon as the worker rings (no polling).
-
-    The worker's death is not seen here (the socket is not watched): the supervisor marks it and
-    the HTTP process's watchdog fails what is pending (service/process/frontend.py)."""
+    process's running event loop, which reads the socket as soon as data arrives (no polling)."""
 
     def __init__(self, channel_id: str, rqid: int):
         self._loop = asyncio.get_running_loop()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.connect(engine_address(channel_id))  # the worker listens before it reports ready
-        self._bell_in = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # the worker rings: events to read
-        self._bell_out = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # we ring: requests to read
-        socket.send_fds(self._sock, [encode(Hello(rqid))], [self._bell_in, self._bell_out])
         self._sock.setblocking(False)
         self._fd = self._sock.fileno()
         self._out = _Outbox(self._sock)
@@ -385,14 +321,14 @@ class FrontendChannel:
         self._waiter: asyncio.Future | None = None
         self._writing = False
         self._closed = False
-        self._loop.add_reader(self._bell_in, self._on_bell)
+        self._loop.add_reader(self._fd, self._on_readable)
+        self.send(Hello(rqid))
 
     def send(self, message: ToWorker | Hello) -> None:
         """Queue a message for the worker; never blocks. Raises ConnectionError once the worker is gone."""
         if self._closed:
             raise ConnectionError("the channel to the inference worker is closed")
         self._out.write(encode(message))
-        os.eventfd_write(self._bell_out, 1)
         if self._out.pending and not self._writing:
             self._writing = True
             self._loop.add_writer(self._fd, self._on_writable)
@@ -408,10 +344,6 @@ class FrontendChannel:
                 self._waiter = None
         return self._inbox.popleft()
 
-    def _on_bell(self) -> None:
-        _drain(self._bell_in)
-        self._on_readable()
-
     def _on_readable(self) -> None:
         while True:
             try:
@@ -422,7 +354,7 @@ class FrontendChannel:
                 data = b""
             if not data:  # the worker is gone: the supervisor fails what is pending
                 logger.warning("the inference worker closed its connection")
-                self._loop.remove_reader(self._bell_in)
+                self._loop.remove_reader(self._fd)
                 break
             self._inbox.extend(self._reader.feed(data))
             if len(data) < _READ:
@@ -433,7 +365,6 @@ class FrontendChannel:
     def _on_writable(self) -> None:
         try:
             self._out.flush()
-            os.eventfd_write(self._bell_out, 1)
         except OSError:
             self._out.pending.clear()
         if not self._out.pending:
@@ -444,15 +375,7 @@ class FrontendChannel:
         if self._closed:
             return
         self._closed = True
-        self._loop.remove_reader(self._bell_in)
+        self._loop.remove_reader(self._fd)
         if self._writing:
             self._loop.remove_writer(self._fd)
         self._sock.close()
-        os.close(self._bell_in)
-        os.close(self._bell_out)
-
-
-def _drain(bell: int) -> None:
-    """Reset a doorbell (an eventfd counts rings; one read takes them all)."""
-    with contextlib.suppress(BlockingIOError):  # already reset
-        os.eventfd_read(bell)

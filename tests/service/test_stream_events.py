@@ -429,39 +429,3 @@ def test_text_only_chunks_are_byte_for_byte_what_pydantic_writes(model_info: Mod
         empty = RequestOutput(f"{UID}#1", [5], "", num_output_tokens=2)  # text held back: nothing to send
         assert (fmt.chat_chunk(job, m, c, empty) if chat else fmt.completion_chunk(job, m, c, empty, 0)) is None
 
-
-def test_a_connection_without_its_doorbells_is_closed_and_the_others_are_served():
-    """The hello must bring the two eventfds the worker rings and listens to; a peer that sends a
-    plain hello (an old or foreign client) is dropped, and a proper HTTP process still gets through."""
-    import socket
-
-    from service.process.wire import Hello, engine_address
-
-    channel_id = new_channel_id()
-    engine = EngineChannel(channel_id)
-    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    raw.connect(engine_address(channel_id))
-    raw.sendall(encode(Hello(7)))
-
-    async def go():
-        front = FrontendChannel(channel_id, 1)
-        try:
-            front.send(Abort(1, "proper"))
-            async with asyncio.timeout(10):
-                got: list = []
-                while not got:
-                    got = engine.receive(0.05, 10)
-                engine.send(1, [Ack("proper")])
-                return got, await front.receive()
-        finally:
-            front.close()
-
-    try:
-        got, events = asyncio.run(go())
-        assert got == [Abort(1, "proper")] and events == [Ack("proper")]
-        assert 7 not in engine._by_rqid  # the plain hello was not taken
-        raw.settimeout(10)
-        assert raw.recv(1) == b""  # and its connection was closed
-    finally:
-        raw.close()
-        engine.close()
