@@ -282,6 +282,10 @@ def summarize(
         "max_in_flight": max_in_flight,
         "ttft_s": _stats([r.ttft for r in ok if r.ttft is not None]),
         "itl_s": _stats([g for r in ok for g in r.itl]),
+        # The gap before each request's last token, and the others: a request's end (final
+        # chunk, usage, response close, accounting) shows here rather than in the mass of gaps.
+        "itl_last_s": _stats([r.itl[-1] for r in ok if r.itl]),
+        "itl_but_last_s": _stats([g for r in ok for g in r.itl[:-1]]),
         "tpot_s": _stats([t for r in ok if (t := r.tpot) is not None]),
         "e2e_s": _stats([r.e2e for r in ok]),
         "slo": dict(slo) or None,

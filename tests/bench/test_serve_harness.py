@@ -405,3 +405,14 @@ def test_both_http_clients_count_and_time_the_same_streams(serve_stub, http_clie
 def test_an_unknown_http_client_is_refused_by_name():
     with pytest.raises(ValueError, match="http_client"):
         BenchmarkConfig(url="http://x", http_client="curl").validate()
+
+
+def test_the_last_gap_of_each_request_is_summarized_apart():
+    def rec(itl, ok=True):
+        return RequestRecord(0.0, 0.1, itl, 0.1 + sum(itl), len(itl) + 1, 10, ok, 200 if ok else 500, None)
+
+    records = [rec([0.01, 0.01, 0.05]), rec([0.02, 0.06]), rec([]), rec([0.01, 0.9], ok=False)]
+    s = summarize(records, 1.0, {})
+    assert s["itl_last_s"]["p50"] == pytest.approx(0.055)  # 0.05 and 0.06: failed requests and no gap left out
+    assert s["itl_but_last_s"]["mean"] == pytest.approx((0.01 + 0.01 + 0.02) / 3)
+    assert s["itl_s"]["mean"] == pytest.approx((0.01 + 0.01 + 0.05 + 0.02 + 0.06) / 5)
