@@ -33,6 +33,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -119,13 +120,16 @@ class HttpApi:
         schemas: dict[str, Any] = {}
         for path, (fn, request_model, response_model) in posts.items():
             generation = path in ("/v1/completions", "/v1/chat/completions", "/generate")
+            endpoint = self._wrap(path, fn, record_success=not generation)
             app.add_api_route(
                 path,
-                self._wrap(path, fn, record_success=not generation),
+                endpoint,
                 methods=["POST"],
                 openapi_extra={"requestBody": _request_body(request_model, schemas)},
                 responses=_responses(response_model, stream=generation),
             )
+            if generation:
+                _serve_directly(app.router.routes[-1], endpoint)
         playground.install(self, app)  # GET /, its files, and /v1/inspect
         ctx = self.model.context_length
         _apply_model_limits(schemas, {"max_tokens": ctx, "max_completion_tokens": ctx}, self.model.vocab_size)
@@ -347,6 +351,21 @@ class HttpApi:
         if s is not None and self.fe.metrics is not None:
             self.fe.metrics.observe_structured(s.kind, None if s.cached else s.compile_s)
         return job
+
+
+def _serve_directly(route: Any, endpoint: Endpoint) -> None:
+    """Answer a route with ``endpoint`` as a bare ASGI app: no per-request dependency solving,
+    exit stack or exception wrapping from FastAPI, which an endpoint that reads its own body and
+    answers every error itself does not use. The route keeps its path, methods (405 otherwise)
+    and OpenAPI description, and the app's middleware (CORS) and routing still apply."""
+    if not isinstance(route, APIRoute) or route.endpoint is not endpoint:
+        raise RuntimeError(f"expected the APIRoute just added for {endpoint.__name__}, got {route!r}")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        response = await endpoint(Request(scope, receive, send))
+        await response(scope, receive, send)
+
+    route.app = app
 
 
 def _request_body(model: type[BaseModel], schemas: dict[str, Any]) -> dict:
