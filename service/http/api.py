@@ -33,7 +33,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -43,6 +42,7 @@ from service.http import formatting as fmt
 from service.http import handlers, playground
 from service.http import jobs as serving
 from service.http import protocol as p
+from service.http.direct import DirectRoutes
 from service.http.errors import REJECT_REASON, ApiError, error_from_status
 from service.http.generation_defaults import GenerationDefaults
 from service.http.jinja_template import load_chat_template
@@ -118,6 +118,7 @@ class HttpApi:
             "/generate": (self.generate, p.GenerateRequest, p.GenerateResponse),
         }
         schemas: dict[str, Any] = {}
+        direct: dict[str, Endpoint] = {}  # answered in front of FastAPI's routing (service/http/direct.py)
         for path, (fn, request_model, response_model) in posts.items():
             generation = path in ("/v1/completions", "/v1/chat/completions", "/generate")
             endpoint = self._wrap(path, fn, record_success=not generation)
@@ -129,13 +130,14 @@ class HttpApi:
                 responses=_responses(response_model, stream=generation),
             )
             if generation:
-                _serve_directly(app.router.routes[-1], endpoint)
+                direct[path] = endpoint
         playground.install(self, app)  # GET /, its files, and /v1/inspect
         ctx = self.model.context_length
         _apply_model_limits(schemas, {"max_tokens": ctx, "max_completion_tokens": ctx}, self.model.vocab_size)
         _apply_model_name(schemas, self.model.name)
         _add_schemas(app, schemas)
         app.add_exception_handler(StarletteHTTPException, _http_exception)
+        app.add_middleware(DirectRoutes, endpoints=direct)  # added before CORS: CORS wraps it
         origins = Settings.split(self.settings.cors_allow_origins)
         if origins:  # off unless configured: a browser page of another origin gets no access
             app.add_middleware(
@@ -351,21 +353,6 @@ class HttpApi:
         if s is not None and self.fe.metrics is not None:
             self.fe.metrics.observe_structured(s.kind, None if s.cached else s.compile_s)
         return job
-
-
-def _serve_directly(route: Any, endpoint: Endpoint) -> None:
-    """Answer a route with ``endpoint`` as a bare ASGI app: no per-request dependency solving,
-    exit stack or exception wrapping from FastAPI, which an endpoint that reads its own body and
-    answers every error itself does not use. The route keeps its path, methods (405 otherwise)
-    and OpenAPI description, and the app's middleware (CORS) and routing still apply."""
-    if not isinstance(route, APIRoute) or route.endpoint is not endpoint:
-        raise RuntimeError(f"expected the APIRoute just added for {endpoint.__name__}, got {route!r}")
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        response = await endpoint(Request(scope, receive, send))
-        await response(scope, receive, send)
-
-    route.app = app
 
 
 def _request_body(model: type[BaseModel], schemas: dict[str, Any]) -> dict:
