@@ -61,15 +61,15 @@ class EventStream(StreamingResponse):
         ready = list(f.opening(job, m))  # frames not written yet
         started = False
 
-        async def flush() -> None:
+        async def flush(last: bool = False) -> None:
             nonlocal started
             if not started:
                 started = True
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            if ready:
+            if ready or last:  # the last frames and the end of the body: one write
                 body = "".join(ready).encode()
                 ready.clear()
-                await send({"type": "http.response.body", "body": body, "more_body": True})
+                await send({"type": "http.response.body", "body": body, "more_body": not last})
 
         try:
             while not p.complete:
@@ -92,8 +92,7 @@ class EventStream(StreamingResponse):
             ready.append(e.sse())
         except ClientGone:
             return
-        await flush()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await flush(last=True)
 
 
 async def generate(fe: Frontend, request: Request, route: str, job: Job, formatter: Formatter) -> Response:
