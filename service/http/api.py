@@ -42,6 +42,7 @@ from service.http import formatting as fmt
 from service.http import handlers, playground
 from service.http import jobs as serving
 from service.http import protocol as p
+from service.http.direct import DirectRoutes
 from service.http.errors import REJECT_REASON, ApiError, error_from_status
 from service.http.generation_defaults import GenerationDefaults
 from service.http.jinja_template import load_chat_template
@@ -117,21 +118,26 @@ class HttpApi:
             "/generate": (self.generate, p.GenerateRequest, p.GenerateResponse),
         }
         schemas: dict[str, Any] = {}
+        direct: dict[str, Endpoint] = {}  # answered in front of FastAPI's routing (service/http/direct.py)
         for path, (fn, request_model, response_model) in posts.items():
             generation = path in ("/v1/completions", "/v1/chat/completions", "/generate")
+            endpoint = self._wrap(path, fn, record_success=not generation)
             app.add_api_route(
                 path,
-                self._wrap(path, fn, record_success=not generation),
+                endpoint,
                 methods=["POST"],
                 openapi_extra={"requestBody": _request_body(request_model, schemas)},
                 responses=_responses(response_model, stream=generation),
             )
+            if generation:
+                direct[path] = endpoint
         playground.install(self, app)  # GET /, its files, and /v1/inspect
         ctx = self.model.context_length
         _apply_model_limits(schemas, {"max_tokens": ctx, "max_completion_tokens": ctx}, self.model.vocab_size)
         _apply_model_name(schemas, self.model.name)
         _add_schemas(app, schemas)
         app.add_exception_handler(StarletteHTTPException, _http_exception)
+        app.add_middleware(DirectRoutes, endpoints=direct)  # added before CORS: CORS wraps it
         origins = Settings.split(self.settings.cors_allow_origins)
         if origins:  # off unless configured: a browser page of another origin gets no access
             app.add_middleware(

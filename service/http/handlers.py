@@ -4,8 +4,12 @@ Non-streaming: wait until every choice finished while watching the connection; a
 goes away aborts the request at once. Streaming: the HTTP status is chosen only after the
 engine accepted the request (its "ack"), so a refusal (queue full, prompt too long) is a proper
 4xx; once the stream started, an error becomes one SSE ``event: error`` and the stream closes.
-A streaming client that goes away cancels the response task (Starlette watches the
-connection), and the response's close hook aborts the request.
+A client that goes away is seen by a task reading the connection (the next ASGI message after the
+body is the disconnect): it ends the stream, and the request is aborted.
+
+A stream is written straight to the ASGI ``send`` (no response task group): the headers go out
+with the first chunk when that chunk is ready at once (the engine's acknowledgement and the
+first token usually arrive as one message), and never wait for a token that has not arrived.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -30,21 +34,65 @@ CLIENT_CLOSED = 499  # nginx's "client closed request", for metrics and logs onl
 
 
 class EventStream(StreamingResponse):
-    """An SSE response that runs ``on_close`` however it ends (done, error, client gone)."""
+    """An SSE response written by its own loop; runs ``on_close`` however it ends (done, error,
+    client gone). The headers are StreamingResponse's (content type, no length); the body is not."""
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+    def __init__(self, fe: Frontend, p: Pending, formatter: Formatter, on_close: Callable[[], None]):
         super().__init__(
-            content,
+            (),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-        self._on_close = on_close
+        self._fe, self._p, self._formatter, self._on_close = fe, p, formatter, on_close
 
     async def __call__(self, scope, receive, send) -> None:
+        watcher = asyncio.create_task(_watch_disconnect(receive, self._p))
         try:
-            await super().__call__(scope, receive, send)
+            await self._write(send)
+        except OSError:  # a server of ASGI 2.4 reports the client's disconnect from send
+            pass
         finally:
+            watcher.cancel()
             self._on_close()
+
+    async def _write(self, send) -> None:
+        p, m, f = self._p, self._fe.model, self._formatter
+        job = p.job
+        ready = list(f.opening(job, m))  # frames not written yet
+        started = False
+
+        async def flush(last: bool = False) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            if ready or last:  # the last frames and the end of the body: one write
+                body = "".join(ready).encode()
+                ready.clear()
+                await send({"type": "http.response.body", "body": body, "more_body": not last})
+
+        try:
+            while not p.complete:
+                if started or not p.ready():  # the headers wait only for what has already arrived
+                    await flush()
+                ev = await p.next_event()
+                if ev is None:  # the acknowledgement
+                    continue
+                c, out = ev
+                chunk = f.chunk(p, m, c, out)
+                if chunk:
+                    if c.first_sent_t is None:
+                        c.first_sent_t = time.monotonic()
+                    ready.append(chunk)
+            if job.include_usage:
+                ready.append(f.usage_chunk(job, m, p.choices))
+            ready.append(fmt.DONE)
+        except ApiError as e:
+            p.error = e
+            ready.append(e.sse())
+        except ClientGone:
+            return
+        await flush(last=True)
 
 
 async def generate(fe: Frontend, request: Request, route: str, job: Job, formatter: Formatter) -> Response:
@@ -61,11 +109,11 @@ async def generate(fe: Frontend, request: Request, route: str, job: Job, formatt
     except BaseException:  # cancelled: the request must still end (in-flight count, abort)
         _end(fe, route, p, CLIENT_CLOSED)
         raise
-    return EventStream(_events(fe, p, formatter), on_close=lambda: _end(fe, route, p, 200))
+    return EventStream(fe, p, formatter, on_close=lambda: _end(fe, route, p, 200))
 
 
 async def _unary(fe: Frontend, request: Request, route: str, p: Pending, formatter: Formatter) -> Response:
-    watcher = asyncio.create_task(_watch_disconnect(request, p))
+    watcher = asyncio.create_task(_watch_disconnect(request.receive, p))
     status = 500
     try:
         async for _ in p.outputs():
@@ -84,29 +132,10 @@ async def _unary(fe: Frontend, request: Request, route: str, p: Pending, formatt
         _end(fe, route, p, status)
 
 
-async def _events(fe: Frontend, p: Pending, formatter: Formatter) -> AsyncIterator[str]:
-    m, job = fe.model, p.job
-    try:
-        for chunk in formatter.opening(job, m):
-            yield chunk
-        async for c, out in p.outputs():
-            chunk = formatter.chunk(p, m, c, out)
-            if chunk:
-                if c.first_sent_t is None:
-                    c.first_sent_t = time.monotonic()
-                yield chunk
-        if job.include_usage:
-            yield formatter.usage_chunk(job, m, p.choices)
-        yield fmt.DONE
-    except ApiError as e:
-        p.error = e
-        yield e.sse()
-
-
-async def _watch_disconnect(request: Request, p: Pending) -> None:
+async def _watch_disconnect(receive, p: Pending) -> None:
     """After the body was read, the next ASGI message is the disconnect (if it happens)."""
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             p.put(Gone())
             return

@@ -83,6 +83,10 @@ class Pending:
     def put(self, event: Event) -> None:
         self.events.put_nowait(event)
 
+    def ready(self) -> bool:
+        """Whether ``next_event`` has an event at hand (it will not wait)."""
+        return bool(self._ahead) or not self.events.empty()
+
     async def next_event(self) -> tuple[Choice, RequestOutput] | None:
         """The next output with its choice, or None for the ack; raises ApiError or ClientGone."""
         ev = self._ahead.popleft() if self._ahead else await self.events.get()
