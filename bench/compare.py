@@ -405,6 +405,7 @@ def run_http(
                         prompt_len=cfg.client_prompt_len,
                         output_len=cfg.client_output_len,
                         temperature=temp,
+                        seed=client_seed(cfg, clients, temp),
                     ),
                 )
         if "structured" in cfg.checks:
@@ -459,6 +460,13 @@ def client_runs(cfg: CompareConfig) -> list[tuple[int, float]]:
     return [(c, t) for c in cfg.client_counts for t in CLIENT_TEMPERATURES]
 
 
+def client_seed(cfg: CompareConfig, clients: int, temperature: float) -> int:
+    """The prompts' seed of a "clients" row, the same for the service and the offline engine: every
+    row has prompts of its own, so that no row finds the prompts of an earlier one in the service's
+    prefix cache (the offline engine is built anew per row)."""
+    return cfg.seed + 100 + client_runs(cfg).index((clients, temperature))
+
+
 def client_requests(cfg: CompareConfig, clients: int) -> int:
     """Requests of a "clients" row: ``cfg.client_requests``, and at least two per client (every
     client is busy for the whole run but its last request)."""
@@ -490,7 +498,7 @@ def run_offline(cfg: CompareConfig, results: dict[str, BenchmarkResult], rnd: in
                     client_requests(cfg, clients),
                     cfg.client_prompt_len,
                     cfg.client_output_len,
-                    cfg.seed,
+                    client_seed(cfg, clients, temp),
                     temperature=temp,
                 )
     finally:

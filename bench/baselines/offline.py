@@ -129,8 +129,9 @@ def benchmark_offline(
     engine = build_engine(bundle_dir, max_running=None)
     if engine.scheduler.max_running < concurrency:
         engine = build_engine(bundle_dir, max_running=concurrency)
-    if warmup:
-        run_offline(engine, [(ids, 8) for ids, _ in requests[:warmup]], warmup)
+    if warmup:  # on prompts of their own: the measured ones must not find their blocks in the prefix cache
+        others = build_prompts(encoder, warmup, prompt_len, output_len, seed + 1)
+        run_offline(engine, [(ids, 8) for ids, _ in others], warmup)
     cpu0 = time.process_time()
     records, duration = run_offline(engine, requests, concurrency, progress, temperature, seed)
     cpu = time.process_time() - cpu0

@@ -169,3 +169,17 @@ def test_offline_ttft_counts_the_engines_intake() -> None:
 
     records, _ = run_offline(SlowIntakeEngine(), [([1, 2, 3], 1)], concurrency=1)
     assert records[0].ttft >= intake_s
+
+
+def test_every_clients_row_has_prompts_of_its_own(tiny_bundle: Path) -> None:
+    """The service keeps its prefix cache across the rows and the offline engine warms up before
+    each: no row may find its prompts cached by an earlier row or by the warm-up."""
+    from bench.baselines.offline import PromptEncoder
+    from bench.compare import CompareConfig, client_runs, client_seed
+
+    cfg = CompareConfig(bundle=tiny_bundle, client_counts=(1, 4), client_requests=4)
+    seeds = [client_seed(cfg, c, t) for c, t in client_runs(cfg)]
+    assert len(set(seeds)) == len(seeds) and cfg.seed not in seeds and cfg.seed + 1 not in seeds
+    encoder = PromptEncoder.load(tiny_bundle)
+    first = [tuple(build_prompts(encoder, 4, (8, 24), (4, 8), s)[0][0]) for s in seeds]
+    assert len(set(first)) == len(first)
