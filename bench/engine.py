@@ -1064,6 +1064,16 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+def add_workload_args(p: argparse.ArgumentParser, batches: list[int], bundle_help: str = "model bundle") -> None:
+    """``--bundle``, ``--batches``, ``--prompt-len``, ``--new-tokens``: the fixed batches every
+    offline engine benchmark here runs (``fixed_workload``)."""
+    p.add_argument("--bundle", type=Path, default=Path("artifacts/small"), help=bundle_help)
+    default = ",".join(map(str, batches))
+    p.add_argument("--batches", type=_ints, default=batches, help=f"batch sizes (default {default})")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request (default 32)")
+    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per request (default 128)")
+
+
 def _runners(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     bad = [n for n in names if n not in RUNNERS]
@@ -1078,7 +1088,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--bundle", type=Path, default=Path("artifacts/small"), help="fp32 model bundle")
+    add_workload_args(p, [1, 8, 32, 64], bundle_help="fp32 model bundle")
     p.add_argument(
         "--checkpoint",
         type=Path,
@@ -1086,9 +1096,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="PyTorch checkpoint (default: artifacts/.work/<preset>/checkpoint.pt of the bundle's preset)",
     )
     p.add_argument("--int8-bundle", type=Path, default=None, help="default: <bundle>-int8")
-    p.add_argument("--batches", type=_ints, default=[1, 8, 32, 64], help="batch sizes (default 1,8,32,64)")
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request (default 32)")
-    p.add_argument("--new-tokens", type=int, default=128, help="new tokens per request (default 128)")
     p.add_argument(
         "--mixed", type=int, default=0, metavar="N", help="also run N mixed-length requests (0: no)"
     )

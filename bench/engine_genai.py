@@ -32,6 +32,7 @@ from bench.engine import (
     Stopwatch,
     Timing,
     Workload,
+    add_workload_args,
     fixed_workload,
     genai_config,
     measure,
@@ -77,17 +78,13 @@ class GenAIInProcess:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.engine_genai", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", type=Path, default=Path("artifacts/small"))
-    p.add_argument("--batches", default="1,8,32", help="batch sizes (default 1,8,32; genai allows at most 32)")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
+    add_workload_args(p, [1, 8, 32])  # genai allows batches of at most 32
     p.add_argument("--rounds", type=int, default=15, help="timed rounds, every runner once per round (default 15)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of every session (default 1)")
     p.add_argument("--runners", default=",".join(RUNNERS), help=f"default {','.join(RUNNERS)}")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/textgen-engine-genai"))
     p.add_argument("--json", type=Path, help="write every run's wall and CPU time here")
     a = p.parse_args(argv)
-    a.batches = [int(x) for x in a.batches.split(",")]
     a.runners = [x for x in a.runners.split(",") if x]
     unknown = set(a.runners) - set(RUNNERS)
     if unknown or "genai" not in a.runners:

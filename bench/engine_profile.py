@@ -93,11 +93,10 @@ def print_table(best: dict[str, Any], mixed: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from bench.engine import add_workload_args
+
     p = argparse.ArgumentParser(prog="python -m bench.engine_profile", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", type=Path, default=Path("artifacts/small"))
-    p.add_argument("--batches", default="1,64", help="batch sizes (default 1,64)")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
+    add_workload_args(p, [1, 64])
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1; 0: all cores)")
     p.add_argument("--repeat", type=int, default=3, help="runs per batch size; the fastest is reported")
     p.add_argument("--mixed", type=int, default=0, metavar="N",
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{threads} ONNX Runtime thread(s), wall clock")
     bundle = load_bundle(a.bundle)
     results: dict[str, Any] = {}
-    for batch in [int(x) for x in a.batches.split(",")]:
+    for batch in a.batches:
         config = EngineConfig(provider="cpu", intra_op_threads=threads, max_running=batch,
                               max_prefill_tokens=max(4096, batch * a.prompt_len))  # fmt: skip
         engine = Engine(bundle, config)
