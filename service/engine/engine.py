@@ -80,7 +80,9 @@ class _Sequence:
     timings: RequestTimings
     deadline: float | None
     output: list[int] = field(default_factory=list)
-    ngram: NgramIndex | None = None  # prompt + output, for speculative drafts (greedy requests only)
+    # Prompt + output, for speculative drafts (greedy requests only). Filled only when a draft is
+    # wanted (the sequence runs alone): batched, a row pays nothing per token for it.
+    ngram: NgramIndex | None = None
     # params.prompt_logprobs: (logprobs, alternatives) of the prompt, from its prefill, sent with the first output
     prompt_scores: tuple[list[float | None], list[list[TopLogprob]]] | None = None
     matcher: Any = None  # params.grammar: an llguidance matcher fed every output token (service/engine/structured.py)
@@ -184,7 +186,7 @@ class Engine:
             detok=IncrementalDetokenizer(self.tokenizer, params.stop, self.tokenizer.special_ids, prompt_token_ids),
             timings=RequestTimings(arrival=arrival_time if arrival_time is not None else time.monotonic()),
             deadline=deadline,
-            ngram=NgramIndex(prompt_token_ids, self.speculative_ngram)
+            ngram=NgramIndex((), self.speculative_ngram)
             if self.speculative_tokens and params.temperature == 0 and matcher is None else None,
             matcher=matcher,
             block_hashes=hashes,
@@ -273,6 +275,7 @@ class Engine:
         # The step emits up to k + 1 tokens, all within max_tokens (and so within the context:
         # add_request refused prompt + max_tokens beyond it).
         room = s.params.max_tokens - len(s.output) - 1
+        _catch_up(s)
         return s, s.ngram.propose(min(self.speculative_tokens, room))
 
     def _verify(self, s: _Sequence, logits: np.ndarray, draft: list[int]) -> tuple[RequestOutput, int]:
@@ -411,8 +414,6 @@ class Engine:
             out.new_logprobs, out.new_top_logprobs = [], []
         for tok, lp, top in picks:
             s.output.append(tok)
-            if s.ngram is not None:
-                s.ngram.append(tok)
             s.timings.token_times.append(now)
             if s.timings.first_token is None:
                 s.timings.first_token = now
@@ -463,3 +464,12 @@ class Engine:
         self._release(self.scheduler.schedule().cached)  # reports the aborts and frees their reservations
         self._batch.clear()
         return outs
+
+
+def _catch_up(s: _Sequence) -> None:
+    """Index the tokens of the sequence (prompt, then output) its n-gram index has not seen yet."""
+    seen, n_prompt = len(s.ngram), len(s.prompt)
+    if seen < n_prompt:
+        s.ngram.extend(s.prompt[seen:])
+        seen = n_prompt
+    s.ngram.extend(s.output[seen - n_prompt :])

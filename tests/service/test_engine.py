@@ -294,6 +294,36 @@ def test_speculative_greedy_is_token_for_token_plain_greedy(random_model_and_bun
     assert drafted > 0 and kept > 0  # steps were speculative, and some drafts were right
 
 
+def test_a_greedy_row_indexes_its_tokens_only_when_it_runs_alone(random_model_and_bundle) -> None:
+    """Batched, a greedy row pays nothing per token for its n-gram index; left alone, the index
+    catches up with the prompt and the output so far, and its drafts keep the tokens exact."""
+    from model.gpt import generate_greedy
+
+    model, bundle_dir = random_model_and_bundle
+    engine = make_engine(bundle_dir, "inplace", speculative_tokens=3, max_running=4)
+    rng = random.Random(5)
+    short, long = repetitive_prompt(rng), repetitive_prompt(rng)
+    engine.add_request("short", short, SamplingParams(max_tokens=6, **GREEDY))
+    engine.add_request("long", long, SamplingParams(max_tokens=40, **GREEDY))
+    tokens: dict[str, list[int]] = {"short": [], "long": []}
+    drafted_alone = 0
+    while engine.has_unfinished():
+        together = engine.load().num_running == 2
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+        if together and "short" in engine._seqs:
+            assert len(engine._seqs["long"].ngram) == 0  # nothing indexed while batched
+        if not together:
+            drafted_alone += engine.last_step_stats.num_draft_tokens
+        seq = engine._seqs.get("long")
+        if seq is not None and len(seq.ngram):
+            assert seq.ngram.tokens == (seq.prompt + seq.output)[: len(seq.ngram)]
+    assert tokens["long"] == generate_greedy(model, long, 40)
+    assert tokens["short"] == generate_greedy(model, short, 6)
+    assert drafted_alone > 0
+    check_idle(engine)
+
+
 def test_speculation_keeps_penalties_logprobs_and_stops(random_bundle) -> None:
     spec = make_engine(random_bundle, "inplace", speculative_tokens=3)
     plain = make_engine(random_bundle, "inplace", speculative_tokens=0)
