@@ -526,6 +526,17 @@ def genai_config(bundle: Any, threads: int, inplace: bool = False) -> dict[str, 
     }
 
 
+def write_genai_model(bundle: Any, threads: int, inplace: bool, folder: Path) -> Path:
+    """``folder`` as a model onnxruntime-genai loads: genai_config.json (see genai_config) and a
+    copy of the ONNX file it names. Returns ``folder``."""
+    config = genai_config(bundle, threads, inplace)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = bundle.kv_inplace_path if inplace else bundle.onnx_path
+    shutil.copyfile(src, folder / config["model"]["decoder"]["filename"])
+    (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 class GenAIRunner:
     """onnxruntime-genai in its own environment: bench/genai_runner.py as a subprocess per workload.
 
@@ -547,12 +558,8 @@ class GenAIRunner:
         self.name = name
         self.bundle = load_bundle(bundle_dir)
         self.python, self.repeat = python, repeat
-        config = genai_config(self.bundle, threads, inplace)
-        self.file = config["model"]["decoder"]["filename"]
-        self.dir = Path(tempfile.mkdtemp(prefix="genai-model-"))
-        src = self.bundle.kv_inplace_path if inplace else self.bundle.onnx_path
-        shutil.copyfile(src, self.dir / self.file)
-        (self.dir / "genai_config.json").write_text(json.dumps(config, indent=2))
+        self.dir = write_genai_model(self.bundle, threads, inplace, Path(tempfile.mkdtemp(prefix="genai-model-")))
+        self.file = (self.bundle.kv_inplace_path if inplace else self.bundle.onnx_path).name  # the file genai runs
         self.versions: dict[str, str] = {}
 
     def run(self, wl: Workload) -> tuple[Timing, list[list[int]]]:

@@ -34,9 +34,9 @@ from bench.engine import (
     Workload,
     add_workload_args,
     fixed_workload,
-    genai_config,
     measure,
     text_tokens,
+    write_genai_model,
 )
 
 RUNNERS = ("engine-nospec", "engine", "ortloop-inplace", "genai")
@@ -56,13 +56,8 @@ class GenAIInProcess:
     def __init__(self, bundle: Any, model_dir: Path, threads: int):
         import onnxruntime_genai as og
 
-        model_dir.mkdir(parents=True, exist_ok=True)
-        config = genai_config(bundle, threads, inplace=True)
-        link = model_dir / config["model"]["decoder"]["filename"]
-        if not link.exists():
-            link.symlink_to(bundle.kv_inplace_path.resolve())
-        (model_dir / "genai_config.json").write_text(json.dumps(config, indent=2))
-        self.model, self.pad_id = og.Model(str(model_dir)), bundle.pad_id
+        folder = write_genai_model(bundle, threads, True, model_dir)
+        self.model, self.pad_id = og.Model(str(folder)), bundle.pad_id
 
     def run(self, wl: Workload) -> tuple[Timing, list[list[int]]]:
         from bench.genai_runner import run_batch

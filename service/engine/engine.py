@@ -90,6 +90,13 @@ class _Sequence:
     lookup: bool = False  # it looked its prompt up in the prefix cache (counts as a query)
     argmax_only: bool = False  # greedy with nothing that changes the logits or asks for logprobs (see sampler)
 
+    def caught_up_ngram(self) -> NgramIndex:
+        """The n-gram index, fed first the tokens (prompt, then output) it has not seen yet."""
+        seen, n_prompt = len(self.ngram), len(self.prompt)
+        self.ngram.extend(self.prompt[seen:])
+        self.ngram.extend(self.output[max(0, seen - n_prompt) :])
+        return self.ngram
+
 
 class Engine:
     """Continuous-batching decoder over one ONNX Runtime session.
@@ -275,8 +282,7 @@ class Engine:
         # The step emits up to k + 1 tokens, all within max_tokens (and so within the context:
         # add_request refused prompt + max_tokens beyond it).
         room = s.params.max_tokens - len(s.output) - 1
-        _catch_up(s)
-        return s, s.ngram.propose(min(self.speculative_tokens, room))
+        return s, s.caught_up_ngram().propose(min(self.speculative_tokens, room))
 
     def _verify(self, s: _Sequence, logits: np.ndarray, draft: list[int]) -> tuple[RequestOutput, int]:
         """Greedy choices at the 1 + k positions, kept up to and including the first that differs
@@ -465,11 +471,3 @@ class Engine:
         self._batch.clear()
         return outs
 
-
-def _catch_up(s: _Sequence) -> None:
-    """Index the tokens of the sequence (prompt, then output) its n-gram index has not seen yet."""
-    seen, n_prompt = len(s.ngram), len(s.prompt)
-    if seen < n_prompt:
-        s.ngram.extend(s.prompt[seen:])
-        seen = n_prompt
-    s.ngram.extend(s.output[seen - n_prompt :])
