@@ -79,6 +79,8 @@ CLIENT_TARGETS = (  # (clients, served ÷ offline output tok/s at least)
     (32, 0.85),
 )
 CLIENT_TEMPERATURES = (0.0, 0.8)
+CLIENT_TTFT_TARGET = 1.5  # at 1 client: served TTFT p50 ÷ the offline engine's, at most
+CLIENT_ITL_TAIL_TARGET = 2.0  # at 1 client: served ITL p99 ÷ its p50, at most
 # The "structured" check: the same streams with and without a JSON schema (service/engine/structured.py).
 # A typical API schema: an object with a few typed fields and a list that can fill max_tokens.
 STRUCTURED_SCHEMA: dict[str, Any] = {
@@ -124,6 +126,11 @@ class CompareConfig:
     rounds: int = 1  # main runs repeated, alternating the order; ratios use medians
     client_counts: tuple[int, ...] = (1, 4, 32)  # the "clients" check
     client_requests: int = 12  # per client count and temperature; at least two per client
+    # Rounds per "clients" row, the offline and the served run side by side in each (the order
+    # alternating): the speed of a shared machine drifts by 2x within seconds, so a single pair of
+    # 1-second runs, or all served rows before all offline ones, says little (per-row ratios of
+    # 0.68-1.19x between identical runs here). The table gives medians over the rounds.
+    client_rounds: int = 3
     client_prompt_len: tuple[int, int] = (32, 32)
     client_output_len: tuple[int, int] = (128, 128)
 
@@ -135,6 +142,7 @@ class CompareConfig:
             "poisson_requests",
             "ttft_clients",
             "rounds",
+            "client_rounds",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -393,21 +401,7 @@ def run_http(
                     server, _bench_config(cfg, server.base_url, concurrency=clients, num_requests=n, ramp_up=ramp)
                 )
         if "clients" in cfg.checks:
-            for clients, temp in client_runs(cfg):
-                print(f"== service: {clients} client(s), temperature {temp:g}", file=sys.stderr)
-                results[client_key("service", clients, temp)] = measure(
-                    server,
-                    _bench_config(
-                        cfg,
-                        server.base_url,
-                        concurrency=clients,
-                        num_requests=client_requests(cfg, clients),
-                        prompt_len=cfg.client_prompt_len,
-                        output_len=cfg.client_output_len,
-                        temperature=temp,
-                        seed=client_seed(cfg, clients, temp),
-                    ),
-                )
+            run_clients(server, cfg, results)
         if "structured" in cfg.checks:
             run_structured(server, cfg, results)
         if "poisson" in cfg.checks:
@@ -456,15 +450,53 @@ def run_structured(server: Server, cfg: CompareConfig, results: dict[str, Benchm
     )
 
 
+def run_clients(server: Server, cfg: CompareConfig, results: dict[str, BenchmarkResult]) -> None:
+    """The "clients" check: per row (clients, temperature), ``cfg.client_rounds`` rounds of the
+    offline engine and the service on the same new prompts, one right after the other, the order
+    alternating between rounds so that a drift of the machine's speed favours neither side."""
+    for clients, temp in client_runs(cfg):
+        for rnd in range(1, cfg.client_rounds + 1):
+            seed = client_seed(cfg, clients, temp, rnd)
+            for side in ("offline", "service") if rnd % 2 else ("service", "offline"):
+                print(f"== {side}: {clients} client(s), temperature {temp:g}, round {rnd}", file=sys.stderr)
+                key = client_key(side, clients, temp, rnd)
+                if side == "offline":
+                    results[key] = offline_clients_run(cfg, clients, temp, seed)
+                    continue
+                results[key] = measure(
+                    server,
+                    _bench_config(
+                        cfg,
+                        server.base_url,
+                        concurrency=clients,
+                        num_requests=client_requests(cfg, clients),
+                        prompt_len=cfg.client_prompt_len,
+                        output_len=cfg.client_output_len,
+                        temperature=temp,
+                        seed=seed,
+                    ),
+                )
+
+
+def offline_clients_run(cfg: CompareConfig, clients: int, temperature: float, seed: int) -> BenchmarkResult:
+    """A "clients" row's requests on the offline engine (built anew, as the service's settings say)."""
+    from bench.baselines.offline import benchmark_offline
+
+    with engine_env(cfg):
+        return benchmark_offline(cfg.bundle, clients, client_requests(cfg, clients), cfg.client_prompt_len,
+                                 cfg.client_output_len, seed, temperature=temperature)
+
+
 def client_runs(cfg: CompareConfig) -> list[tuple[int, float]]:
     return [(c, t) for c in cfg.client_counts for t in CLIENT_TEMPERATURES]
 
 
-def client_seed(cfg: CompareConfig, clients: int, temperature: float) -> int:
-    """The prompts' seed of a "clients" row, the same for the service and the offline engine: every
-    row has prompts of its own, so that no row finds the prompts of an earlier one in the service's
-    prefix cache (the offline engine is built anew per row)."""
-    return cfg.seed + 100 + client_runs(cfg).index((clients, temperature))
+def client_seed(cfg: CompareConfig, clients: int, temperature: float, rnd: int = 1) -> int:
+    """The prompts' seed of round ``rnd`` of a "clients" row, the same for the service and the
+    offline engine: every row and round has prompts of its own, so that none finds the prompts of
+    an earlier one in the service's prefix cache (the offline engine is built anew per run)."""
+    runs = client_runs(cfg)
+    return cfg.seed + 100 + (rnd - 1) * len(runs) + runs.index((clients, temperature))
 
 
 def client_requests(cfg: CompareConfig, clients: int) -> int:
@@ -473,40 +505,40 @@ def client_requests(cfg: CompareConfig, clients: int) -> int:
     return max(cfg.client_requests, 2 * clients)
 
 
-def client_key(kind: str, clients: int, temperature: float) -> str:
-    return f"{kind}-n{clients}-t{temperature:g}"
+def client_key(kind: str, clients: int, temperature: float, rnd: int = 1) -> str:
+    return f"{kind}-n{clients}-t{temperature:g}" + (f"#{rnd}" if rnd > 1 else "")
 
 
-def run_offline(cfg: CompareConfig, results: dict[str, BenchmarkResult], rnd: int = 1) -> None:
-    from bench.baselines.offline import benchmark_offline
+def is_client_key(key: str) -> bool:
+    return key.startswith(("service-n", "offline-n"))
 
-    key = "offline" if rnd == 1 else f"offline#{rnd}"
+
+@contextlib.contextmanager
+def engine_env(cfg: CompareConfig) -> Iterator[None]:
+    """``cfg.env`` in this process's environment: the offline engine reads TEXTGEN_* settings as the servers do."""
     saved = {k: os.environ.get(k) for k in cfg.env}
-    os.environ.update(cfg.env)  # the engine reads TEXTGEN_* settings as the servers do
+    os.environ.update(cfg.env)
     try:
-        if "main" in cfg.checks:
-            print(f"== {key}: {cfg.num_requests} requests, {cfg.concurrency} sequences", file=sys.stderr)
-            results[key] = benchmark_offline(
-                cfg.bundle, cfg.concurrency, cfg.num_requests, cfg.prompt_len, cfg.output_len, cfg.seed
-            )
-        if "clients" in cfg.checks and rnd == 1:
-            for clients, temp in client_runs(cfg):
-                print(f"== offline: {clients} sequence(s), temperature {temp:g}", file=sys.stderr)
-                results[client_key("offline", clients, temp)] = benchmark_offline(
-                    cfg.bundle,
-                    clients,
-                    client_requests(cfg, clients),
-                    cfg.client_prompt_len,
-                    cfg.client_output_len,
-                    client_seed(cfg, clients, temp),
-                    temperature=temp,
-                )
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def run_offline(cfg: CompareConfig, results: dict[str, BenchmarkResult], rnd: int = 1) -> None:
+    """The main workload on the offline engine (the "clients" check runs it beside the service)."""
+    from bench.baselines.offline import benchmark_offline
+
+    key = "offline" if rnd == 1 else f"offline#{rnd}"
+    if "main" in cfg.checks:
+        print(f"== {key}: {cfg.num_requests} requests, {cfg.concurrency} sequences", file=sys.stderr)
+        with engine_env(cfg):
+            results[key] = benchmark_offline(
+                cfg.bundle, cfg.concurrency, cfg.num_requests, cfg.prompt_len, cfg.output_len, cfg.seed
+            )
 
 
 def run_all(cfg: CompareConfig) -> dict[str, BenchmarkResult]:
@@ -586,30 +618,88 @@ def ratios(results: dict[str, BenchmarkResult]) -> dict[str, float | None]:
 
 
 def client_ratios(results: dict[str, BenchmarkResult]) -> list[dict[str, Any]]:
-    """Per client count and temperature: served and offline figures side by side."""
-    rows = []
+    """Per client count and temperature, over its rounds: medians of the served and offline figures
+    and of the ratios of each round's pair (measured side by side), and the range of the throughput
+    ratio. ITL tails: p99 ÷ p50 of each run (served and offline), median over the rounds."""
+    pairs: dict[tuple[int, float], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
     for key in results:
-        if not key.startswith("service-n"):
-            continue
+        base = key.partition("#")[0]
         off = results.get("offline" + key.removeprefix("service"))
-        if off is None:
+        if not base.startswith("service-n") or off is None:
             continue
-        s, o = results[key].summary, off.summary
-        clients, temp = key.removeprefix("service-n").split("-t")
+        clients, temp = base.removeprefix("service-n").split("-t")
+        pairs.setdefault((int(clients), float(temp)), []).append((results[key].summary, off.summary))
+
+    def med(values: list[float | None]) -> float | None:
+        vals = [v for v in values if v is not None]
+        return statistics.median(vals) if vals else None
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    rows = []
+    for (clients, temp), ps in pairs.items():
+        tput = [div(s["output_throughput"], o["output_throughput"]) for s, o in ps]
         rows.append(
             {
-                "clients": int(clients),
-                "temperature": float(temp),
-                "served": s["output_throughput"],
-                "offline": o["output_throughput"],
-                "ratio": s["output_throughput"] / o["output_throughput"] if o["output_throughput"] else None,
-                "ttft_p50": s["ttft_s"]["p50"],
-                "offline_ttft_p50": o["ttft_s"]["p50"],
-                "itl_p50": s["itl_s"]["p50"],
-                "itl_p99": s["itl_s"]["p99"],
+                "clients": clients,
+                "temperature": temp,
+                "rounds": len(ps),
+                "served": med([s["output_throughput"] for s, _ in ps]),
+                "offline": med([o["output_throughput"] for _, o in ps]),
+                "ratio": med(tput),
+                "ratio_range": (min(v for v in tput if v is not None), max(v for v in tput if v is not None))
+                if any(v is not None for v in tput) else None,
+                "ttft_p50": med([s["ttft_s"]["p50"] for s, _ in ps]),
+                "offline_ttft_p50": med([o["ttft_s"]["p50"] for _, o in ps]),
+                "ttft_ratio": med([div(s["ttft_s"]["p50"], o["ttft_s"]["p50"]) for s, o in ps]),
+                "itl_p50": med([s["itl_s"]["p50"] for s, _ in ps]),
+                "itl_p99": med([s["itl_s"]["p99"] for s, _ in ps]),
+                "itl_tail": med([div(s["itl_s"]["p99"], s["itl_s"]["p50"]) for s, _ in ps]),
+                "offline_itl_tail": med([div(o["itl_s"]["p99"], o["itl_s"]["p50"]) for _, o in ps]),
             }
         )
     return rows
+
+
+def client_table(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> list[str]:
+    """The "clients" check as markdown: per row the medians over its rounds and the targets met."""
+    bound = dict(CLIENT_TARGETS)
+
+    def met(ok: bool | None) -> str:
+        return "-" if ok is None else ("yes" if ok else "**no**")
+
+    lines = [
+        "",
+        f"Clients one by one and many (the per-token cost of serving): {cfg.get('client_requests', '?')} "
+        "requests per row and at least two per client, prompts of 32 tokens, 128 output tokens "
+        "(`ignore_eos`), streaming clients against the offline engine on the same requests at the same "
+        f"concurrency (its TTFT: from `add_request` to the first token). {cfg.get('client_rounds', 1)} rounds "
+        "per row, the offline and the served run side by side in each (order alternating, new prompts "
+        "every round); medians over the rounds, and the range of the per-round throughput ratio. TTFT and "
+        "ITL in ms; ITL tail = p99 ÷ p50 of one run (served / offline engine).",
+        "",
+        "| clients | temperature | served tok/s | offline tok/s | served ÷ offline (range) | target | met "
+        "| TTFT p50 served / offline | TTFT ratio (≤ 1.5× at 1 client) | ITL p50 / p99 "
+        "| ITL tail served / offline (≤ 2× at 1 client) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["clients"], r["temperature"])):
+        b = bound.get(r["clients"])
+        lo_hi = r["ratio_range"]
+        spread = f" ({lo_hi[0]:.2f}–{lo_hi[1]:.2f})" if lo_hi and r["rounds"] > 1 else ""
+        one = r["clients"] == 1
+        ttft_ok = r["ttft_ratio"] <= CLIENT_TTFT_TARGET if one and r["ttft_ratio"] is not None else None
+        tail_ok = r["itl_tail"] <= CLIENT_ITL_TAIL_TARGET if one and r["itl_tail"] is not None else None
+        lines.append(
+            f"| {r['clients']} | {r['temperature']:g} | {r['served']:.0f} | {r['offline']:.0f} "
+            f"| {_x(r['ratio'])}{spread} | {'-' if b is None else f'≥ {b:g}×'} "
+            f"| {met(None if b is None or r['ratio'] is None else r['ratio'] >= b)} "
+            f"| {_ms(r['ttft_p50'])} / {_ms(r['offline_ttft_p50'])} | {_x(r['ttft_ratio'])}"
+            f"{f' ({met(ttft_ok)})' if one else ''} | {_ms(r['itl_p50'])} / {_ms(r['itl_p99'])} "
+            f"| {_x(r['itl_tail'])} / {_x(r['offline_itl_tail'])}{f' ({met(tail_ok)})' if one else ''} |"
+        )
+    return lines
 
 
 def _ms(v: float | None) -> str:
@@ -676,6 +766,8 @@ def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) ->
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
+        if is_client_key(key):  # in the clients table below
+            continue
         s = r.summary
         vs = "-"
         kind = key.split("#")[0]
@@ -770,26 +862,7 @@ def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) ->
                 lines.append(f"| {label} | - | {_ms(s1['ttft_s']['p50'])} | - | - | - | - |")
     crows = client_ratios(results)
     if crows:
-        bound = dict(CLIENT_TARGETS)
-        lines += [
-            "",
-            f"Clients one by one and many (the per-token cost of serving): {cfg.get('client_requests', '?')} "
-            "requests per row and at least two per client, prompts of 32 tokens, 128 output tokens "
-            "(`ignore_eos`), streaming clients against the offline engine on the same requests at the same "
-            "concurrency (its TTFT: from `add_request` to the first token). TTFT and ITL in ms.",
-            "",
-            "| clients | temperature | served tok/s | offline tok/s | served ÷ offline | target | met "
-            "| TTFT p50 served / offline | ITL p50 / p99 |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in sorted(crows, key=lambda r: (r["clients"], r["temperature"])):
-            b = bound.get(r["clients"])
-            met = "-" if b is None or r["ratio"] is None else ("yes" if r["ratio"] >= b else "**no**")
-            lines.append(
-                f"| {r['clients']} | {r['temperature']:g} | {r['served']:.0f} | {r['offline']:.0f} "
-                f"| {_x(r['ratio'])} | {'-' if b is None else f'≥ {b:g}×'} | {met} "
-                f"| {_ms(r['ttft_p50'])} / {_ms(r['offline_ttft_p50'])} | {_ms(r['itl_p50'])} / {_ms(r['itl_p99'])} |"
-            )
+        lines += client_table(crows, cfg)
     if meta.get("img"):
         lines += ["", f"![Serving comparison]({meta['img']})"]
     return "\n".join(lines)
@@ -931,6 +1004,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="clients check: the numbers of streaming clients, each beside the offline engine (default: 1,4,32)",
     )
     p.add_argument(
+        "--client-rounds",
+        type=int,
+        default=3,
+        help="clients check: rounds per row, offline and served side by side in each; medians (default: 3)",
+    )
+    p.add_argument(
         "--env",
         action="append",
         default=[],
@@ -960,7 +1039,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         checks = tuple(c for c, on in (("ttft", args.ttft_check), ("poisson", args.poisson_check)) if on)
     servers = _csv(args.servers)
     if not ({"main"} & set(checks)):
-        servers = ("service", "offline") if "clients" in checks else ("service",)
+        servers = ("service",)  # the "clients" check runs the offline engine beside it
     return CompareConfig(
         bundle=Path(args.bundle),
         concurrency=args.concurrency,
@@ -981,6 +1060,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         rounds=args.rounds,
         client_requests=args.client_requests,
         client_counts=_client_counts(args.client_counts),
+        client_rounds=args.client_rounds,
     )
 
 
@@ -1069,6 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": cfg.rounds,
             "env": cfg.env,
             "client_requests": cfg.client_requests,
+            "client_rounds": cfg.client_rounds,
         },
         "wall_s": time.monotonic() - started,
     }

@@ -532,7 +532,9 @@ def write_genai_model(bundle: Any, threads: int, inplace: bool, folder: Path) ->
     config = genai_config(bundle, threads, inplace)
     folder.mkdir(parents=True, exist_ok=True)
     src = bundle.kv_inplace_path if inplace else bundle.onnx_path
-    shutil.copyfile(src, folder / config["model"]["decoder"]["filename"])
+    dst = folder / config["model"]["decoder"]["filename"]
+    dst.unlink(missing_ok=True)  # a link left there would make copyfile write through it onto the bundle's file
+    shutil.copyfile(src, dst)
     (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
     return folder
 

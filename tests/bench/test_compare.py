@@ -172,14 +172,62 @@ def test_offline_ttft_counts_the_engines_intake() -> None:
 
 
 def test_every_clients_row_has_prompts_of_its_own(tiny_bundle: Path) -> None:
-    """The service keeps its prefix cache across the rows and the offline engine warms up before
-    each: no row may find its prompts cached by an earlier row or by the warm-up."""
+    """The service keeps its prefix cache across the rows and their rounds, and the offline engine
+    warms up before each run: no run may find its prompts cached by an earlier one or by the warm-up."""
     from bench.baselines.offline import PromptEncoder
     from bench.compare import CompareConfig, client_runs, client_seed
 
-    cfg = CompareConfig(bundle=tiny_bundle, client_counts=(1, 4), client_requests=4)
-    seeds = [client_seed(cfg, c, t) for c, t in client_runs(cfg)]
+    cfg = CompareConfig(bundle=tiny_bundle, client_counts=(1, 4), client_requests=4, client_rounds=3)
+    seeds = [client_seed(cfg, c, t, r) for c, t in client_runs(cfg) for r in (1, 2, 3)]
     assert len(set(seeds)) == len(seeds) and cfg.seed not in seeds and cfg.seed + 1 not in seeds
     encoder = PromptEncoder.load(tiny_bundle)
     first = [tuple(build_prompts(encoder, 4, (8, 24), (4, 8), s)[0][0]) for s in seeds]
     assert len(set(first)) == len(first)
+
+
+def test_client_rows_take_medians_over_rounds_and_leave_the_main_table() -> None:
+    """Each round pairs a served and an offline run; the clients table gives the medians of both
+    sides and of the per-round ratios, and the range of the throughput ratio."""
+    from bench.compare import client_ratios, client_table, markdown_block
+
+    runs = {"service": _result(1000)}
+    for rnd, (served, offline) in enumerate([(800, 1000), (900, 1000), (600, 1000)], start=1):
+        suffix = "" if rnd == 1 else f"#{rnd}"
+        runs[f"service-n1-t0{suffix}"] = _result(served, ttft_p99=0.006)
+        runs[f"offline-n1-t0{suffix}"] = _result(offline, ttft_p99=0.004)
+    (row,) = client_ratios(runs)
+    assert row["rounds"] == 3 and row["clients"] == 1 and row["temperature"] == 0.0
+    assert row["served"] == pytest.approx(800) and row["offline"] == pytest.approx(1000)
+    assert row["ratio"] == pytest.approx(0.8) and row["ratio_range"] == pytest.approx((0.6, 0.9))
+    assert row["ttft_ratio"] == pytest.approx(1.5)
+    table = "\n".join(client_table([row], {"client_requests": 12, "client_rounds": 3}))
+    assert "| 1 | 0 | 800 | 1000 | 0.80× (0.60–0.90) | ≥ 0.8× | yes |" in table
+    assert "1.50× (yes)" in table  # TTFT within 1.5x the offline engine's
+    meta = {"config": {"prompt_len": (8, 8), "output_len": (8, 8), "seed": 0, "concurrency": 1,
+                       "num_requests": 1, "none_requests": 1, "client_rounds": 3},
+            "date": "d", "machine": "m", "loadavg": "0", "command": "c"}  # fmt: skip
+    text = markdown_block(runs, meta)
+    assert text.count("| 1 | 0 | 800 |") == 1  # the clients table's row
+    assert "service-n1" not in text and "offline-n1" not in text  # the 6 client runs stay out of the main table
+
+
+def test_clients_check_end_to_end(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Two rounds of one row pair: offline first in round 1, served first in round 2, every run
+    complete, and the table written."""
+    doc = tmp_path / "BENCHMARKS.md"
+    out_json = tmp_path / "compare.json"
+    argv = [
+        "--bundle", str(tiny_bundle), "--checks", "clients", "--client-counts", "1", "--client-requests", "2",
+        "--client-rounds", "2", "--out", str(doc), "--img-dir", str(tmp_path / "img"), "--json-out", str(out_json),
+        "--log-dir", str(tmp_path / "logs"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    runs = json.loads(out_json.read_text())["runs"]
+    keys = [k for k in runs if k.startswith(("service-n", "offline-n"))]
+    assert keys == ["offline-n1-t0", "service-n1-t0", "service-n1-t0#2", "offline-n1-t0#2",
+                    "offline-n1-t0.8", "service-n1-t0.8", "service-n1-t0.8#2", "offline-n1-t0.8#2"]  # fmt: skip
+    for k in keys:
+        s = runs[k]["summary"]
+        assert s["completed"] == 2 and s["failed"] == 0 and s["total_output_tokens"] == 2 * 128, k
+    text = doc.read_text()
+    assert "2 rounds per row" in text and "| 1 | 0.8 |" in text
