@@ -466,21 +466,40 @@ class Metrics:
     def observe_step(self, stats: StepStats) -> None:
         """Record one engine step: the batch size histogram, the speculative-decoding and
         prefix-cache counters, and the scheduler and prefix-cache gauges."""
-        if stats.batch_size > 0:
-            self._batch_size.observe(stats.batch_size)
-        if stats.num_constrained:
-            self._f.mask_time.labels(self.model_name).observe(stats.mask_time)
-        if stats.num_draft_tokens:
-            self._draft_tokens.inc(stats.num_draft_tokens)
-            self._accepted_tokens.inc(stats.num_accepted_draft_tokens)
-        self._running.set(stats.num_running)
-        self._waiting.set(stats.num_waiting)
-        self._kv_cache.set(stats.kv_cache_usage)
-        if stats.prefix_cache_queries:
-            self._prefix_queries.inc(stats.prefix_cache_queries)
-            self._prefix_hits.inc(stats.prefix_cache_hits)
-        self._prefix_blocks.set(stats.prefix_cache_blocks)
-        self._prefix_usage.set(stats.prefix_cache_usage)
+        self.observe_steps([stats])
+
+    def observe_steps(self, steps: Sequence[StepStats]) -> None:
+        """Record engine steps in order, as ``observe_step`` each would, with one update per
+        histogram bucket and counter touched; the gauges take the last step's values.
+
+        The worker publishes its steps in batches (service/process/worker.py): one by one, a
+        step's dozen locked writes to memory-mapped files cost ~25 µs, 3-4% of a decode step at
+        batch 1.
+        """
+        if not steps:
+            return
+        observe_many(self._batch_size, [s.batch_size for s in steps if s.batch_size > 0])
+        constrained = [s.mask_time for s in steps if s.num_constrained]
+        if constrained:
+            observe_many(self._f.mask_time.labels(self.model_name), constrained)
+        for counter, amount in (
+            (self._draft_tokens, sum(s.num_draft_tokens for s in steps)),
+            (self._accepted_tokens, sum(s.num_accepted_draft_tokens for s in steps)),
+            (self._prefix_queries, sum(s.prefix_cache_queries for s in steps)),
+            (self._prefix_hits, sum(s.prefix_cache_hits for s in steps)),
+        ):
+            if amount:
+                counter.inc(amount)
+        last = steps[-1]
+        self.set_load(last.num_running, last.num_waiting, last.kv_cache_usage)
+        self._prefix_blocks.set(last.prefix_cache_blocks)
+        self._prefix_usage.set(last.prefix_cache_usage)
+
+    def set_load(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        """The scheduler's gauges alone (e.g. after aborts emptied the batch without a step)."""
+        self._running.set(running)
+        self._waiting.set(waiting)
+        self._kv_cache.set(kv_cache_usage)
 
     def observe_rejected(self, reason: str) -> None:
         """Count a request refused before the engine ran it: "queue_full", "validation", "auth"."""

@@ -41,11 +41,17 @@ def bundle(tmp_path_factory):
 
 def make_worker(bundle, max_running: int = 1, max_waiting: int = 1) -> EngineWorker:
     engine = FakeEngine(bundle, EngineConfig(max_running=max_running, max_waiting=max_waiting))
-    steps = []
-    api = SimpleNamespace(engine=engine, metrics=SimpleNamespace(observe_step=steps.append),
-                          state=SharedState(1, os.getpid()), settings=SimpleNamespace(max_running=max_running))  # fmt: skip
+    steps, loads = [], []  # loads: the running and waiting gauges as published, in order
+
+    def observe_steps(batch):
+        steps.extend(batch)
+        loads.append((batch[-1].num_running, batch[-1].num_waiting))
+
+    metrics = SimpleNamespace(observe_steps=observe_steps, set_load=lambda r, w, kv: loads.append((r, w)))
+    api = SimpleNamespace(engine=engine, metrics=metrics, state=SharedState(1, os.getpid()),
+                          settings=SimpleNamespace(max_running=max_running))  # fmt: skip
     w = EngineWorker(api, Channel())
-    w.steps = steps
+    w.steps, w.loads = steps, loads
     return w
 
 
@@ -64,7 +70,7 @@ def run(w: EngineWorker) -> None:
     w._flush()
     while w.engine.has_unfinished():
         w._step()
-        w._beat(True)
+        w._beat()
 
 
 def test_submit_ack_outputs_and_cleanup(worker):
@@ -147,3 +153,36 @@ def test_a_burst_beyond_running_and_waiting_capacity_is_refused(bundle, monkeypa
     events = w.channel.events()
     assert [e.uid for e in events if isinstance(e, Ack)] == ["a", "b"]
     assert [e.uid for e in events if isinstance(e, Refusal)] == ["c"] and not w.deferred
+
+
+def test_metrics_and_heartbeat_are_published_in_batches_while_busy_and_at_once_when_idle(worker):
+    """Every step reaches the metrics, in order; while the engine runs, at most every
+    PUBLISH_EVERY_S; the moment it is idle, all of them and the heartbeat."""
+    submit(worker, "a", max_tokens=5)
+    worker._flush()
+    worker._step()
+    worker._beat()  # the first beat publishes (none before)
+    assert len(worker.steps) == 1 and worker.state.heartbeat_age() < 1
+    beat_at = worker.state._a[1]
+    for _ in range(3):
+        worker._step()
+        worker._beat()
+    assert worker.engine.has_unfinished() and len(worker.steps) == 1  # not yet due
+    assert worker.state._a[1] == beat_at
+    worker._step()  # the last token: the engine is idle
+    worker._beat()
+    assert not worker.engine.has_unfinished() and len(worker.steps) == 5
+    assert [s.batch_size for s in worker.steps] == [1] * 5 and worker.state._a[1] > beat_at
+    assert worker.state.engine_gauges()["running"] == 0
+
+
+def test_an_abort_that_empties_the_batch_publishes_the_load(worker):
+    submit(worker, "a", max_tokens=50)
+    worker._flush()
+    worker._step()
+    worker._beat()
+    worker._handle(Abort(0, "a"))
+    run(worker)  # the abort is reported by the next step
+    worker._beat()
+    assert worker.state.engine_gauges()["running"] == 0
+    assert worker.loads[0] == (1, 0) and worker.loads[-1] == (0, 0)

@@ -388,3 +388,29 @@ def test_observe_many_counts_like_observe_one_by_one():
         assert batched[k] == pytest.approx(v, rel=1e-12), k
     assert one_by_one["h_count[('model', 'm')]"] == len(amounts)
     assert exposition(lambda child: observe_many(child, [])) == exposition(lambda child: None)
+
+
+def test_observe_steps_records_what_observe_step_one_by_one_does():
+    """The worker publishes its steps in batches (Metrics.observe_steps): the histograms,
+    counters and gauges must end as if every step had been observed alone, in order."""
+    import prometheus_client
+
+    steps = [*STEPS["a"], *STEPS["b"], StepStats(0, 0, 3, 2, 0.75, 0.0, prefix_cache_blocks=5),
+             StepStats(4, 64, 4, 1, 0.5, 0.002, num_constrained=2, mask_time=0.0004, prefix_cache_queries=64,
+                       prefix_cache_hits=32, prefix_cache_blocks=6, prefix_cache_usage=0.125)]  # fmt: skip
+
+    def exposition(model: str) -> dict:
+        return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model"))): s.value
+                for fam in prometheus_client.REGISTRY.collect() for s in fam.samples
+                if s.labels.get("model") == model and not s.name.endswith("_created")}  # fmt: skip
+
+    one, batched = metrics.Metrics("steps-one-by-one"), metrics.Metrics("steps-batched")
+    for s in steps:
+        one.observe_step(s)
+    batched.observe_steps(steps)
+    a, b = exposition("steps-one-by-one"), exposition("steps-batched")
+    assert a.keys() == b.keys() and a
+    for k, v in a.items():
+        assert b[k] == pytest.approx(v, rel=1e-12), k
+    assert a[("textgen_num_requests_running", ())] == 4 and a[("textgen_prefix_cache_blocks", ())] == 6
+    assert a[("textgen_iteration_batch_size_count", ())] == sum(1 for s in steps if s.batch_size)
