@@ -19,8 +19,9 @@ connection:
 
     HTTP process i ◀──▶ unix:@textgen-<id>-engine ◀──▶ inference worker
 
-In, one frame per Submit or Abort; out, one frame per engine iteration and HTTP process: the list
-of that process's Ack/Output/Refusal of the iteration. A frame is a 4-byte little-endian length
+In, one frame per Submit or Abort; out, per engine iteration and HTTP process, one frame of the
+Acks and Refusals of the requests just taken in (before the step, so that a stream's headers go out
+while its prefill runs) and one of the step's Outputs. A frame is a 4-byte little-endian length
 and one ``pickle.dumps`` of slotted dataclasses (protocol 5): one encode and one decode per hop,
 however many requests the step served.
 

@@ -186,3 +186,20 @@ def test_an_abort_that_empties_the_batch_publishes_the_load(worker):
     worker._beat()
     assert worker.state.engine_gauges()["running"] == 0
     assert worker.loads[0] == (1, 0) and worker.loads[-1] == (0, 0)
+
+
+def test_the_ack_leaves_before_the_step_that_prefills_the_request(worker):
+    """The HTTP process sends a stream's headers while the prefill runs: the Ack must not wait
+    for the step's outputs."""
+    worker.channel.receive = lambda timeout_s, max_messages: [
+        Submit(0, "a", ([1, 5, 6],), (SamplingParams(max_tokens=2, temperature=0),), time.monotonic(), 1e12)]
+    sent_before_step = []
+
+    def step():
+        sent_before_step.extend(worker.channel.events())
+        raise SystemExit  # one iteration of serve() is enough
+
+    worker._step = step
+    with pytest.raises(SystemExit):
+        worker.serve()
+    assert sent_before_step == [Ack("a")]
