@@ -43,6 +43,7 @@ GREEDY_BELOW = 1e-5  # a smaller temperature is argmax: dividing by it would ove
 _LOGIT_LIMIT = 1e6  # penalized logits are clipped to ±this: a penalty near 0 must not make inf (NaN logprobs)
 _TOP_P_CANDIDATES = 1024  # largest logits examined for top-p before falling back to a full sort
 _BLOCK = 256  # tokens per block of the two-level inverse CDF
+_ROW_BY_ROW = 2  # batches of at most this many rows search the inverse CDF row by row (45 -> 20 µs at batch 1)
 _THRESHOLD_SAMPLE = 4096  # values per row a candidate threshold is estimated from
 _CANDIDATE_SHARE = 8  # the candidate path only for rows needing at most 1/8 of the vocabulary
 # top-p without top-k: candidates the fast path gathers; a wider nucleus is drawn by the full path
@@ -352,15 +353,35 @@ def _inverse_cdf(w: np.ndarray, u: np.ndarray) -> np.ndarray:
     if V % _BLOCK:
         w = np.concatenate([w, np.zeros((R, nb * _BLOCK - V), dtype=w.dtype)], axis=1)
     blocks = w.reshape(R, nb, _BLOCK)
-    rows = np.arange(R)
     block_sum = blocks.sum(axis=2, dtype=np.float64)  # (R, nb)
     block_cdf = np.cumsum(block_sum, axis=1)
     target = u * block_cdf[:, -1]  # (R,)
+    if R <= _ROW_BY_ROW and np.isfinite(target).all():
+        return np.array([_search_row(blocks[r], block_sum[r], block_cdf[r], float(target[r])) for r in range(R)],
+                        dtype=np.int64)
+    rows = np.arange(R)
     b = _first_above(block_cdf, target, block_sum > 0)  # (R,) chosen block
     target -= np.where(b > 0, block_cdf[rows, b - 1], 0.0)
     inner = blocks[rows, b].astype(np.float64)  # (R, BLOCK)
     i = _first_above(np.cumsum(inner, axis=1), target, inner > 0)
     return (b * _BLOCK + i).astype(np.int64)
+
+
+def _search_row(blocks: np.ndarray, block_sum: np.ndarray, block_cdf: np.ndarray, target: float) -> int:
+    """``_inverse_cdf``'s two levels for one row, with binary searches: the same arithmetic and
+    the same token (a row's draw never depends on its batch), in a third of the numpy calls."""
+    b = _first_above_row(block_cdf, target, block_sum)
+    if b > 0:
+        target -= float(block_cdf[b - 1])
+    inner = blocks[b].astype(np.float64)
+    return b * _BLOCK + _first_above_row(np.cumsum(inner), target, inner)
+
+
+def _first_above_row(cdf: np.ndarray, target: float, weights: np.ndarray) -> int:
+    """``_first_above`` for one row: a cumulative sum of non-negative weights never decreases, so
+    the count of entries <= target is a binary search."""
+    first = int(np.searchsorted(cdf, target, side="right"))
+    return min(first, len(weights) - 1 - int(np.argmax(weights[::-1] > 0)))
 
 
 def _first_above(cdf: np.ndarray, target: np.ndarray, positive: np.ndarray) -> np.ndarray:

@@ -380,3 +380,26 @@ def test_temperature_alone_takes_the_full_draw_s_arithmetic() -> None:
         want = _draw_full(logits / temps[:, None], np.zeros(5, np.int64), np.ones(5, np.float32),
                           np.zeros(5, np.float32), u)
         assert got.token_ids.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("V", [1, 255, 256, 4096, 32000])
+def test_a_row_draws_the_same_token_alone_and_in_a_batch(V: int) -> None:
+    """Small batches search the inverse CDF row by row, larger ones all rows at once: every row
+    must get the same token either way (zero weights, ties, u at both ends included)."""
+    from service.engine.sampler import _ROW_BY_ROW, _inverse_cdf
+
+    rnd = np.random.default_rng(V + 1)
+    R = 200
+    w = rnd.random((R, V)).astype(np.float32) ** 4
+    w[rnd.random((R, V)) < 0.3] = 0.0
+    w[:20] = np.round(w[:20] * 4) / 4  # many ties
+    w[20:40, : V // 2] = 0.0  # the first blocks empty
+    w[:, -1] += 1e-3
+    w[40] = 0.0  # no positive weight at all
+    u = rnd.random(R)
+    u[:6] = [0.0, 1.0 - 1e-16, 0.5, 0.25, 1e-300, 0.999999]
+    batched = _inverse_cdf(w, u)
+    assert len(w) > _ROW_BY_ROW
+    alone = [int(_inverse_cdf(w[i : i + 1], u[i : i + 1])[0]) for i in range(R)]
+    pairs = [int(x) for i in range(0, R, 2) for x in _inverse_cdf(w[i : i + 2], u[i : i + 2])]
+    assert alone == batched.tolist() == pairs
