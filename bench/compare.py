@@ -130,7 +130,7 @@ class CompareConfig:
     # alternating): the speed of a shared machine drifts by 2x within seconds, so a single pair of
     # 1-second runs, or all served rows before all offline ones, says little (per-row ratios of
     # 0.68-1.19x between identical runs here). The table gives medians over the rounds.
-    client_rounds: int = 3
+    client_rounds: int = 5
     client_prompt_len: tuple[int, int] = (32, 32)
     client_output_len: tuple[int, int] = (128, 128)
 
@@ -1006,8 +1006,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--client-rounds",
         type=int,
-        default=3,
-        help="clients check: rounds per row, offline and served side by side in each; medians (default: 3)",
+        default=5,
+        help="clients check: rounds per row, offline and served side by side in each; medians (default: 5)",
     )
     p.add_argument(
         "--env",
