@@ -462,12 +462,14 @@ class Engine:
         return out
 
     def _fail_all(self, request_ids: list[str], error: str) -> list[RequestOutput]:
+        """End the running rows with an error after a failed run. Their slots and reservations are
+        freed at once (``Scheduler.finish``), not through a ``schedule()``, which would also admit
+        waiting requests that this step then never prefills."""
         outs = []
         for rid in request_ids:
             if rid in self._seqs:
-                self.scheduler.abort(rid)
+                self.scheduler.finish(rid)
                 outs.append(self._finish(self._seqs[rid], "error", error))
-        self._release(self.scheduler.schedule().cached)  # reports the aborts and frees their reservations
         self._batch.clear()
         return outs
 

@@ -457,3 +457,27 @@ def test_grammar_rows_beside_free_rows_and_alone(random_bundle, layout) -> None:
     with pytest.raises(InvalidRequestError, match="grammar"):
         engine.add_request("bad", prompt, SamplingParams(grammar='{"grammars": [{"lark_grammar": "start: ("}]}'))
     check_idle(engine)
+
+
+def test_a_failed_run_fails_its_rows_and_the_waiting_requests_still_run(random_bundle, layout, monkeypatch) -> None:
+    """A model run that raises fails the rows it ran; a request that was waiting for a slot is
+    then admitted, prefilled and served like any other (not left running without a prefill)."""
+    engine = make_engine(random_bundle, layout, max_running=1, speculative_tokens=0)
+    p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    engine.add_request("a", [1, 5, 6], p)
+    engine.step()  # "a" is prefilled and holds the only slot
+    engine.add_request("b", [1, 7, 8, 9], p)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the run failed")
+
+    monkeypatch.setattr(engine._batch, "decode", broken)
+    outs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("a", "error")]
+    monkeypatch.undo()
+    got = run_to_completion(engine)
+    assert got["b"]["finish"] == "length" and len(got["b"]["tokens"]) == 4
+    alone = make_engine(random_bundle, layout, max_running=1, speculative_tokens=0)
+    alone.add_request("b", [1, 7, 8, 9], p)
+    assert run_to_completion(alone)["b"]["tokens"] == got["b"]["tokens"]
+    check_idle(engine)
