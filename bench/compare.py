@@ -240,15 +240,16 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
 
 # Where the inference worker's wall time goes: each sample counts for the innermost frame that
 # matches (frames searched from the leaf up).
-WORKER_GROUPS = (
-    ("model run (ONNX Runtime Session.run)", ("Session.run",)),
-    ("KV cache: rows leave (BatchCache.keep)", ("BatchCache.keep",)),
-    ("KV cache: rows join (BatchCache.merge)", ("BatchCache.merge",)),
-    ("KV cache: per-step inputs and advance", ("BatchCache.", "left_pad_prompts")),
+WORKER_GROUPS = (  # (group, substrings of frame names)
+    ("model run (ONNX Runtime)", ("run_with_iobinding", "Session.run")),
+    ("KV cache: rows leave and join (keep, prefill inputs)", ("Batch.keep", "Runner.apply", "right_pad_prompts",
+                                                               "left_pad_prompts")),
+    ("KV cache: per-step inputs and advance", ("decode_inputs", "Cache.advance", "Cache.keep", "Cache.join")),
+    ("prefix cache", ("prefix_cache.py", "prefix_pool.py", "Engine._cache_prompts")),
     ("sampling", ("sampler.py",)),
-    ("detokenization, stop checks", ("detokenizer.py", "check_stop")),
-    ("outputs out: transport.send (Manager queue RPC)", ("EngineWorker._flush",)),
-    ("requests in: request queue gets (Manager queue RPC)", ("EngineWorker._receive",)),
+    ("detokenization, stop checks", ("detokenizer.py", "finishing.py")),
+    ("outputs out: encode and send (wire.py)", ("EngineWorker._flush",)),
+    ("requests in: the channel's poll (idle included) and intake", ("EngineChannel.receive", "EngineWorker._handle_all")),
     ("metrics and heartbeat", ("metrics.py", "shared_state.py", "EngineWorker._beat")),
     ("rest of the engine step", ("Engine.",)),
     ("rest of the worker loop", ("EngineWorker.",)),
