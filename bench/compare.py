@@ -864,6 +864,8 @@ def markdown_block(results: dict[str, BenchmarkResult], meta: dict[str, Any]) ->
     crows = client_ratios(results)
     if crows:
         lines += client_table(crows, cfg)
+        if meta.get("clients_img"):
+            lines += ["", f"![Clients check]({meta['clients_img']})"]
     if meta.get("img"):
         lines += ["", f"![Serving comparison]({meta['img']})"]
     return "\n".join(lines)
@@ -938,6 +940,59 @@ def plot(results: dict[str, BenchmarkResult], path: Path) -> Path:
         "(throughputs: medians over rounds; latencies: round 1)",
         fontsize=9,
     )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_clients(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The clients check: served ÷ offline tokens/s per row (median, range over the rounds, the
+    target), and TTFT p50 served and offline (the 1.5× bound at one client)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = sorted(rows, key=lambda r: (r["clients"], r["temperature"]))
+    labels = [f"{r['clients']} client{'s' if r['clients'] > 1 else ''}\n"
+              + ("greedy" if r["temperature"] == 0 else f"t={r['temperature']:g}") for r in rows]
+    xs = list(range(len(rows)))
+    bound = dict(CLIENT_TARGETS)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.2))
+    med = [r["ratio"] or 0.0 for r in rows]
+    lo = [m - (r["ratio_range"] or (m, m))[0] for m, r in zip(med, rows, strict=True)]
+    hi = [(r["ratio_range"] or (m, m))[1] - m for m, r in zip(med, rows, strict=True)]
+    met = [r["clients"] not in bound or m >= bound[r["clients"]] for m, r in zip(med, rows, strict=True)]
+    bars = ax1.bar(xs, med, yerr=[lo, hi], capsize=4, color=["tab:green" if ok else "tab:red" for ok in met])
+    ax1.bar_label(bars, fmt="%.2f", label_type="center", color="white", fontsize=9)
+    for x, r in zip(xs, rows, strict=True):
+        if r["clients"] in bound:
+            ax1.hlines(bound[r["clients"]], x - 0.4, x + 0.4, colors="black", linestyles="dashed")
+    ax1.axhline(1.0, color="gray", linewidth=0.8)
+    ax1.set_xticks(xs, labels, fontsize=8)
+    ax1.set_ylabel("served ÷ offline output tokens/s")
+    ax1.set_title("throughput: median and range over the rounds (dashed: target)", fontsize=10)
+    width = 0.38
+    served = [1000 * (r["ttft_p50"] or 0.0) for r in rows]
+    offline = [1000 * (r["offline_ttft_p50"] or 0.0) for r in rows]
+    ax2.bar([x - width / 2 for x in xs], served, width, label="served", color="tab:green")
+    ax2.bar([x + width / 2 for x in xs], offline, width, label="offline engine", color="tab:gray")
+    for x, r, o in zip(xs, rows, offline, strict=True):
+        if r["clients"] == 1:
+            ax2.hlines(CLIENT_TTFT_TARGET * o, x - 0.4, x + 0.4, colors="black", linestyles="dashed")
+    ax2.set_yscale("log")
+    ax2.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax2.set_xticks(xs, labels, fontsize=8)
+    ax2.set_ylabel("ms (log scale)")
+    ax2.set_title(f"TTFT p50, medians (dashed: {CLIENT_TTFT_TARGET:g}× offline at 1 client)", fontsize=10)
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"clients check · {rows[0]['rounds']} rounds per row, offline and served side by side "
+                 "· 2-core CPU", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -1095,6 +1150,12 @@ def write_outputs(
         png = plot(results, Path(args.img_dir) / "serving-compare.png")
         if args.out:
             meta["img"] = os.path.relpath(png, Path(args.out).parent)
+        print(f"wrote {png}", file=sys.stderr)
+    crows = client_ratios(results)
+    if crows:
+        png = plot_clients(crows, Path(args.img_dir) / "serving-clients.png")
+        if args.out:
+            meta["clients_img"] = os.path.relpath(png, Path(args.out).parent)
         print(f"wrote {png}", file=sys.stderr)
     block = markdown_block(results, meta)
     print(block)

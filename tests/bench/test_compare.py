@@ -231,3 +231,6 @@ def test_clients_check_end_to_end(tiny_bundle: Path, tmp_path: Path) -> None:
         assert s["completed"] == 2 and s["failed"] == 0 and s["total_output_tokens"] == 2 * 128, k
     text = doc.read_text()
     assert "2 rounds per row" in text and "| 1 | 0.8 |" in text
+    assert "![Clients check](img/serving-clients.png)" in text
+    assert (tmp_path / "img" / "serving-clients.png").stat().st_size > 1000
+    assert not (tmp_path / "img" / "serving-compare.png").exists()  # no main run: no main plot
