@@ -561,6 +561,11 @@ def run_all(cfg: CompareConfig) -> dict[str, BenchmarkResult]:
 # ----------------------------------------------------------------------------- reporting
 
 
+def _div(a: float | None, b: float | None) -> float | None:
+    """a ÷ b, or None when either is missing (or b is 0)."""
+    return a / b if a is not None and b else None
+
+
 def median_throughput(results: dict[str, BenchmarkResult], kind: str) -> float | None:
     """Output tokens/s of a server: the median over its rounds ("service", "service#2", ...)."""
     vals = [r.summary["output_throughput"] for key, r in results.items() if key.split("#")[0] == kind]
@@ -592,9 +597,6 @@ def ratios(results: dict[str, BenchmarkResult]) -> dict[str, float | None]:
     def stat(k: str, key: str, p: str = "p99") -> float | None:
         return results[k].summary[key][p] if k in results else None
 
-    def div(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
     def eff(k: str) -> float | None:
         return median_efficiency(results, k)
 
@@ -602,19 +604,19 @@ def ratios(results: dict[str, BenchmarkResult]) -> dict[str, float | None]:
                None)
     burst = next((k for k in results if k.startswith("service-c") and k.endswith("-burst")), None)
     return {
-        "eff_vs_static": div(eff("service"), eff("static")),
-        "eff_vs_none": div(eff("service"), eff("none")),
-        "eff_vs_offline": div(eff("service"), eff("offline")),
-        "vs_static": div(tput("service"), tput("static")),
-        "vs_none": div(tput("service"), tput("none")),
-        "vs_offline": div(tput("service"), tput("offline")),
-        "ttft_c16_c1": div(stat(c16, "ttft_s") if c16 else None, stat("service-c1", "ttft_s")),
-        "ttft_burst_c1": div(stat(burst, "ttft_s") if burst else None, stat("service-c1", "ttft_s")),
-        "ttft_p50_c16_c1": div(
+        "eff_vs_static": _div(eff("service"), eff("static")),
+        "eff_vs_none": _div(eff("service"), eff("none")),
+        "eff_vs_offline": _div(eff("service"), eff("offline")),
+        "vs_static": _div(tput("service"), tput("static")),
+        "vs_none": _div(tput("service"), tput("none")),
+        "vs_offline": _div(tput("service"), tput("offline")),
+        "ttft_c16_c1": _div(stat(c16, "ttft_s") if c16 else None, stat("service-c1", "ttft_s")),
+        "ttft_burst_c1": _div(stat(burst, "ttft_s") if burst else None, stat("service-c1", "ttft_s")),
+        "ttft_p50_c16_c1": _div(
             stat(c16, "ttft_s", "p50") if c16 else None, stat("service-c1", "ttft_s", "p50")
         ),
-        "poisson_p50_70_10": div(stat("poisson-70", "e2e_s", "p50"), stat("poisson-10", "e2e_s", "p50")),
-        "poisson_70_10": div(stat("poisson-70", "e2e_s"), stat("poisson-10", "e2e_s")),
+        "poisson_p50_70_10": _div(stat("poisson-70", "e2e_s", "p50"), stat("poisson-10", "e2e_s", "p50")),
+        "poisson_70_10": _div(stat("poisson-70", "e2e_s"), stat("poisson-10", "e2e_s")),
     }
 
 
@@ -635,12 +637,9 @@ def client_ratios(results: dict[str, BenchmarkResult]) -> list[dict[str, Any]]:
         vals = [v for v in values if v is not None]
         return statistics.median(vals) if vals else None
 
-    def div(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
     rows = []
     for (clients, temp), ps in pairs.items():
-        tput = [div(s["output_throughput"], o["output_throughput"]) for s, o in ps]
+        tput = [_div(s["output_throughput"], o["output_throughput"]) for s, o in ps]
         rows.append(
             {
                 "clients": clients,
@@ -653,11 +652,11 @@ def client_ratios(results: dict[str, BenchmarkResult]) -> list[dict[str, Any]]:
                 if any(v is not None for v in tput) else None,
                 "ttft_p50": med([s["ttft_s"]["p50"] for s, _ in ps]),
                 "offline_ttft_p50": med([o["ttft_s"]["p50"] for _, o in ps]),
-                "ttft_ratio": med([div(s["ttft_s"]["p50"], o["ttft_s"]["p50"]) for s, o in ps]),
+                "ttft_ratio": med([_div(s["ttft_s"]["p50"], o["ttft_s"]["p50"]) for s, o in ps]),
                 "itl_p50": med([s["itl_s"]["p50"] for s, _ in ps]),
                 "itl_p99": med([s["itl_s"]["p99"] for s, _ in ps]),
-                "itl_tail": med([div(s["itl_s"]["p99"], s["itl_s"]["p50"]) for s, _ in ps]),
-                "offline_itl_tail": med([div(o["itl_s"]["p99"], o["itl_s"]["p50"]) for _, o in ps]),
+                "itl_tail": med([_div(s["itl_s"]["p99"], s["itl_s"]["p50"]) for s, _ in ps]),
+                "offline_itl_tail": med([_div(o["itl_s"]["p99"], o["itl_s"]["p50"]) for _, o in ps]),
             }
         )
     return rows

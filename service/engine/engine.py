@@ -472,4 +472,3 @@ class Engine:
                 outs.append(self._finish(self._seqs[rid], "error", error))
         self._batch.clear()
         return outs
-
