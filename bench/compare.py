@@ -127,10 +127,11 @@ class CompareConfig:
     client_counts: tuple[int, ...] = (1, 4, 32)  # the "clients" check
     client_requests: int = 12  # per client count and temperature; at least two per client
     # Rounds per "clients" row, the offline and the served run side by side in each (the order
-    # alternating): the speed of a shared machine drifts by 2x within seconds, so a single pair of
+    # rotating): the speed of a shared machine drifts by 2x within seconds, so a single pair of
     # 1-second runs, or all served rows before all offline ones, says little (per-row ratios of
     # 0.68-1.19x between identical runs here). The table gives medians over the rounds.
     client_rounds: int = 5
+    client_thin: bool = True  # the clients check also runs bench.baselines.thin
     client_prompt_len: tuple[int, int] = (32, 32)
     client_output_len: tuple[int, int] = (128, 128)
 
@@ -171,6 +172,8 @@ def server_command(kind: str, cfg: CompareConfig, port: int) -> tuple[list[str],
     """(argv, readiness path) of one HTTP server."""
     if kind == "service":
         return service_argv(cfg.bundle, port, cfg.service_module), "/ready"
+    if kind == "thin":
+        return [sys.executable, "-m", "bench.baselines.thin", "--bundle", str(cfg.bundle), "--port", str(port)], "/ready"
     batch = cfg.concurrency if kind == "static" else 1
     argv = [sys.executable, "-m", "bench.baselines.serve", "--bundle", str(cfg.bundle), "--port", str(port)]
     return [*argv, "--max-batch-size", str(batch), "--batch-timeout", str(cfg.batch_timeout)], "/health"
@@ -453,30 +456,46 @@ def run_structured(server: Server, cfg: CompareConfig, results: dict[str, Benchm
 
 def run_clients(server: Server, cfg: CompareConfig, results: dict[str, BenchmarkResult]) -> None:
     """The "clients" check: per row (clients, temperature), ``cfg.client_rounds`` rounds of the
-    offline engine and the service on the same new prompts, one right after the other, the order
-    alternating between rounds so that a drift of the machine's speed favours neither side."""
-    for clients, temp in client_runs(cfg):
-        for rnd in range(1, cfg.client_rounds + 1):
-            seed = client_seed(cfg, clients, temp, rnd)
-            for side in ("offline", "service") if rnd % 2 else ("service", "offline"):
-                print(f"== {side}: {clients} client(s), temperature {temp:g}, round {rnd}", file=sys.stderr)
-                key = client_key(side, clients, temp, rnd)
-                if side == "offline":
-                    results[key] = offline_clients_run(cfg, clients, temp, seed)
-                    continue
-                results[key] = measure(
-                    server,
-                    _bench_config(
-                        cfg,
-                        server.base_url,
-                        concurrency=clients,
-                        num_requests=client_requests(cfg, clients),
-                        prompt_len=cfg.client_prompt_len,
-                        output_len=cfg.client_output_len,
-                        temperature=temp,
-                        seed=seed,
-                    ),
-                )
+    offline engine, the service and (``cfg.client_thin``) the thin server on the same new prompts,
+    one right after the other, the order rotating between rounds so that a drift of the machine's
+    speed favours no side. The thin server (bench.baselines.thin) runs beside the service, idle
+    while the others are measured."""
+    thin = None
+    if cfg.client_thin:
+        thin = start_server("thin", cfg, cfg.log_dir or Path(tempfile.mkdtemp(prefix="bench-thin-")))
+    try:
+        if thin is not None:
+            thin.wait_ready(START_TIMEOUT_S)
+            warm_up(thin, cfg)
+        servers = {"service": server, "thin": thin}
+        sides = ["offline", "service", *(["thin"] if thin is not None else [])]
+        for clients, temp in client_runs(cfg):
+            for rnd in range(1, cfg.client_rounds + 1):
+                seed = client_seed(cfg, clients, temp, rnd)
+                k = (rnd - 1) % len(sides)  # rotating: each side comes first, second (, third) in turn
+                for side in sides[k:] + sides[:k]:
+                    print(f"== {side}: {clients} client(s), temperature {temp:g}, round {rnd}", file=sys.stderr)
+                    key = client_key(side, clients, temp, rnd)
+                    if side == "offline":
+                        results[key] = offline_clients_run(cfg, clients, temp, seed)
+                        continue
+                    srv = servers[side]
+                    results[key] = measure(
+                        srv,
+                        _bench_config(
+                            cfg,
+                            srv.base_url,
+                            concurrency=clients,
+                            num_requests=client_requests(cfg, clients),
+                            prompt_len=cfg.client_prompt_len,
+                            output_len=cfg.client_output_len,
+                            temperature=temp,
+                            seed=seed,
+                        ),
+                    )
+    finally:
+        if thin is not None:
+            thin.stop(signal.SIGINT)
 
 
 def offline_clients_run(cfg: CompareConfig, clients: int, temperature: float, seed: int) -> BenchmarkResult:
@@ -511,7 +530,7 @@ def client_key(kind: str, clients: int, temperature: float, rnd: int = 1) -> str
 
 
 def is_client_key(key: str) -> bool:
-    return key.startswith(("service-n", "offline-n"))
+    return key.startswith(("service-n", "offline-n", "thin-n"))
 
 
 @contextlib.contextmanager
@@ -623,15 +642,22 @@ def ratios(results: dict[str, BenchmarkResult]) -> dict[str, float | None]:
 def client_ratios(results: dict[str, BenchmarkResult]) -> list[dict[str, Any]]:
     """Per client count and temperature, over its rounds: medians of the served and offline figures
     and of the ratios of each round's pair (measured side by side), and the range of the throughput
-    ratio. ITL tails: p99 ÷ p50 of each run (served and offline), median over the rounds."""
+    ratio. ITL tails: p99 ÷ p50 of each run (served and offline), median over the rounds. Where
+    the thin server (bench.baselines.thin) ran in the same rounds, its figures too: thin ÷ offline
+    (what serving costs at the least here) and served ÷ thin (what the service costs beyond that)."""
     pairs: dict[tuple[int, float], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    thins: dict[tuple[int, float], list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]] = {}
     for key in results:
         base = key.partition("#")[0]
         off = results.get("offline" + key.removeprefix("service"))
         if not base.startswith("service-n") or off is None:
             continue
         clients, temp = base.removeprefix("service-n").split("-t")
-        pairs.setdefault((int(clients), float(temp)), []).append((results[key].summary, off.summary))
+        row = (int(clients), float(temp))
+        pairs.setdefault(row, []).append((results[key].summary, off.summary))
+        thin = results.get("thin" + key.removeprefix("service"))
+        if thin is not None:
+            thins.setdefault(row, []).append((results[key].summary, off.summary, thin.summary))
 
     def med(values: list[float | None]) -> float | None:
         vals = [v for v in values if v is not None]
@@ -657,9 +683,28 @@ def client_ratios(results: dict[str, BenchmarkResult]) -> list[dict[str, Any]]:
                 "itl_p99": med([s["itl_s"]["p99"] for s, _ in ps]),
                 "itl_tail": med([_div(s["itl_s"]["p99"], s["itl_s"]["p50"]) for s, _ in ps]),
                 "offline_itl_tail": med([_div(o["itl_s"]["p99"], o["itl_s"]["p50"]) for _, o in ps]),
+                **thin_ratios(thins.get((clients, temp), []), med),
             }
         )
     return rows
+
+
+def thin_ratios(runs: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]], med: Any) -> dict[str, Any]:
+    """The thin server's figures over the rounds it ran in: (served, offline, thin) summaries."""
+    if not runs:
+        return {}
+    thin_off = [_div(t["output_throughput"], o["output_throughput"]) for _, o, t in runs]
+    return {
+        "thin_rounds": len(runs),
+        "thin": med([t["output_throughput"] for _, _, t in runs]),
+        "thin_ratio": med(thin_off),
+        "thin_range": (min(v for v in thin_off if v is not None), max(v for v in thin_off if v is not None))
+        if any(v is not None for v in thin_off) else None,
+        "served_vs_thin": med([_div(s["output_throughput"], t["output_throughput"]) for s, _, t in runs]),
+        "thin_ttft_p50": med([t["ttft_s"]["p50"] for _, _, t in runs]),
+        "thin_ttft_ratio": med([_div(t["ttft_s"]["p50"], o["ttft_s"]["p50"]) for _, o, t in runs]),
+        "thin_itl_tail": med([_div(t["itl_s"]["p99"], t["itl_s"]["p50"]) for _, _, t in runs]),
+    }
 
 
 def client_table(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> list[str]:
@@ -675,7 +720,7 @@ def client_table(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> list[str]:
         "requests per row and at least two per client, prompts of 32 tokens, 128 output tokens "
         "(`ignore_eos`), streaming clients against the offline engine on the same requests at the same "
         f"concurrency (its TTFT: from `add_request` to the first token). {cfg.get('client_rounds', 1)} rounds "
-        "per row, the offline and the served run side by side in each (order alternating, new prompts "
+        "per row, the offline and the served run side by side in each (order rotating, new prompts "
         "every round); medians over the rounds, and the range of the per-round throughput ratio. TTFT and "
         "ITL in ms; ITL tail = p99 ÷ p50 of one run (served / offline engine).",
         "",
@@ -698,6 +743,33 @@ def client_table(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> list[str]:
             f"| {_ms(r['ttft_p50'])} / {_ms(r['offline_ttft_p50'])} | {_x(r['ttft_ratio'])}"
             f"{f' ({met(ttft_ok)})' if one else ''} | {_ms(r['itl_p50'])} / {_ms(r['itl_p99'])} "
             f"| {_x(r['itl_tail'])} / {_x(r['offline_itl_tail'])}{f' ({met(tail_ok)})' if one else ''} |"
+        )
+    return lines + thin_table(rows)
+
+
+def thin_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The thin server's rows (bench.baselines.thin: the engine and raw sockets in one process), if it ran."""
+    rows = sorted((r for r in rows if r.get("thin_rounds")), key=lambda r: (r["clients"], r["temperature"]))
+    if not rows:
+        return []
+    lines = [
+        "",
+        "The same rounds against the thinnest server around the engine (`bench.baselines.thin`: one process, "
+        "one thread, the engine's outputs written straight to the client sockets, the same load generator): "
+        "thin ÷ offline is what streaming over HTTP costs at the least on this machine, served ÷ thin what "
+        "the service costs beyond it.",
+        "",
+        "| clients | temperature | thin tok/s | thin ÷ offline (range) | served ÷ thin | TTFT p50 thin (ms) "
+        "| TTFT thin ÷ offline | ITL tail thin |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo_hi = r["thin_range"]
+        spread = f" ({lo_hi[0]:.2f}–{lo_hi[1]:.2f})" if lo_hi and r["thin_rounds"] > 1 else ""
+        lines.append(
+            f"| {r['clients']} | {r['temperature']:g} | {r['thin']:.0f} | {_x(r['thin_ratio'])}{spread} "
+            f"| {_x(r['served_vs_thin'])} | {_ms(r['thin_ttft_p50'])} | {_x(r['thin_ttft_ratio'])} "
+            f"| {_x(r['thin_itl_tail'])} |"
         )
     return lines
 
@@ -1065,6 +1137,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="clients check: rounds per row, offline and served side by side in each; medians (default: 5)",
     )
     p.add_argument(
+        "--client-thin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clients check: also run the thinnest server around the engine (bench.baselines.thin), "
+        "what serving costs at the least on this machine (default: on)",
+    )
+    p.add_argument(
         "--env",
         action="append",
         default=[],
@@ -1116,6 +1195,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
         client_requests=args.client_requests,
         client_counts=_client_counts(args.client_counts),
         client_rounds=args.client_rounds,
+        client_thin=args.client_thin,
     )
 
 

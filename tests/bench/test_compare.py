@@ -212,8 +212,8 @@ def test_client_rows_take_medians_over_rounds_and_leave_the_main_table() -> None
 
 
 def test_clients_check_end_to_end(tiny_bundle: Path, tmp_path: Path) -> None:
-    """Two rounds of one row pair: offline first in round 1, served first in round 2, every run
-    complete, and the table written."""
+    """Two rounds of one row: offline, served, thin server in round 1, rotated in round 2, every
+    run complete, and both tables written."""
     doc = tmp_path / "BENCHMARKS.md"
     out_json = tmp_path / "compare.json"
     argv = [
@@ -223,14 +223,16 @@ def test_clients_check_end_to_end(tiny_bundle: Path, tmp_path: Path) -> None:
     ]  # fmt: skip
     assert main(argv) == 0
     runs = json.loads(out_json.read_text())["runs"]
-    keys = [k for k in runs if k.startswith(("service-n", "offline-n"))]
-    assert keys == ["offline-n1-t0", "service-n1-t0", "service-n1-t0#2", "offline-n1-t0#2",
-                    "offline-n1-t0.8", "service-n1-t0.8", "service-n1-t0.8#2", "offline-n1-t0.8#2"]  # fmt: skip
+    keys = [k for k in runs if k.startswith(("service-n", "offline-n", "thin-n"))]
+    assert keys == ["offline-n1-t0", "service-n1-t0", "thin-n1-t0", "service-n1-t0#2", "thin-n1-t0#2",
+                    "offline-n1-t0#2", "offline-n1-t0.8", "service-n1-t0.8", "thin-n1-t0.8",
+                    "service-n1-t0.8#2", "thin-n1-t0.8#2", "offline-n1-t0.8#2"]  # fmt: skip
     for k in keys:
         s = runs[k]["summary"]
         assert s["completed"] == 2 and s["failed"] == 0 and s["total_output_tokens"] == 2 * 128, k
     text = doc.read_text()
     assert "2 rounds per row" in text and "| 1 | 0.8 |" in text
+    assert "thinnest server around the engine" in text and text.count("| 1 | 0.8 |") == 2  # both tables
     assert "![Clients check](img/serving-clients.png)" in text
     assert (tmp_path / "img" / "serving-clients.png").stat().st_size > 1000
     assert not (tmp_path / "img" / "serving-compare.png").exists()  # no main run: no main plot
