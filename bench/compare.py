@@ -1042,15 +1042,23 @@ def plot_clients(rows: list[dict[str, Any]], path: Path) -> Path:
     for x, r in zip(xs, rows, strict=True):
         if r["clients"] in bound:
             ax1.hlines(bound[r["clients"]], x - 0.4, x + 0.4, colors="black", linestyles="dashed")
+    thin = [(x, r["thin_ratio"]) for x, r in zip(xs, rows, strict=True) if r.get("thin_ratio") is not None]
+    if thin:  # what the thinnest server around the engine kept in the same rounds
+        ax1.scatter([x for x, _ in thin], [v for _, v in thin], marker="D", color="tab:blue", zorder=3,
+                    label="thin server ÷ offline (median)")
+        ax1.legend(fontsize=8, loc="lower right")
     ax1.axhline(1.0, color="gray", linewidth=0.8)
     ax1.set_xticks(xs, labels, fontsize=8)
     ax1.set_ylabel("served ÷ offline output tokens/s")
     ax1.set_title("throughput: median and range over the rounds (dashed: target)", fontsize=10)
-    width = 0.38
     served = [1000 * (r["ttft_p50"] or 0.0) for r in rows]
     offline = [1000 * (r["offline_ttft_p50"] or 0.0) for r in rows]
-    ax2.bar([x - width / 2 for x in xs], served, width, label="served", color="tab:green")
-    ax2.bar([x + width / 2 for x in xs], offline, width, label="offline engine", color="tab:gray")
+    bars = [("served", served, "tab:green"), ("offline engine", offline, "tab:gray")]
+    if any(r.get("thin_ttft_p50") for r in rows):
+        bars.insert(1, ("thin server", [1000 * (r.get("thin_ttft_p50") or 0.0) for r in rows], "tab:blue"))
+    width = 0.8 / len(bars)
+    for i, (label, values, color) in enumerate(bars):
+        ax2.bar([x + (i - (len(bars) - 1) / 2) * width for x in xs], values, width, label=label, color=color)
     for x, r, o in zip(xs, rows, offline, strict=True):
         if r["clients"] == 1:
             ax2.hlines(CLIENT_TTFT_TARGET * o, x - 0.4, x + 0.4, colors="black", linestyles="dashed")
@@ -1062,8 +1070,8 @@ def plot_clients(rows: list[dict[str, Any]], path: Path) -> Path:
     ax2.set_ylabel("ms (log scale)")
     ax2.set_title(f"TTFT p50, medians (dashed: {CLIENT_TTFT_TARGET:g}× offline at 1 client)", fontsize=10)
     ax2.legend(fontsize=8)
-    fig.suptitle(f"clients check · {rows[0]['rounds']} rounds per row, offline and served side by side "
-                 "· 2-core CPU", fontsize=9)
+    fig.suptitle(f"clients check · {rows[0]['rounds']} rounds per row, offline and served"
+                 f"{' (and the thin server)' if thin else ''} side by side · {os.cpu_count()}-core CPU", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
