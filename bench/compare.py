@@ -15,7 +15,9 @@ Each HTTP server is started as a subprocess, polled for readiness with a deadlin
 with a few short requests, measured with ``bench.serve.run_benchmark`` (closed loop, N
 streaming clients), and stopped with SIGINT. While the service runs, the checks (``--checks``)
 also measure TTFT at 1 and 16 clients (``ttft``) and p99 e2e under Poisson arrivals at 10% and
-70% of the request throughput it reached at N clients (``poisson``). The CPU time of every
+70% of the request throughput it reached at N clients (``poisson``); ``clients`` runs 1, 4 and 32
+streaming clients against the offline engine and the thinnest server around it
+(``bench.baselines.thin``), side by side. The CPU time of every
 process of the server (inference worker, HTTP, LitServe's queue manager) and of this client is
 recorded per run; ``--profile DIR`` also samples the service's processes with py-spy.
 
