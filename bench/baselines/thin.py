@@ -1,6 +1,6 @@
 """The thinnest streaming server around the engine: one process, one thread, raw sockets.
 
-    python -m bench.baselines.thin --bundle artifacts/small --port 8001
+    python -m bench.baselines.thin --bundle artifacts/small --port 8001 [--frontend uvicorn]
 
 What serving over HTTP costs at the least on a machine, whatever the server: the engine steps in
 the process that owns the client connections, and each step's text is written straight to its
@@ -12,6 +12,11 @@ load generator (``bench.serve``) talks to it as to the service: ``GET /v1/models
 check runs it beside the service and the offline engine: what the service loses to the offline
 engine beyond what this server loses is the service's own cost.
 
+``--frontend uvicorn`` serves the same engine through uvicorn (httptools, uvloop) as a bare ASGI
+app in the same single process, the engine stepping in a task of the event loop: between the two,
+what an ASGI server costs; between it and the service, what the second process and the service's
+own layers cost.
+
 A benchmark baseline, not a server to deploy: one malformed request gets a 400 and its
 connection closed, nothing more.
 """
@@ -19,6 +24,7 @@ connection closed, nothing more.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import selectors
 import signal
@@ -47,7 +53,7 @@ class Conn:
 
 @dataclass
 class Stream:
-    conn: Conn
+    conn: Conn | None
     cid: str
     prompt_tokens: int
     usage: bool
@@ -93,17 +99,63 @@ def parse_request(buf: bytearray) -> tuple[str, str, bytes, int] | None:
     return method, path.split("?", 1)[0], bytes(buf[end + 4 : total]), total
 
 
-class ThinServer:
-    def __init__(self, bundle: str, port: int):
+class ThinCore:
+    """The engine and what both front ends do with a request's JSON and with an engine output."""
+
+    def __init__(self, bundle: str):
         self.encoder = PromptEncoder.load(bundle)
         self.engine = build_engine(bundle)
         self.model = self.encoder.model_name
+        self.next_id = 0
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.model, "object": "model"}]}
+
+    def tokenize(self, body: bytes) -> dict[str, Any]:
+        ids = self.encoder.encode(json.loads(body)["text"])
+        return {"tokens": ids, "count": len(ids)}
+
+    def start(self, req: dict[str, Any]) -> tuple[str, Stream]:
+        """Add a streamed completion to the engine; its request id and stream (``conn`` unset)."""
+        if not req.get("stream"):
+            raise ValueError("only streamed completions")
+        ids = self.encoder.encode(req["prompt"])
+        seed = req.get("seed")
+        params = SamplingParams(
+            max_tokens=int(req.get("max_tokens") or 16),
+            temperature=float(req.get("temperature", 1.0)),
+            seed=None if seed is None else int(seed),
+            ignore_eos=bool(req.get("ignore_eos", False)),
+        )
+        rid = str(self.next_id)
+        self.next_id += 1
+        self.engine.add_request(rid, ids, params)
+        usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        return rid, Stream(None, completion_id(), len(ids), usage)
+
+    def frames(self, out: Any, st: Stream) -> str:
+        """The SSE events of one engine output (the last one's usage and [DONE] included)."""
+        frames = []
+        if out.text_delta or out.finished:
+            reason = out.finish_reason if out.finished else None
+            frames.append(text_chunk(st.cid, self.model, out.text_delta, reason))
+        if out.finished:
+            if st.usage:
+                frames.append(usage_chunk(st.cid, self.model, st.prompt_tokens, out.num_output_tokens))
+            frames.append(DONE)
+        return "".join(frames)
+
+
+class ThinServer:
+    """The raw-socket front end: one ``selectors`` loop over the connections and the engine."""
+
+    def __init__(self, core: ThinCore, port: int):
+        self.core, self.engine = core, core.engine
         self.listener = socket.create_server(("127.0.0.1", port), backlog=256)
         self.listener.setblocking(False)
         self.sel = selectors.DefaultSelector()
         self.sel.register(self.listener, selectors.EVENT_READ)
         self.streams: dict[str, Stream] = {}
-        self.next_id = 0
         self.stopping = False
 
     def serve(self) -> None:
@@ -162,52 +214,28 @@ class ThinServer:
         if method == "GET" and path in ("/health", "/ready"):
             self.send(conn, response("200 OK", {"status": "ok"}))
         elif method == "GET" and path == "/v1/models":
-            self.send(conn, response("200 OK", {"object": "list", "data": [{"id": self.model, "object": "model"}]}))
+            self.send(conn, response("200 OK", self.core.models()))
         elif method == "POST" and path == "/tokenize":
-            ids = self.encoder.encode(json.loads(body)["text"])
-            self.send(conn, response("200 OK", {"tokens": ids, "count": len(ids)}))
+            self.send(conn, response("200 OK", self.core.tokenize(body)))
         elif method == "POST" and path == "/v1/completions":
-            self.start(conn, json.loads(body))
+            rid, st = self.core.start(json.loads(body))
+            st.conn, conn.request_id, self.streams[rid] = conn, rid, st
+            self.send(conn, STREAM_HEAD)
         else:
             self.send(conn, response("404 Not Found", {"error": {"message": f"{method} {path}"}}))
-
-    def start(self, conn: Conn, req: dict[str, Any]) -> None:
-        if not req.get("stream"):
-            raise ValueError("only streamed completions")
-        ids = self.encoder.encode(req["prompt"])
-        seed = req.get("seed")
-        params = SamplingParams(
-            max_tokens=int(req.get("max_tokens") or 16),
-            temperature=float(req.get("temperature", 1.0)),
-            seed=None if seed is None else int(seed),
-            ignore_eos=bool(req.get("ignore_eos", False)),
-        )
-        rid = str(self.next_id)
-        self.next_id += 1
-        self.engine.add_request(rid, ids, params)
-        usage = bool((req.get("stream_options") or {}).get("include_usage"))
-        self.streams[rid] = Stream(conn, completion_id(), len(ids), usage)
-        conn.request_id = rid
-        self.send(conn, STREAM_HEAD)
 
     def step(self) -> None:
         for out in self.engine.step():
             st = self.streams.get(out.request_id)
             if st is None:
                 continue
-            frames = []
-            if out.text_delta or out.finished:
-                reason = out.finish_reason if out.finished else None
-                frames.append(text_chunk(st.cid, self.model, out.text_delta, reason))
+            data = self.core.frames(out, st)
+            end = b""
             if out.finished:
-                if st.usage:
-                    frames.append(usage_chunk(st.cid, self.model, st.prompt_tokens, out.num_output_tokens))
-                frames.append(DONE)
                 del self.streams[out.request_id]
-                st.conn.request_id = None
-            data = b"".join(chunk(f) for f in frames) + (b"0\r\n\r\n" if out.finished else b"")
-            if data:
-                self.send(st.conn, data)
+                st.conn.request_id, end = None, b"0\r\n\r\n"
+            if data or end:
+                self.send(st.conn, (chunk(data) if data else b"") + end)
 
     def send(self, conn: Conn, data: bytes) -> None:
         try:
@@ -217,12 +245,100 @@ class ThinServer:
                 self.close(conn)
 
 
+class AsgiThin:
+    """The uvicorn front end: a bare ASGI app; the engine steps in a task of the same event loop."""
+
+    def __init__(self, core: ThinCore):
+        self.core, self.engine = core, core.engine
+        self.streams: dict[str, tuple[asyncio.Queue[str | None], Stream]] = {}  # None: the end
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def run_engine(self) -> None:
+        while True:
+            if not self.engine.has_unfinished():
+                self.wake.clear()
+                await self.wake.wait()
+            for out in self.engine.step():
+                if out.request_id not in self.streams:
+                    continue
+                q, st = self.streams[out.request_id]
+                data = self.core.frames(out, st)
+                if data:
+                    q.put_nowait(data)
+                if out.finished:
+                    q.put_nowait(None)
+                    del self.streams[out.request_id]
+            await asyncio.sleep(0)  # let the handlers write what the step made
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (msg := await receive())["type"] != "lifespan.shutdown":
+                if msg["type"] == "lifespan.startup":
+                    self.task = asyncio.create_task(self.run_engine())
+                    await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        method, path = scope["method"], scope["path"]
+        body = b""
+        more = True
+        while more:
+            msg = await receive()
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+        try:
+            if method == "GET" and path in ("/health", "/ready"):
+                await _json(send, 200, {"status": "ok"})
+            elif method == "GET" and path == "/v1/models":
+                await _json(send, 200, self.core.models())
+            elif method == "POST" and path == "/tokenize":
+                await _json(send, 200, self.core.tokenize(body))
+            elif method == "POST" and path == "/v1/completions":
+                await self.stream(json.loads(body), receive, send)
+            else:
+                await _json(send, 404, {"error": {"message": f"{method} {path}"}})
+        except (ValueError, KeyError, TypeError) as e:
+            await _json(send, 400, {"error": {"message": repr(e)}})
+
+    async def stream(self, req: dict[str, Any], receive: Any, send: Any) -> None:
+        rid, st = self.core.start(req)
+        q: asyncio.Queue[str | None] = asyncio.Queue()
+        self.streams[rid] = (q, st)
+        self.wake.set()
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        try:
+            while (data := await q.get()) is not None:
+                await send({"type": "http.response.body", "body": data.encode(), "more_body": True})
+        except OSError:  # the client left
+            self.engine.abort(rid)
+            self.streams.pop(rid, None)
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _json(send: Any, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.baselines.thin", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", required=True)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--frontend", choices=("raw", "uvicorn"), default="raw",
+                   help="raw sockets and selectors (default), or uvicorn with a bare ASGI app")
     a = p.parse_args(argv)
-    server = ThinServer(a.bundle, a.port)
+    core = ThinCore(a.bundle)
+    if a.frontend == "uvicorn":
+        import uvicorn
+
+        freeze_startup_heap()
+        uvicorn.run(AsgiThin(core), host="127.0.0.1", port=a.port, log_level="warning", access_log=False)
+        return 0
+    server = ThinServer(core, a.port)
 
     def stop(*_: Any) -> None:
         server.stopping = True

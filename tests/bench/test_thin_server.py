@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -15,15 +16,19 @@ from bench.baselines.common import PromptEncoder
 from bench.server import Server, free_port, launch, server_env
 
 
-@pytest.fixture(scope="module")
-def thin(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+@pytest.fixture(scope="module", params=["raw", "uvicorn"])
+def thin(request: pytest.FixtureRequest, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The thin server with each front end: raw sockets, or uvicorn with a bare ASGI app."""
     port = free_port()
-    argv = [sys.executable, "-m", "bench.baselines.thin", "--bundle", str(tiny_bundle), "--port", str(port)]
+    argv = [sys.executable, "-m", "bench.baselines.thin", "--bundle", str(tiny_bundle), "--port", str(port),
+            "--frontend", request.param]  # fmt: skip
     log = tmp_path_factory.mktemp("thin") / "thin.log"
     server = launch(argv, log, port=port, env=server_env(), name="thin")
     server.wait_ready(120)
     yield server
-    assert server.stop() == 0, server.log_tail()
+    code = server.stop()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so that the exit status tells it
+    assert code in ((0, -signal.SIGTERM) if request.param == "uvicorn" else (0,)), server.log_tail()
 
 
 def test_streams_completions_the_openai_client_reads(thin: Server, tiny_bundle: Path) -> None:
@@ -61,3 +66,16 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(thin: Server) -> No
                       json={"prompt": "again", "max_tokens": 3, "stream": True}) as r:  # fmt: skip
         lines = [line for line in r.iter_lines() if line]
     assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+
+
+def test_front_ends_bench_measures_all_three(tiny_bundle: Path, tmp_path: Path) -> None:
+    """bench.front_ends: the service and both thin front ends, every round's figures, the table."""
+    from bench.front_ends import SERVERS, run, table
+
+    out = run(tiny_bundle, output_len=2, requests=2, rounds=2, temperature=0.0, log_dir=tmp_path)
+    assert set(out) == set(SERVERS)
+    for name, figures in out.items():
+        assert len(figures["ttft"]) == 2 and all(t > 0 for t in figures["ttft"]), name
+        assert all(v > 0 for v in figures["tput"]), name
+    text = table(out)
+    assert "uvicorn − raw" in text and "service ÷ uvicorn" in text
