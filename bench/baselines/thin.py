@@ -4,7 +4,8 @@
 
 What serving over HTTP costs at the least on a machine, whatever the server: the engine steps in
 the process that owns the client connections, and each step's text is written straight to its
-socket as the service frames it (SSE ``/v1/completions`` chunks, HTTP/1.1 chunked, keep-alive). No
+socket (SSE ``/v1/completions`` chunks as the LitServe baselines write them, HTTP/1.1 chunked,
+keep-alive). No
 event loop, no second process, no validation beyond what the harness sends, no metrics. The
 load generator (``bench.serve``) talks to it as to the service: ``GET /v1/models``,
 ``POST /tokenize``, streamed ``POST /v1/completions`` (``prompt``, ``max_tokens``,
@@ -207,7 +208,7 @@ class ThinServer:
             del conn.buf[:used]
             try:
                 self.handle(conn, method, path, body)
-            except (ValueError, KeyError, TypeError) as e:
+            except Exception as e:  # the engine's refusals included: a 400, and the server goes on
                 self.send(conn, response("400 Bad Request", {"error": {"message": repr(e)}}))
 
     def handle(self, conn: Conn, method: str, path: str, body: bytes) -> None:
@@ -297,7 +298,7 @@ class AsgiThin:
                 await self.stream(json.loads(body), receive, send)
             else:
                 await _json(send, 404, {"error": {"message": f"{method} {path}"}})
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # the engine's refusals included: a 400, and the server goes on
             await _json(send, 400, {"error": {"message": repr(e)}})
 
     async def stream(self, req: dict[str, Any], receive: Any, send: Any) -> None:
