@@ -51,7 +51,7 @@ from typing import Any
 import psutil
 
 from bench.serve import BenchmarkConfig, BenchmarkResult, run_sync
-from bench.server import Server, free_port, launch, server_env, service_argv
+from bench.server import Server, free_port, launch, server_env, service_argv, thin_argv
 from bench.workload import parse_range
 
 SECTION = "## Serving (HTTP, CPU)"
@@ -175,7 +175,7 @@ def server_command(kind: str, cfg: CompareConfig, port: int) -> tuple[list[str],
     if kind == "service":
         return service_argv(cfg.bundle, port, cfg.service_module), "/ready"
     if kind == "thin":
-        return [sys.executable, "-m", "bench.baselines.thin", "--bundle", str(cfg.bundle), "--port", str(port)], "/ready"
+        return thin_argv(cfg.bundle, port), "/ready"
     batch = cfg.concurrency if kind == "static" else 1
     argv = [sys.executable, "-m", "bench.baselines.serve", "--bundle", str(cfg.bundle), "--port", str(port)]
     return [*argv, "--max-batch-size", str(batch), "--batch-timeout", str(cfg.batch_timeout)], "/health"

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from bench.serve import BenchmarkConfig, run_sync
-from bench.server import Server, free_port, launch, server_env, service_argv
+from bench.server import Server, free_port, launch, server_env, service_argv, thin_argv
 
 SERVERS = ("service", "thin-uvicorn", "thin-raw")
 LABELS = {
@@ -32,12 +32,11 @@ LABELS = {
 }
 
 
-def argv_of(name: str, bundle: Path, port: int) -> tuple[list[str], str]:
+def argv_of(name: str, bundle: Path, port: int) -> list[str]:
+    """Every one of them answers /ready once it serves."""
     if name == "service":
-        return service_argv(bundle, port), "/ready"
-    frontend = "uvicorn" if name == "thin-uvicorn" else "raw"
-    thin = [sys.executable, "-m", "bench.baselines.thin", "--bundle", str(bundle), "--port", str(port)]
-    return [*thin, "--frontend", frontend], "/ready"
+        return service_argv(bundle, port)
+    return thin_argv(bundle, port, frontend=name.removeprefix("thin-"))
 
 
 def run(bundle: Path, output_len: int, requests: int, rounds: int, temperature: float, log_dir: Path,
@@ -47,9 +46,8 @@ def run(bundle: Path, output_len: int, requests: int, rounds: int, temperature: 
     try:
         for name in SERVERS:
             port = free_port()
-            argv, ready = argv_of(name, bundle, port)
-            servers[name] = launch(argv, log_dir / f"{name}.log", port=port, env=server_env(inherit_settings=True),
-                                   ready_path=ready, name=name)  # fmt: skip
+            servers[name] = launch(argv_of(name, bundle, port), log_dir / f"{name}.log", port=port,
+                                   env=server_env(inherit_settings=True), name=name)  # fmt: skip
         for s in servers.values():
             s.wait_ready(180)
         out: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "tput": []} for n in SERVERS}

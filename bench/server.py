@@ -59,6 +59,12 @@ def service_argv(bundle: Path, port: int, module: str = "service") -> list[str]:
     return [sys.executable, "-m", module, "--model", str(bundle), "--host", "127.0.0.1", "--port", str(port)]
 
 
+def thin_argv(bundle: Path, port: int, frontend: str = "raw") -> list[str]:
+    """``python -m bench.baselines.thin`` (the thinnest server around the engine) at 127.0.0.1:``port``."""
+    module = [sys.executable, "-m", "bench.baselines.thin"]
+    return [*module, "--bundle", str(bundle), "--port", str(port), "--frontend", frontend]
+
+
 @dataclass
 class Server:
     proc: subprocess.Popen

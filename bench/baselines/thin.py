@@ -5,8 +5,8 @@
 What serving over HTTP costs at the least on a machine, whatever the server: the engine steps in
 the process that owns the client connections, and each step's text is written straight to its
 socket (SSE ``/v1/completions`` chunks as the LitServe baselines write them, HTTP/1.1 chunked,
-keep-alive). No
-event loop, no second process, no validation beyond what the harness sends, no metrics. The
+keep-alive). No event loop, no second process, no validation beyond what the harness sends, no
+metrics. The
 load generator (``bench.serve``) talks to it as to the service: ``GET /v1/models``,
 ``POST /tokenize``, streamed ``POST /v1/completions`` (``prompt``, ``max_tokens``,
 ``temperature``, ``seed``, ``ignore_eos``, ``stream_options``). ``bench.compare``'s clients
@@ -54,6 +54,8 @@ class Conn:
 
 @dataclass
 class Stream:
+    """One streamed completion: its connection (raw front end only), id, prompt size, usage wanted."""
+
     conn: Conn | None
     cid: str
     prompt_tokens: int
@@ -253,7 +255,7 @@ class AsgiThin:
         self.core, self.engine = core, core.engine
         self.streams: dict[str, tuple[asyncio.Queue[str | None], Stream]] = {}  # None: the end
         self.wake = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # the engine loop (held: the loop keeps weak references)
 
     async def run_engine(self) -> None:
         while True:
@@ -295,13 +297,13 @@ class AsgiThin:
             elif method == "POST" and path == "/tokenize":
                 await _json(send, 200, self.core.tokenize(body))
             elif method == "POST" and path == "/v1/completions":
-                await self.stream(json.loads(body), receive, send)
+                await self.stream(json.loads(body), send)
             else:
                 await _json(send, 404, {"error": {"message": f"{method} {path}"}})
         except Exception as e:  # the engine's refusals included: a 400, and the server goes on
             await _json(send, 400, {"error": {"message": repr(e)}})
 
-    async def stream(self, req: dict[str, Any], receive: Any, send: Any) -> None:
+    async def stream(self, req: dict[str, Any], send: Any) -> None:
         rid, st = self.core.start(req)
         q: asyncio.Queue[str | None] = asyncio.Queue()
         self.streams[rid] = (q, st)
@@ -333,10 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="raw sockets and selectors (default), or uvicorn with a bare ASGI app")
     a = p.parse_args(argv)
     core = ThinCore(a.bundle)
+    freeze_startup_heap()  # as the service's processes do once ready
     if a.frontend == "uvicorn":
         import uvicorn
 
-        freeze_startup_heap()
         uvicorn.run(AsgiThin(core), host="127.0.0.1", port=a.port, log_level="warning", access_log=False)
         return 0
     server = ThinServer(core, a.port)
@@ -346,7 +348,6 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    freeze_startup_heap()  # as the service's processes do once ready
     print(f"thin server on 127.0.0.1:{server.listener.getsockname()[1]}", flush=True)
     server.serve()
     return 0
