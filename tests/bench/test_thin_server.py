@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,15 +12,14 @@ import openai
 import pytest
 
 from bench.baselines.common import PromptEncoder
-from bench.server import Server, free_port, launch, server_env
+from bench.server import Server, free_port, launch, server_env, thin_argv
 
 
 @pytest.fixture(scope="module", params=["raw", "uvicorn"])
 def thin(request: pytest.FixtureRequest, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The thin server with each front end: raw sockets, or uvicorn with a bare ASGI app."""
     port = free_port()
-    argv = [sys.executable, "-m", "bench.baselines.thin", "--bundle", str(tiny_bundle), "--port", str(port),
-            "--frontend", request.param]  # fmt: skip
+    argv = thin_argv(tiny_bundle, port, frontend=request.param)
     log = tmp_path_factory.mktemp("thin") / "thin.log"
     server = launch(argv, log, port=port, env=server_env(), name="thin")
     server.wait_ready(120)
